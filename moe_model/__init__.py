@@ -1,0 +1,17 @@
+"""MoE training recipes on DeepSpeed: a Hugging Face-compatible MoE model and the tools around it."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration import MoEConfig
+from .modeling import MoEForCausalLM, MoEModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MoEConfig.model_type, MoEConfig)
+AutoModelForCausalLM.register(MoEConfig, MoEForCausalLM)
+# a saved directory carries configuration.py, modeling.py and routing.py, so it loads with trust_remote_code=True
+# on a machine without this package
+MoEConfig.register_for_auto_class()
+MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["MoEConfig", "MoEForCausalLM", "MoEModel", "__version__"]

@@ -1,0 +1,309 @@
+"""MoEForCausalLM: a single-device Hugging Face MoE decoder (no torch.distributed here).
+
+Block: x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h)). Attention is grouped-query with RoPE through
+`scaled_dot_product_attention`; the MoE block is a top-k router (see `routing.py`) over experts stored as stacked
+tensors `[E, ...]`. With `hidden_act="silu"` the parameter names and shapes are transformers' Mixtral's.
+
+Shape suffixes: B batch, S query length, K_ key length, D hidden, H heads, Hd head width, T = B*S tokens,
+E experts, K top-k, R routed token copies (T*K minus dropped), I expert hidden width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from .configuration import MoEConfig
+from .routing import capacity_keep_mask, expert_capacity, expert_counts, load_balancing_loss, route, router_z_loss
+
+
+class MoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """RoPE tables for the given positions, [B, S, Hd] each (computed on the fly: no buffer to initialise)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BS.device).float() / head_dim))
+    freqs_BSh = position_ids_BS[..., None].float() * inv_freq
+    angles_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
+    return angles_BSd.cos().to(dtype), angles_BSd.sin().to(dtype)
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BSd.unsqueeze(1), sin_BSd.unsqueeze(1)
+    half = x_BHSd.shape[-1] // 2
+    rotated = torch.cat((-x_BHSd[..., half:], x_BHSd[..., :half]), dim=-1)
+    return x_BHSd * cos + rotated * sin
+
+
+def attention_mask_for(attention_mask_BK: torch.Tensor | None, q_len: int, past_len: int) -> torch.Tensor | None:
+    """A boolean SDPA mask [B, 1, S, K_], or None where SDPA's own `is_causal` (or no mask) is exact."""
+    padded = attention_mask_BK is not None and not bool(attention_mask_BK.all())
+    if not padded and (past_len == 0 or q_len == 1):
+        return None
+    kv_len = past_len + q_len
+    device = attention_mask_BK.device if attention_mask_BK is not None else None
+    q_pos_S1 = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos_1K = torch.arange(kv_len, device=device)[None, :]
+    mask_11SK = (k_pos_1K <= q_pos_S1)[None, None]
+    if padded:
+        keys_B11K = attention_mask_BK[:, None, None, :kv_len].bool()
+        # a padded query still sees itself, so that no row is empty (an empty row would give NaN)
+        mask_11SK = (mask_11SK & keys_B11K) | (k_pos_1K == q_pos_S1)[None, None]
+    return mask_11SK
+
+
+class MoEAttention(nn.Module):
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x_BSD, cos_sin, mask, cache: Cache | None = None):
+        B, S, _ = x_BSD.shape
+        q_BHSd = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k_BHSd = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v_BHSd = self.v_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q_BHSd, k_BHSd = apply_rope(q_BHSd, *cos_sin), apply_rope(k_BHSd, *cos_sin)
+        if cache is not None:
+            k_BHSd, v_BHSd = cache.update(k_BHSd, v_BHSd, self.layer_idx)
+        out_BHSd = F.scaled_dot_product_attention(
+            q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=mask is None and S > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, -1))
+
+
+class MoERouter(nn.Module):
+    """The gate: one linear map to expert logits (no bias), `weight` [E, D] like Mixtral's `mlp.gate`."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TD, self.weight)
+
+
+class MoEExperts(nn.Module):
+    """E expert FFNs as stacked tensors. gelu: `up_proj` [E, I, D]; silu: `gate_up_proj` [E, 2I, D]; `down_proj` [E, D, I]."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = E
+        self.gated = config.hidden_act == "silu"
+        if self.gated:
+            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate_NI, up_NI = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
+            h_NI = self.act_fn(gate_NI) * up_NI
+        else:
+            h_NI = self.act_fn(F.linear(x_ND, self.up_proj[e]))
+        return F.linear(h_NI, self.down_proj[e])
+
+    def forward(self, x_TD, experts_TK, weights_TK, keep_TK=None):
+        """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add."""
+        K = experts_TK.shape[1]
+        expert_R = experts_TK.reshape(-1)
+        if keep_TK is not None:  # dropped routes go to a sentinel expert E that sorts last and is never run
+            expert_R = expert_R.masked_fill(~keep_TK.reshape(-1), self.num_experts)
+        order_R = torch.argsort(expert_R, stable=True)
+        counts = torch.bincount(expert_R, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        routed = sum(counts)
+        order_R = order_R[:routed]
+        token_R = order_R // K
+        x_RD = x_TD[token_R]
+        chunks = [self.expert_ffn(e, x_ND) for e, x_ND in enumerate(x_RD.split(counts)) if counts[e] > 0]
+        y_RD = torch.cat(chunks) if chunks else x_RD.new_zeros(0, x_TD.shape[1])
+        y_RD = y_RD * weights_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
+
+
+@dataclass
+class RouterOutput:
+    logits_TE: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+class MoESparseBlock(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.gate = MoERouter(config)
+        self.experts = MoEExperts(config)
+        # routes each expert received in the last forward (detached), read by training metrics
+        self.tokens_per_expert: torch.Tensor | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        logits_TE = self.gate(x_TD)
+        probs_TE, weights_TK, experts_TK = route(logits_TE, self.top_k)
+        keep_TK = None
+        if self.config.capacity_factor is not None:
+            capacity = expert_capacity(x_TD.shape[0], self.config.num_local_experts, self.top_k,
+                                       self.config.capacity_factor, self.config.min_capacity)
+            keep_TK = capacity_keep_mask(experts_TK, self.config.num_local_experts, capacity)
+        y_TD = self.experts(x_TD, experts_TK, weights_TK, keep_TK)
+        self.tokens_per_expert = expert_counts(experts_TK.detach(), self.config.num_local_experts)
+        z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
+        router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss)
+        return y_TD.view_as(x_BSD), router
+
+
+class MoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MoEAttention(config, layer_idx)
+        self.post_attention_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoESparseBlock(config)
+
+    def forward(self, x_BSD, cos_sin, mask=None, cache=None):
+        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_sin, mask, cache)
+        moe_BSD, router = self.mlp(self.post_attention_layernorm(h_BSD))
+        return h_BSD + moe_BSD, router
+
+
+class MoEPreTrainedModel(PreTrainedModel):
+    config_class = MoEConfig
+    config: MoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoEDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoEExperts):
+            for param in module.parameters(recurse=False):
+                init.normal_(param, mean=0.0, std=std)
+        elif isinstance(module, MoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+@dataclass
+class MoEModelOutput(MoeModelOutputWithPast):
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when labels are given."""
+
+    lm_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+
+
+class MoEModel(MoEPreTrainedModel):
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_router_logits=None, past_key_values=None, **kwargs) -> MoEModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        q_len = x_BSD.shape[1]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + q_len, device=x_BSD.device).unsqueeze(0)
+        cos_sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x_BSD.dtype)
+        mask = attention_mask_for(attention_mask, q_len, past_len)
+
+        routers = []
+        for layer in self.layers:
+            x_BSD, router = layer(x_BSD, cos_sin, mask, cache)
+            routers.append(router)
+        num_layers = len(routers)
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        return MoEModelOutput(
+            last_hidden_state=self.norm(x_BSD),
+            cache=cache,
+            router_logits=tuple(r.logits_TE for r in routers) if output_router_logits else None,
+            aux_loss=sum(r.aux_loss for r in routers) / num_layers,
+            z_loss=sum(r.z_loss for r in routers) / num_layers,
+        )
+
+
+def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; label -100 is ignored."""
+    return F.cross_entropy(
+        logits_BSV[:, :-1].float().reshape(-1, logits_BSV.shape[-1]), labels_BS[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.model = MoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_router_logits=None, logits_to_keep: int = 0,
+                past_key_values=None, **kwargs) -> MoECausalLMOutput:
+        out = self.model(input_ids, attention_mask, position_ids, cache if cache is not None else past_key_values,
+                         inputs_embeds, use_cache, output_router_logits)
+        hidden_BSD = out.last_hidden_state
+        if logits_to_keep:
+            hidden_BSD = hidden_BSD[:, -logits_to_keep:]
+        logits_BSV = self.lm_head(hidden_BSD)
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits_BSV, labels)
+            loss = lm_loss + self.config.router_aux_loss_coef * out.aux_loss
+            if self.config.router_z_loss_coef > 0:
+                loss = loss + self.config.router_z_loss_coef * out.z_loss
+        return MoECausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits_BSV,
+            cache=out.cache, router_logits=out.router_logits,
+        )

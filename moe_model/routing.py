@@ -1,0 +1,74 @@
+"""Top-k routing and the router losses: the one definition both training paths use.
+
+Shapes: T tokens, E experts, K = top-k.
+
+Routing: `probs_TE = softmax(logits_TE in fp32)`, take the top-k, renormalise the k weights to sum to 1
+(exactly transformers' Mixtral router).
+
+Load-balancing loss (Switch Transformer, eq. 4-6, normalised per route):
+
+    aux = E * sum_e f_e * P_e
+    f_e = (routes that chose expert e) / (T * K)      fraction of the T*K routes, no gradient
+    P_e = mean_t probs_TE[t, e]                        mean router probability, carries the gradient
+
+It is 1.0 under perfectly uniform routing for any K, and equals transformers' `load_balancing_loss_func` for one
+layer divided by K. A model's `aux_loss` is the mean of this over its MoE layers; the training loss adds
+`router_aux_loss_coef * aux_loss`.
+
+Router z-loss (ST-MoE): `mean_t logsumexp(logits_TE[t])^2`, averaged over layers the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class Routing(NamedTuple):
+    probs_TE: torch.Tensor  # fp32 softmax over all experts
+    weights_TK: torch.Tensor  # renormalised top-k weights, fp32
+    experts_TK: torch.Tensor  # chosen expert ids, int64
+
+
+def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    top_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    weights_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+    return Routing(probs_TE, weights_TK, experts_TK)
+
+
+def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routes per expert, shape [E] (int64)."""
+    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+    num_tokens, num_experts = probs_TE.shape
+    routes_E = expert_counts(experts_TK, num_experts).to(probs_TE.dtype)
+    f_E = routes_E / (num_tokens * experts_TK.shape[1])
+    P_E = probs_TE.mean(dim=0)
+    return num_experts * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Routed tokens one expert may take: `max(ceil(k * cf * T / E), min_capacity)` (DeepSpeed's rule)."""
+    return max(math.ceil(top_k * capacity_factor * num_tokens / num_experts), min_capacity)
+
+
+def capacity_keep_mask(experts_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which routes survive a per-expert capacity, bool [T, K].
+
+    Priority is GShard's: every token's first choice before any second choice, and within one choice earlier tokens
+    first. A dropped route contributes nothing; the token still passes through the residual connection.
+    """
+    experts_KT = experts_TK.t()
+    onehot_KTE = torch.nn.functional.one_hot(experts_KT, num_experts)
+    position_KTE = torch.cumsum(onehot_KTE.reshape(-1, num_experts), dim=0).reshape(onehot_KTE.shape) - 1
+    position_KT = (position_KTE * onehot_KTE).sum(dim=-1)
+    return (position_KT < capacity).t()
