@@ -1,0 +1,308 @@
+"""The recipe: one YAML file that says what model to train, how to split it, on what data and hardware.
+
+Typed with pydantic; every rule that can be checked before launch is checked here, and a broken recipe becomes one
+`RecipeError` whose text names the field and the fix. `--set a.b=value` overrides are applied to the raw YAML
+before validation, so they are validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from .configuration import MoEConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. `str()` is the one line shown to the user."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """MoEConfig keyword arguments (transformers' Mixtral names where the concept is shared)."""
+
+    vocab_size: PositiveInt = 32000
+    hidden_size: PositiveInt = 1024
+    intermediate_size: PositiveInt = 2048
+    num_hidden_layers: PositiveInt = 16
+    num_attention_heads: PositiveInt = 16
+    num_key_value_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    num_local_experts: PositiveInt = 64
+    num_experts_per_tok: PositiveInt = 2
+    hidden_act: Literal["gelu", "silu"] = "gelu"
+    max_position_embeddings: PositiveInt = 10240
+    tie_word_embeddings: bool = False
+    rms_norm_eps: PositiveFloat = 1e-5
+    rope_theta: PositiveFloat = 10000.0
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+    router_z_loss_coef: float = Field(0.0, ge=0)
+    capacity_factor: PositiveFloat | None = None
+    min_capacity: PositiveInt = 4
+    initializer_range: PositiveFloat = 0.02
+
+    def to_config(self) -> MoEConfig:
+        return MoEConfig(**self.model_dump())
+
+
+class ParallelSection(Section):
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    ep: PositiveInt = 1
+    dp: PositiveInt | None = None  # None: world size / (tp * pp) at launch
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    micro_batch_size: PositiveInt = 1
+    activation_checkpointing: bool = False
+
+
+class TrainSection(Section):
+    global_batch_size: PositiveInt = 8  # sequences per optimizer step
+    seq_len: PositiveInt = 128
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 3e-4
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 1234
+    output_dir: str | None = None  # default: runs/<name>
+    log_every: PositiveInt = 1
+    save_every: int = Field(0, ge=0)  # 0: no periodic checkpoints
+    resume: str = "auto"  # auto | never | PATH
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class DataSection(Section):
+    source: Literal["synthetic", "text", "json", "parquet", "hub"] = "synthetic"
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    tokenizer: str = "byte"  # train | byte | PATH
+    vocab_size: PositiveInt | None = None
+
+
+class HardwareSection(Section):
+    """Per-GPU figures. The seed gives compute and HBM; the interconnect is an assumption (see README)."""
+
+    gpu_memory_gb: PositiveFloat = 64.0
+    peak_tflops: PositiveFloat = 400.0
+    mfu: float = Field(0.6, gt=0, le=1)
+    hbm_bandwidth_tbps: PositiveFloat = 1.8  # TB/s
+    bandwidth_utilization: float = Field(0.8, gt=0, le=1)
+    gpus_per_node: PositiveInt = 8
+    intra_node_gbps: PositiveFloat = 400.0  # GB/s per GPU per direction inside a node (NVLink-class), ASSUMED
+    inter_node_gbps: PositiveFloat = 50.0  # GB/s per GPU per direction across nodes (one 400 Gb/s NIC), ASSUMED
+
+
+class WandbSection(Section):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "moe-recipes"
+    entity: str | None = None
+    group: str | None = None
+
+
+class TrackingSection(Section):
+    wandb: WandbSection = WandbSection()
+
+
+class ClaimsSection(Section):
+    """Statements of a hand-written plan, checked by `moe audit`."""
+
+    total_params: PositiveFloat | None = None
+    gpus: PositiveInt | None = None
+    experts_per_gpu: PositiveFloat | None = None
+    memory_per_gpu_gb: PositiveFloat | None = None
+    step_latency_s: PositiveFloat | None = None
+    throughput_seq_per_s: PositiveFloat | None = None
+
+
+def layout_problem(model: ModelSection, tp: int, pp: int, ep: int, dp: int | None, zero_stage: int,
+                   gpus_per_node: int) -> tuple[str, str] | None:
+    """The first rule of DeepSpeed's (and this project's) parallel layout that (tp, pp, ep, dp, zero) breaks.
+
+    Returns (field, message with the fix), or None when the layout is legal. Shared by the recipe check and by the
+    launcher, which knows dp only once the world size is known.
+    """
+    heads = model.num_attention_heads
+    kv_heads = model.num_key_value_heads or heads
+    experts = model.num_local_experts
+
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if heads % tp or kv_heads % tp:
+        return "parallel.tp", (f"tp={tp} must divide num_attention_heads ({heads}) and num_key_value_heads "
+                               f"({kv_heads}); choose tp from {divisors(kv_heads)}")
+    if tp > gpus_per_node or gpus_per_node % tp:
+        return "parallel.tp", (f"tp={tp} must stay inside one node of {gpus_per_node} GPUs; choose tp from "
+                               f"{divisors(gpus_per_node)} (or raise hardware.gpus_per_node)")
+    if pp > model.num_hidden_layers:
+        return "parallel.pp", (f"pp={pp} leaves a pipeline stage without an MoE layer ({model.num_hidden_layers} "
+                               f"layers); use pp <= {model.num_hidden_layers}")
+    if experts % ep:
+        return "parallel.ep", f"ep={ep} must divide num_local_experts ({experts}); choose ep from {divisors(experts)}"
+    if dp is not None and dp % ep:
+        return "parallel.ep", (f"ep={ep} must divide dp={dp}: expert-parallel groups are carved out of the "
+                               f"data-parallel ranks; choose ep from {divisors(dp)} or raise dp")
+    if zero_stage == 3:
+        return "parallel.zero_stage", "DeepSpeed's MoE does not support ZeRO-3; use zero_stage 0, 1 or 2"
+    if pp > 1 and zero_stage > 1:
+        return "parallel.zero_stage", (f"DeepSpeed's pipeline engine accepts ZeRO 0 or 1 only (pp={pp}); "
+                                       "use zero_stage 1 or set pp 1")
+    return None
+
+
+class Recipe(Section):
+    name: str = "unnamed"
+    model: ModelSection
+    parallel: ParallelSection = ParallelSection()
+    train: TrainSection = TrainSection()
+    data: DataSection = DataSection()
+    hardware: HardwareSection = HardwareSection()
+    tracking: TrackingSection = TrackingSection()
+    claims: ClaimsSection = ClaimsSection()
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> Recipe:
+        try:
+            self.model.to_config()
+        except ValueError as err:
+            raise RecipeError("model", f"{err}") from None
+        p = self.parallel
+        problem = layout_problem(self.model, p.tp, p.pp, p.ep, p.dp, p.zero_stage, self.hardware.gpus_per_node)
+        if problem:
+            raise RecipeError(*problem)
+        t = self.train
+        if p.dp is not None and t.global_batch_size % (p.micro_batch_size * p.dp):
+            raise RecipeError("train.global_batch_size", (
+                f"{t.global_batch_size} is not a multiple of micro_batch_size x dp = {p.micro_batch_size} x {p.dp}; "
+                f"use a multiple of {p.micro_batch_size * p.dp}"))
+        if t.seq_len > self.model.max_position_embeddings:
+            raise RecipeError("train.seq_len", (f"{t.seq_len} exceeds model.max_position_embeddings "
+                                                f"({self.model.max_position_embeddings}); lower it or raise that"))
+        if t.warmup_steps > t.steps:
+            raise RecipeError("train.warmup_steps", f"{t.warmup_steps} exceeds train.steps ({t.steps})")
+        if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+            raise RecipeError("train.resume", f"checkpoint path {t.resume!r} does not exist; use auto, never or "
+                                              "an existing checkpoint directory")
+        self._check_data()
+        return self
+
+    def _check_data(self) -> None:
+        d = self.data
+        if d.source in ("text", "json", "parquet"):
+            if not d.path:
+                raise RecipeError("data.path", f"source {d.source!r} needs a path to a file or folder")
+            if not Path(d.path).exists():
+                raise RecipeError("data.path", f"{d.path!r} does not exist; fix the path (relative paths are "
+                                               "taken from the current directory)")
+        if d.source == "hub" and not d.name:
+            raise RecipeError("data.name", "source 'hub' needs the dataset name, e.g. name: wikitext")
+        if d.vocab_size is not None and d.vocab_size > self.model.vocab_size:
+            raise RecipeError("data.vocab_size", (f"{d.vocab_size} exceeds model.vocab_size "
+                                                  f"({self.model.vocab_size}); the embedding would be too small"))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    def moe_config(self) -> MoEConfig:
+        return self.model.to_config()
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` to the raw recipe mapping; the value is parsed as YAML (1e-4, null, true, [1, 2])."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError("--set", f"{assignment!r} is not key=value; write e.g. --set train.steps=20")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError("--set", f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+
+
+def _describe(error: dict) -> RecipeError:
+    field = ".".join(str(part) for part in error["loc"]) or "recipe"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return RecipeError(field, "unknown key; remove it or check its spelling against DESIGN.md's recipe schema")
+    if kind == "missing":
+        return RecipeError(field, "is required")
+    given = error.get("input")
+    return RecipeError(field, f"{error['msg'][0].lower()}{error['msg'][1:]} (got {given!r})")
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    raw = copy.deepcopy(raw)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Recipe.model_validate(raw)
+    except RecipeError:
+        raise
+    except ValidationError as err:
+        first = err.errors()[0]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, RecipeError):
+            raise cause from None
+        raise _describe(first) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("recipe", f"{str(path)!r} is not a file; pass the path of a YAML recipe, e.g. "
+                                    "recipes/tiny_cpu.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError("recipe", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError("recipe", f"{path} must be a mapping with at least a 'model' section")
+    return recipe_from_dict(_with_base(raw, path, seen=(path.resolve(),)), overrides)
+
+
+def _with_base(raw: dict[str, Any], path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """`base: other.yaml` (relative to this file) starts from that recipe; this file's keys override it, section by section."""
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise RecipeError("base", f"{path} inherits from itself through {base}; break the cycle")
+    if not base_path.is_file():
+        raise RecipeError("base", f"{base!r} (from {path}) is not a file; paths are relative to the recipe")
+    parent = yaml.safe_load(base_path.read_text())
+    if not isinstance(parent, dict):
+        raise RecipeError("base", f"{base_path} must be a mapping")
+    return _merge(_with_base(parent, base_path, seen + (base_path,)), raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+

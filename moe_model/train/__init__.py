@@ -1,0 +1,1 @@
+"""Recipe -> DeepSpeed engine, data, tracking and the training loop (imports deepspeed lazily)."""

@@ -1,0 +1,39 @@
+"""Recipe -> DeepSpeed JSON config. Pure data: no deepspeed import, so `moe config` runs anywhere.
+
+The batch is given as `train_batch_size` (the recipe's global batch) and `train_micro_batch_size_per_gpu`;
+DeepSpeed derives the gradient-accumulation steps from the data-parallel size it finds at launch, so one file serves
+any world size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..recipe import Recipe
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    t, p = recipe.train, recipe.parallel
+    config: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": p.micro_batch_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {
+            # torch's AdamW runs on every accelerator, CPU ranks included
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": t.weight_decay,
+                       "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps,
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"},
+        },
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,  # the project logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    return config

@@ -1,0 +1,128 @@
+"""Recipes: the shipped ones validate, overrides apply, and each bad input gets one line naming field and fix."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from moe_model.cli import main as moe
+from moe_model.recipe import load_recipe
+from tests.conftest import ROOT
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.moe_config().num_hidden_layers == recipe.model.num_hidden_layers
+
+
+def test_seed_plan_inherits_the_seed_model_and_overrides_the_layout():
+    seed, plan = load_recipe(ROOT / "recipes/seed_4b.yaml"), load_recipe(ROOT / "recipes/seed_plan.yaml")
+    assert plan.model == seed.model
+    assert (plan.parallel.tp, plan.parallel.pp, plan.parallel.ep, plan.parallel.dp) == (8, 4, 4, 4)
+    assert plan.claims.total_params == 30e9 and seed.claims.total_params is None
+
+
+def test_overrides_are_parsed_as_yaml_and_validated():
+    recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml",
+                         ["train.lr=1e-4", "model.capacity_factor=1.25", "parallel.activation_checkpointing=true",
+                          "tracking.wandb.mode=disabled", "model.capacity_factor=null"])
+    assert recipe.train.lr == 1e-4 and recipe.model.capacity_factor is None
+    assert recipe.parallel.activation_checkpointing is True and recipe.tracking.wandb.mode == "disabled"
+
+
+def write(tmp_path, raw, name="bad.yaml"):
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+TINY = yaml.safe_load((ROOT / "recipes/tiny_cpu.yaml").read_text())
+
+# (overrides on tiny_cpu.yaml, the text the one-line error must contain)
+BAD_OVERRIDES = [
+    (["model.hidden_sise=64"], "model.hidden_sise: unknown key"),
+    (["trian.steps=5"], "trian: unknown key"),
+    (["model.num_attention_heads=0"], "model.num_attention_heads: input should be greater than 0"),
+    (["train.steps=ten"], "train.steps: input should be a valid integer"),
+    (["model.hidden_act=relu"], "model.hidden_act: input should be 'gelu' or 'silu'"),
+    (["train.precision=fp8"], "train.precision: input should be 'fp32', 'bf16' or 'fp16'"),
+    (["parallel.tp=3"], "parallel.tp: tp=3 must divide num_attention_heads (4) and num_key_value_heads (2); choose tp from 1, 2"),
+    (["parallel.ep=3"], "parallel.ep: ep=3 must divide num_local_experts (8); choose ep from 1, 2, 4, 8"),
+    (["parallel.ep=4", "parallel.dp=2"], "parallel.ep: ep=4 must divide dp=2"),
+    (["parallel.pp=5"], "parallel.pp: pp=5 leaves a pipeline stage without an MoE layer (4 layers); use pp <= 4"),
+    (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage: DeepSpeed's pipeline engine accepts ZeRO 0 or 1 only"),
+    (["parallel.zero_stage=3"], "parallel.zero_stage: DeepSpeed's MoE does not support ZeRO-3"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage: input should be 0, 1, 2 or 3"),
+    (["parallel.dp=3"], "train.global_batch_size: 8 is not a multiple of micro_batch_size x dp = 4 x 3"),
+    (["train.seq_len=512"], "train.seq_len: 512 exceeds model.max_position_embeddings (256)"),
+    (["train.warmup_steps=100"], "train.warmup_steps: 100 exceeds train.steps (60)"),
+    (["data.source=json", "data.path=/no/such/file.jsonl"], "data.path: '/no/such/file.jsonl' does not exist"),
+    (["data.source=text"], "data.path: source 'text' needs a path"),
+    (["data.source=hub"], "data.name: source 'hub' needs the dataset name"),
+    (["data.vocab_size=1000"], "data.vocab_size: 1000 exceeds model.vocab_size (256)"),
+    (["model.num_experts_per_tok=9"], "model: num_experts_per_tok (9) must not exceed num_local_experts (8)"),
+    (["model.num_key_value_heads=3"], "model: num_attention_heads (4) must be a multiple of num_key_value_heads (3)"),
+    (["parallel.tp=16", "model.num_attention_heads=16", "model.num_key_value_heads=16"],
+     "parallel.tp: tp=16 must stay inside one node of 8 GPUs"),
+    (["hardware.mfu=1.5"], "hardware.mfu: input should be less than or equal to 1"),
+    (["tracking.wandb.mode=cloud"], "tracking.wandb.mode: input should be 'online', 'offline' or 'disabled'"),
+    (["train.resume=/no/checkpoint"], "train.resume: checkpoint path '/no/checkpoint' does not exist"),
+    (["steps"], "--set: 'steps' is not key=value"),
+    (["train.steps.max=3"], "--set: train.steps is a value, not a section"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES, ids=[o[0][0] for o in BAD_OVERRIDES])
+def test_bad_recipe_gets_one_clear_line_and_exit_2(tmp_path, capsys, overrides, expected):
+    path = write(tmp_path, TINY)
+    args = ["config", str(path)] + [x for o in overrides for x in ("--set", o)]
+    assert moe(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("moe: recipe error: ")
+    assert expected in lines[0], lines[0]
+
+
+BAD_FILES = [
+    ("model: [1, 2", "is not valid YAML at line 1"),
+    ("- just\n- a list\n", "must be a mapping with at least a 'model' section"),
+    ("name: x\ntrain: {steps: 3}\n", "model: is required"),
+    ("base: missing.yaml\nmodel: {}\n", "base: 'missing.yaml'"),
+    ("base: bad.yaml\nmodel: {}\n", "inherits from itself"),
+]
+
+
+@pytest.mark.parametrize("text, expected", BAD_FILES, ids=[b[1][:20] for b in BAD_FILES])
+def test_bad_recipe_files(tmp_path, capsys, text, expected):
+    assert moe(["config", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_missing_recipe_path(capsys):
+    assert moe(["params", "recipes/no_such.yaml"]) == 2
+    assert "'recipes/no_such.yaml' is not a file" in capsys.readouterr().err
+
+
+def test_the_console_script_exits_2_without_traceback(tmp_path):
+    path = write(tmp_path, TINY)
+    result = subprocess.run(["moe", "train", str(path), "--set", "parallel.ep=3"], capture_output=True, text=True,
+                            env={"PATH": str(ROOT / ".venv/bin") + ":/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "moe: recipe error: parallel.ep: ep=3 must divide num_local_experts (8); choose ep from 1, 2, 4, 8"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_output_is_written_whole(tmp_path):
+    out = tmp_path / "ds.json"
+    assert moe(["config", str(ROOT / "recipes/tiny_cpu.yaml"), "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["train_batch_size"] == 8
+    assert moe(["config", str(ROOT / "recipes/tiny_cpu.yaml"), "-o", str(tmp_path / "nope/ds.json")]) == 2
