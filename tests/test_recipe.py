@@ -59,7 +59,7 @@ BAD_OVERRIDES = [
     (["parallel.zero_stage=4"], "parallel.zero_stage: input should be 0, 1, 2 or 3"),
     (["parallel.dp=3"], "train.global_batch_size: 8 is not a multiple of micro_batch_size x dp = 4 x 3"),
     (["train.seq_len=512"], "train.seq_len: 512 exceeds model.max_position_embeddings (256)"),
-    (["train.warmup_steps=100"], "train.warmup_steps: 100 exceeds train.steps (60)"),
+    (["train.warmup_steps=200"], "train.warmup_steps: 200 exceeds train.steps (150)"),
     (["data.source=json", "data.path=/no/such/file.jsonl"], "data.path: '/no/such/file.jsonl' does not exist"),
     (["data.source=text"], "data.path: source 'text' needs a path"),
     (["data.source=hub"], "data.name: source 'hub' needs the dataset name"),

@@ -52,7 +52,7 @@ def test_two_data_parallel_ranks_give_the_one_rank_losses(tmp_path):
     runs = {}
     for ranks in (1, 2):
         out = tmp_path / f"dp{ranks}"
-        result = launch(ranks, "train.steps=8", "train.log_every=1", f"train.output_dir={out}",
+        result = launch(ranks, "train.steps=8", "train.warmup_steps=2", "train.log_every=1", f"train.output_dir={out}",
                         "tracking.wandb.mode=disabled")
         assert result.returncode == 0, result.stderr[-3000:]
         runs[ranks] = read_metrics(out)
