@@ -108,6 +108,16 @@ class MoERouter(nn.Module):
         return F.linear(x_TD, self.weight)
 
 
+def expert_ffn(x_ND, w_in, w_down, act_fn, gated: bool) -> torch.Tensor:
+    """One expert. gated (silu): down(act(x G^T) * (x U^T)) with w_in = [G; U]; else down(act(x U^T))."""
+    if gated:
+        gate_NI, up_NI = F.linear(x_ND, w_in).chunk(2, dim=-1)
+        h_NI = act_fn(gate_NI) * up_NI
+    else:
+        h_NI = act_fn(F.linear(x_ND, w_in))
+    return F.linear(h_NI, w_down)
+
+
 class MoEExperts(nn.Module):
     """E expert FFNs as stacked tensors. gelu: `up_proj` [E, I, D]; silu: `gate_up_proj` [E, 2I, D]; `down_proj` [E, D, I]."""
 
@@ -124,12 +134,8 @@ class MoEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            gate_NI, up_NI = F.linear(x_ND, self.gate_up_proj[e]).chunk(2, dim=-1)
-            h_NI = self.act_fn(gate_NI) * up_NI
-        else:
-            h_NI = self.act_fn(F.linear(x_ND, self.up_proj[e]))
-        return F.linear(h_NI, self.down_proj[e])
+        w_in = self.gate_up_proj[e] if self.gated else self.up_proj[e]
+        return expert_ffn(x_ND, w_in, self.down_proj[e], self.act_fn, self.gated)
 
     def forward(self, x_TD, experts_TK, weights_TK, keep_TK=None):
         """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add."""

@@ -151,6 +151,9 @@ def layout_problem(model: ModelSection, tp: int, pp: int, ep: int, dp: int | Non
     if pp > model.num_hidden_layers:
         return "parallel.pp", (f"pp={pp} leaves a pipeline stage without an MoE layer ({model.num_hidden_layers} "
                                f"layers); use pp <= {model.num_hidden_layers}")
+    if pp > 1 and model.tie_word_embeddings:
+        return "parallel.pp", ("tie_word_embeddings with pp > 1 is not supported yet (embedding and head sit on "
+                               "different stages); set model.tie_word_embeddings false or pp 1")
     if experts % ep:
         return "parallel.ep", f"ep={ep} must divide num_local_experts ({experts}); choose ep from {divisors(experts)}"
     if dp is not None and dp % ep:

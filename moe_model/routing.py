@@ -61,14 +61,21 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(math.ceil(top_k * capacity_factor * num_tokens / num_experts), min_capacity)
 
 
-def capacity_keep_mask(experts_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Which routes survive a per-expert capacity, bool [T, K].
+def expert_positions(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each route's slot in its expert's queue, int64 [T, K].
 
-    Priority is GShard's: every token's first choice before any second choice, and within one choice earlier tokens
-    first. A dropped route contributes nothing; the token still passes through the residual connection.
+    The order is GShard's priority: every token's first choice before any second choice, and within one choice
+    earlier tokens first.
     """
     experts_KT = experts_TK.t()
     onehot_KTE = torch.nn.functional.one_hot(experts_KT, num_experts)
     position_KTE = torch.cumsum(onehot_KTE.reshape(-1, num_experts), dim=0).reshape(onehot_KTE.shape) - 1
-    position_KT = (position_KTE * onehot_KTE).sum(dim=-1)
-    return (position_KT < capacity).t()
+    return (position_KTE * onehot_KTE).sum(dim=-1).t()
+
+
+def capacity_keep_mask(experts_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which routes survive a per-expert capacity, bool [T, K], by `expert_positions`' priority.
+
+    A dropped route contributes nothing; the token still passes through the residual connection.
+    """
+    return expert_positions(experts_TK, num_experts) < capacity

@@ -126,3 +126,10 @@ def test_config_output_is_written_whole(tmp_path):
     assert moe(["config", str(ROOT / "recipes/tiny_cpu.yaml"), "-o", str(out)]) == 0
     assert json.loads(out.read_text())["train_batch_size"] == 8
     assert moe(["config", str(ROOT / "recipes/tiny_cpu.yaml"), "-o", str(tmp_path / "nope/ds.json")]) == 2
+
+
+def test_train_refuses_a_layout_it_cannot_train_before_any_rank_starts(capsys):
+    # the seed's own plan (tp 8, ep 4) is legal for DeepSpeed but tensor-parallel peers would share experts
+    assert moe(["train", str(ROOT / "recipes/seed_plan.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.ep: with tp=8, training needs ep to be a multiple of tp (got ep=4)" in err

@@ -1,34 +1,15 @@
 """Training through the real deepspeed launcher on CPU ranks."""
 
-import os
-import socket
-import subprocess
-
 from moe_model.train.tracking import read_metrics
-from tests.conftest import ROOT
+from tests.launch import SINGLE_RANK, failure, launch
 
-METRIC_KEYS = {"step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
+METRIC_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
                "expert_load_max_over_mean", "expert_load_max_over_mean_per_layer", "experts_without_tokens"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(num_ranks: int, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-               str(ROOT / "scripts/train.py"), "--recipe", str(ROOT / "recipes/tiny_cpu.yaml")]
-    for o in overrides:
-        command += ["--set", o]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-
-
 def test_one_rank_deepspeed_training_loss_falls(tmp_path):
-    result = launch(1, "train.steps=60", "train.log_every=1", f"train.output_dir={tmp_path}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = launch(1, *SINGLE_RANK, "train.steps=60", "train.log_every=1", f"train.output_dir={tmp_path}")
+    assert result.returncode == 0, failure(result)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 61))
     assert METRIC_KEYS <= set(metrics[0])
@@ -41,7 +22,7 @@ def test_one_rank_deepspeed_training_loss_falls(tmp_path):
 
 def test_layout_that_breaks_a_rule_at_launch_fails_before_training(tmp_path):
     # dp is known only at launch: 2 ranks with micro-batch 4 cannot make a global batch of 4
-    result = launch(2, "train.global_batch_size=4", f"train.output_dir={tmp_path}")
+    result = launch(2, *SINGLE_RANK, "train.global_batch_size=4", f"train.output_dir={tmp_path}")
     assert result.returncode != 0
     assert "train.global_batch_size: 4 is not a multiple of micro_batch_size x dp = 4 x 2" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -52,9 +33,9 @@ def test_two_data_parallel_ranks_give_the_one_rank_losses(tmp_path):
     runs = {}
     for ranks in (1, 2):
         out = tmp_path / f"dp{ranks}"
-        result = launch(ranks, "train.steps=8", "train.warmup_steps=2", "train.log_every=1", f"train.output_dir={out}",
-                        "tracking.wandb.mode=disabled")
-        assert result.returncode == 0, result.stderr[-3000:]
+        result = launch(ranks, *SINGLE_RANK, "train.steps=8", "train.warmup_steps=2", "train.log_every=1",
+                        f"train.output_dir={out}", "tracking.wandb.mode=disabled")
+        assert result.returncode == 0, failure(result)
         runs[ranks] = read_metrics(out)
     for one, two in zip(runs[1], runs[2], strict=True):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):

@@ -36,4 +36,7 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the project logs its own metrics
         "wall_clock_breakdown": False,
     }
+    if p.pp > 1:
+        # with tp > 1 the pipeline must not split activations/grads over the model-parallel group itself
+        config["pipeline"] = {"pipe_partitioned": p.tp == 1, "grad_partitioned": p.tp == 1}
     return config

@@ -28,11 +28,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_trainable(recipe: Recipe) -> None:
-    """Refuse what this version's training loop cannot run, before any process group exists."""
+    """Refuse what DeepSpeed accepts but this project cannot yet train correctly, before any process group exists."""
     p = recipe.parallel
-    if (p.tp, p.pp, p.ep) != (1, 1, 1):
-        raise RecipeError("parallel", (f"tp={p.tp}, pp={p.pp}, ep={p.ep}: only data parallelism trains in this "
-                                       "version; use --set parallel.tp=1 --set parallel.pp=1 --set parallel.ep=1"))
+    if p.tp > 1 and p.ep > 1 and p.ep % p.tp:
+        # DeepSpeed's expert groups are consecutive ranks: with ep < tp two tensor-parallel peers hold the same
+        # experts, and DeepSpeed's global grad norm (which counts a parameter once per tp rank or on tp rank 0 only)
+        # cannot count them exactly once, so gradient clipping would use a wrong norm
+        raise RecipeError("parallel.ep", (f"with tp={p.tp}, training needs ep to be a multiple of tp (got ep={p.ep}) "
+                                          "so that tensor-parallel peers hold different experts; raise ep or lower tp"))
     if recipe.data.source != "synthetic":
         raise RecipeError("data.source", f"{recipe.data.source!r} is not wired into training yet; use synthetic")
 
@@ -52,51 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     return train(recipe)
 
 
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; norms' gains are left alone."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def train(recipe: Recipe) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from .. import MoEForCausalLM
+    from ..parallel import Layout
     from .data import StepBatches
-    from .ds_config import deepspeed_config
+    from .engine import build_engine
     from .tracking import Tracker
 
     deepspeed.init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     p = recipe.parallel
-    dp = world // (p.tp * p.pp)
-    problem = layout_problem(recipe.model, p.tp, p.pp, p.ep, dp, p.zero_stage, recipe.hardware.gpus_per_node)
-    if problem is None and recipe.train.global_batch_size % (p.micro_batch_size * dp):
-        problem = ("train.global_batch_size", f"{recipe.train.global_batch_size} is not a multiple of "
-                   f"micro_batch_size x dp = {p.micro_batch_size} x {dp}")
+    problem = launch_problem(recipe, world)
     if problem:
         if rank == 0:
             print(f"moe: recipe error: {RecipeError(*problem)} (world size {world})", file=sys.stderr)
         return 2
+    layout = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=world // (p.tp * p.pp))
+    engine, run_step, ds_config = build_engine(recipe, layout)
 
-    torch.manual_seed(recipe.train.seed)
-    config = recipe.moe_config()
-    model = MoEForCausalLM(config)
-    if p.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ds_config = deepspeed_config(recipe)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=weight_decay_groups(model, recipe.train.weight_decay), config=ds_config)
-
-    layout = {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": dp, "world_size": world}
-    run_config = {"recipe": recipe.model_dump(), "deepspeed": ds_config, "layout": layout}
+    run_config = {"recipe": recipe.model_dump(), "deepspeed": ds_config,
+                  "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp, "world_size": world}}
     if rank == 0:
         (recipe.output_dir / "run.json").write_text(json.dumps(run_config, indent=2))
     tracker = Tracker(recipe, run_config, enabled=rank == 0)
-    batches = StepBatches(recipe, dp, dist.get_rank() // (p.tp * p.pp))
-    moe_blocks = [layer.mlp for layer in engine.module.model.layers]
+    batches = StepBatches(recipe, layout.dp, layout.coords(rank)["data"])
+    config = recipe.moe_config()
     tokens_per_step = recipe.train.global_batch_size * recipe.train.seq_len
 
     progress = None
@@ -109,18 +94,11 @@ def train(recipe: Recipe) -> int:
     for step in range(recipe.train.steps):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
-        losses = torch.zeros(3)
-        load_LE = torch.zeros(len(moe_blocks), config.num_local_experts)
-        for ids in batches.micro_batches(step):
-            ids = ids.to(engine.device)
-            out = engine(input_ids=ids, labels=ids, use_cache=False)
-            engine.backward(out.loss)
-            engine.step()
-            losses += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).float().cpu()
-            load_LE += torch.stack([b.tokens_per_expert.float().cpu() for b in moe_blocks])
-        dist.all_reduce(losses)
-        dist.all_reduce(load_LE)
-        losses /= batches.accumulation * dp
+        parts = run_step(batches.micro_batches(step))
+        dist.all_reduce(parts)
+        # every tp rank of every data shard that sees the loss holds the same figures: average them out
+        losses = parts[:4] / (batches.accumulation * layout.dp * layout.tp)
+        load_LE = parts[4:].reshape(config.num_hidden_layers, config.num_local_experts) / layout.tp
         step_time = time.perf_counter() - t0
         metrics = step_metrics(step + 1, losses, lr, engine.get_global_grad_norm(), step_time, tokens_per_step, load_LE)
         history.append(metrics)
@@ -131,20 +109,51 @@ def train(recipe: Recipe) -> int:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     if progress is not None:
         progress.close()
-        print_summary(recipe, history, time.perf_counter() - started, layout)
+        print_summary(recipe, history, time.perf_counter() - started, run_config["layout"])
     tracker.finish()
     dist.barrier()
     return 0
 
 
+def launch_problem(recipe: Recipe, world: int) -> tuple[str, str] | None:
+    """The layout rules again, now that the world size (and so dp) is known."""
+    try:
+        check_trainable(recipe)
+    except RecipeError as err:
+        return err.field, err.message
+    p = recipe.parallel
+    if world % (p.tp * p.pp):
+        return "parallel", f"world size {world} is not a multiple of tp x pp = {p.tp} x {p.pp}; start tp*pp*dp ranks"
+    dp = world // (p.tp * p.pp)
+    if p.dp is not None and p.dp != dp:
+        return "parallel.dp", f"the recipe says dp={p.dp} but {world} ranks give dp={dp}; start {p.tp * p.pp * p.dp} ranks"
+    problem = layout_problem(recipe.model, p.tp, p.pp, p.ep, dp, p.zero_stage, recipe.hardware.gpus_per_node)
+    if problem is None and recipe.train.precision != "fp32":
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        supported = accelerator.is_fp16_supported() if recipe.train.precision == "fp16" else accelerator.is_bf16_supported()
+        if not supported:
+            problem = ("train.precision", f"{recipe.train.precision} is not supported by DeepSpeed's "
+                       f"{accelerator.device_name()} accelerator here; use fp32 (or bf16)")
+    if problem is None and recipe.train.global_batch_size % (p.micro_batch_size * dp):
+        problem = ("train.global_batch_size", f"{recipe.train.global_batch_size} is not a multiple of "
+                   f"micro_batch_size x dp = {p.micro_batch_size} x {dp}")
+    return problem
+
+
 def step_metrics(step, losses, lr, grad_norm, step_time, tokens_per_step, load_LE) -> dict[str, Any]:
-    """One line of metrics.jsonl. Expert load: routes each expert got in this step, over all ranks and micro-batches."""
+    """One line of metrics.jsonl. Expert load: routes each expert got in this step, over all ranks and micro-batches.
+
+    `losses` is [loss, lm_loss, aux_loss, z_loss] averaged over the step's micro-batches.
+    """
     max_over_mean_L = load_LE.max(dim=1).values / load_LE.mean(dim=1)
     return {
         "step": step,
         "loss": losses[0].item(),
         "lm_loss": losses[1].item(),
         "aux_loss": losses[2].item(),
+        "z_loss": losses[3].item(),
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "tokens_per_s": tokens_per_step / step_time,

@@ -1,0 +1,34 @@
+"""Where a rank sits: tensor (tp), pipeline (pp), data (dp) and expert (ep) coordinates.
+
+Ranks are laid out as DeepSpeed's `PipeModelDataParallelTopology(num_pp, num_mp=tp, num_dp)` does: pipe outermost,
+model (tp) innermost, so `rank = (pipe * dp + data) * tp + model`. DeepSpeed's MoE builds its expert-parallel groups
+from consecutive global ranks (`groups._create_expert_and_data_parallel`, legacy ordering): `ep_rank = rank % ep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coords(self, rank: int) -> dict[str, int]:
+        return {"pipe": rank // (self.dp * self.tp), "data": (rank // self.tp) % self.dp, "model": rank % self.tp,
+                "expert": rank % self.ep}
+
+    def topology(self):
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+
+    def describe(self) -> str:
+        return f"tp{self.tp} pp{self.pp} dp{self.dp} ep{self.ep}"

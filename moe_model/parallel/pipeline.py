@@ -1,0 +1,114 @@
+"""The model as a DeepSpeed `PipelineModule`, built from the same blocks as `MoEForCausalLM`.
+
+Stages pass `(hidden_BSD, carry)` to each other. `carry` is one fp32 vector that accumulates, layer by layer,
+`[sum of aux losses, sum of z losses, routes per expert of layer 0, ..., of layer L-1]`: the router losses travel
+as a tensor and are added in the loss function on the last stage (an autograd-injected aux gradient would be
+mis-scaled by the pipeline engine), and the expert-load counts (no gradient) reach the last stage with them, so
+recomputation under activation checkpointing cannot count a forward twice.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..configuration import MoEConfig
+from ..modeling import MoEDecoderLayer, MoEForCausalLM, causal_lm_loss, rope_cos_sin
+from .parallelize import RankGroups, parallelize_layer
+
+
+def carry_size(config: MoEConfig) -> int:
+    return 2 + config.num_hidden_layers * config.num_local_experts
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding, config: MoEConfig):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.carry_size = carry_size(config)
+
+    def forward(self, ids_BS: torch.Tensor):
+        x_BSD = self.embed_tokens(ids_BS)
+        return x_BSD, x_BSD.new_zeros(self.carry_size, dtype=torch.float32)
+
+
+class DecoderLayerPipe(nn.Module):
+    """One decoder block (already parallelized for tp/ep) that also adds its router losses and load to the carry."""
+
+    def __init__(self, layer: MoEDecoderLayer, layer_idx: int, config: MoEConfig, groups: RankGroups):
+        super().__init__()
+        self.layer = parallelize_layer(layer, groups)
+        self.layer_idx = layer_idx
+        self.config = config
+
+    def forward(self, inputs):
+        x_BSD, carry = inputs
+        cfg = self.config
+        position_ids = torch.arange(x_BSD.shape[1], device=x_BSD.device).unsqueeze(0)
+        cos_sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x_BSD.dtype)
+        x_BSD, router = self.layer(x_BSD, cos_sin)
+        E, L = cfg.num_local_experts, cfg.num_hidden_layers
+        load_E = self.layer.mlp.tokens_per_expert.detach().float()
+        update = torch.cat([router.aux_loss.float().reshape(1), router.z_loss.float().reshape(1),
+                            carry.new_zeros(self.layer_idx * E), load_E, carry.new_zeros((L - 1 - self.layer_idx) * E)])
+        return x_BSD, carry + update
+
+
+class HeadPipe(nn.Module):
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, inputs):
+        x_BSD, carry = inputs
+        return self.lm_head(self.norm(x_BSD)), carry
+
+
+class PipelineLoss:
+    """The training loss of `MoEForCausalLM` from the last stage's `(logits, carry)`; keeps each micro-batch's parts."""
+
+    def __init__(self, config: MoEConfig):
+        self.config = config
+        self.parts: list[torch.Tensor] = []  # per micro-batch: [loss, lm_loss, aux_loss, z_loss, load (L*E)...]
+
+    def __call__(self, outputs, labels_BS):
+        logits_BSV, carry = outputs
+        L = self.config.num_hidden_layers
+        lm_loss = causal_lm_loss(logits_BSV, labels_BS)
+        aux_loss, z_loss = carry[0] / L, carry[1] / L
+        loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
+        if self.config.router_z_loss_coef > 0:
+            loss = loss + self.config.router_z_loss_coef * z_loss
+        self.parts.append(torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]).detach().float(),
+                                     carry[2:].detach()]))
+        return loss
+
+    def take(self) -> list[torch.Tensor]:
+        parts, self.parts = self.parts, []
+        return parts
+
+
+def build_pipeline_module(model: MoEForCausalLM, groups: RankGroups, activation_checkpointing: bool):
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    config = model.config
+    if config.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings with pp > 1 is not supported yet; untie the embeddings or set pp 1")
+    specs = [LayerSpec(EmbeddingPipe, model.model.embed_tokens, config)]
+    specs += [LayerSpec(DecoderLayerPipe, layer, i, config, groups) for i, layer in enumerate(model.model.layers)]
+    specs.append(LayerSpec(HeadPipe, model.model.norm, model.lm_head))
+    loss = PipelineLoss(config)
+    module = PipelineModule(
+        layers=specs, topology=groups.layout.topology(), loss_fn=loss,
+        partition_method="type:DecoderLayerPipe",  # layers balanced over stages: every stage holds MoE layers
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        # non-reentrant: the pipeline engine runs backward once per output tensor (hidden, then carry), and
+        # DeepSpeed's reentrant checkpoint frees its saved inputs after the first
+        activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+        checkpointable_layers=["DecoderLayerPipe"],
+    )
+    module.project_loss = loss
+    return module

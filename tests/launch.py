@@ -1,0 +1,31 @@
+"""Start real deepspeed ranks on CPU (gloo) for tests: a free port each, so test files can run side by side."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SINGLE_RANK = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=null")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_ranks: int, *overrides: str, script: str = "scripts/train.py", recipe: str = "recipes/tiny_cpu.yaml",
+           extra_args: tuple[str, ...] = (), timeout: int = 400) -> subprocess.CompletedProcess:
+    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+               str(ROOT / script), "--recipe", str(ROOT / recipe), *extra_args]
+    for o in overrides:
+        command += ["--set", o]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def failure(result: subprocess.CompletedProcess) -> str:
+    return (result.stdout[-3000:] + "\n" + result.stderr[-3000:]).strip()

@@ -1,0 +1,59 @@
+"""4D layouts through the real launcher on CPU ranks: same losses as one rank, same logits as the HF model."""
+
+import json
+
+import pytest
+
+from moe_model.train.tracking import read_metrics
+from tests.launch import SINGLE_RANK, failure, launch
+
+STEPS = ("train.steps=7", "train.warmup_steps=2", "train.log_every=1", "tracking.wandb.mode=disabled")
+# DeepSpeed's WarmupCosineLR runs its first two steps at lr 0: 7 steps give 5 real updates
+LAYOUTS = {
+    "pp2_dp2_ep2_zero1_ckpt": (4, "parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2",
+                               "parallel.activation_checkpointing=true"),
+    "tp2_dp2_ep2_zero2": (4, "parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2",
+                          "parallel.zero_stage=2"),
+    "tp2_pp2_dp2_ep2_zero1": (8, "parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2"),
+}
+
+
+@pytest.fixture(scope="module")
+def single_rank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    result = launch(1, *SINGLE_RANK, *STEPS, f"train.output_dir={out}")
+    assert result.returncode == 0, failure(result)
+    return read_metrics(out)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_losses_equal_one_rank(tmp_path, single_rank, name):
+    ranks, *overrides = LAYOUTS[name]
+    result = launch(ranks, *overrides, *STEPS, f"train.output_dir={tmp_path}")
+    assert result.returncode == 0, failure(result)
+    parallel = read_metrics(tmp_path)
+    assert len(parallel) == len(single_rank) == 7
+    for one, many in zip(single_rank, parallel):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert abs(one[key] - many[key]) <= 1e-4 * abs(one[key]), (name, one["step"], key, one[key], many[key])
+        assert one["expert_load_max_over_mean_per_layer"] == many["expert_load_max_over_mean_per_layer"]
+    assert parallel[-1]["loss"] < parallel[0]["loss"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ranks, overrides", [
+    (4, ("parallel.tp=2", "parallel.pp=2", "parallel.ep=1", "parallel.dp=1")),
+    (4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2")),
+], ids=["tp2_pp2", "tp2_dp2_ep2"])
+def test_parallel_logits_equal_the_hf_model(tmp_path, ranks, overrides):
+    result = launch(ranks, *overrides, script="tests/distributed/model_logits.py", extra_args=("--out", str(tmp_path)))
+    assert result.returncode == 0, failure(result)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    holders = [r for r in reports if r["holds_logits"]]
+    assert holders, "no rank returned logits"
+    for report in holders:
+        assert report["max_abs_diff"] < 1e-5 and report["max_abs_logit"] > 0.1, report
+    for report in reports:
+        if "gather_shim_max_abs_diff" in report:
+            assert report["gather_shim_max_abs_diff"] == 0.0
