@@ -8,6 +8,7 @@ before validation, so they are validated exactly like the file.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,7 +159,7 @@ def layout_problem(model: ModelSection, tp: int, pp: int, ep: int, dp: int | Non
         return "parallel.ep", f"ep={ep} must divide num_local_experts ({experts}); choose ep from {divisors(experts)}"
     if dp is not None and dp % ep:
         return "parallel.ep", (f"ep={ep} must divide dp={dp}: expert-parallel groups are carved out of the "
-                               f"data-parallel ranks; choose ep from {divisors(dp)} or raise dp")
+                               f"data-parallel ranks; choose ep from {divisors(math.gcd(dp, experts))} or raise dp")
     if zero_stage == 3:
         return "parallel.zero_stage", "DeepSpeed's MoE does not support ZeRO-3; use zero_stage 0, 1 or 2"
     if pp > 1 and zero_stage > 1:
