@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(recipe: Recipe) -> int:
+    # DeepSpeed 0.19's collectives call torch's all_gather_into_tensor, which torch 2.13 marks deprecated: noise
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     import deepspeed
     import torch.distributed as dist
 
