@@ -72,9 +72,10 @@ def free_port() -> int:
 
 
 def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
-    from .train.main import check_trainable
+    from .train.main import check_output_dir, check_trainable
 
     check_trainable(recipe)
+    check_output_dir(recipe)
     p = recipe.parallel
     ranks = args.num_gpus or p.tp * p.pp * (p.dp or 1)
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -109,11 +110,44 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-gpus", type=int, default=None,
                            help="ranks to start on this machine (default: tp*pp*dp of the recipe, dp 1 if unset)")
         p.set_defaults(func=func)
+    add_run_commands(sub)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.export import export
+
+    out = export(Path(args.run_dir), Path(args.out_dir), args.format, args.tag)
+    if args.json:
+        _print_json({"exported": str(out), "format": args.format})
+    else:
+        print(f"wrote {out} ({args.format}); load it with AutoModelForCausalLM.from_pretrained({str(out)!r}"
+              + (", trust_remote_code=True)" if args.format == "native" else ")"))
+    return 0
+
+
+def add_run_commands(sub) -> None:
+    """Commands that take a finished run's folder instead of a recipe."""
+    p = sub.add_parser("export", help="a training run's newest checkpoint as a Hugging Face folder",
+                       description="Merge pipeline stages, expert files and tensor-parallel shards of a DeepSpeed "
+                                   "checkpoint into a Hugging Face folder (safetensors, config, tokenizer).")
+    p.add_argument("run_dir", help="the output_dir of a training run")
+    p.add_argument("out_dir", help="the folder to create")
+    p.add_argument("--format", choices=("native", "mixtral"), default="native",
+                   help="native: MoEForCausalLM; mixtral: transformers' MixtralForCausalLM (silu experts only)")
+    p.add_argument("--tag", default=None, help="a checkpoint tag (default: the newest complete one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run_func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "run_func"):
+        try:
+            return args.run_func(args)
+        except RecipeError as err:
+            print(f"moe {args.command}: {err}", file=sys.stderr)
+            return 2
     try:
         recipe = load_recipe(args.recipe, args.set)
         return args.func(recipe, args)

@@ -79,9 +79,12 @@ class TrainSection(Section):
     seed: int = 1234
     output_dir: str | None = None  # default: runs/<name>
     log_every: PositiveInt = 1
-    save_every: int = Field(0, ge=0)  # 0: no periodic checkpoints
+    save_every: int = Field(0, ge=0)  # 0: no checkpoints
+    keep_checkpoints: int = Field(3, ge=0)  # newest complete checkpoints kept (0: all)
     resume: str = "auto"  # auto | never | PATH
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    eval_every: int = Field(0, ge=0)  # validation loss every N steps and at the last step (0: never)
+    eval_batches: PositiveInt = 2  # global batches of validation sequences per evaluation
 
 
 class DataSection(Section):
@@ -92,6 +95,9 @@ class DataSection(Section):
     text_field: str = "text"
     tokenizer: str = "byte"  # train | byte | PATH
     vocab_size: PositiveInt | None = None
+    subset: str | None = None  # hub: the dataset's configuration, e.g. wikitext-103-raw-v1
+    validation_fraction: float = Field(0.05, ge=0, lt=1)  # documents held out for the validation loss
+    max_documents: PositiveInt | None = None  # read at most this many documents (a slice of a huge corpus)
 
 
 class HardwareSection(Section):
@@ -214,6 +220,13 @@ class Recipe(Section):
                                                "taken from the current directory)")
         if d.source == "hub" and not d.name:
             raise RecipeError("data.name", "source 'hub' needs the dataset name, e.g. name: wikitext")
+        if d.source != "synthetic" and d.tokenizer not in ("train", "byte") and not Path(d.tokenizer).exists():
+            raise RecipeError("data.tokenizer", f"{d.tokenizer!r} is not train, byte or an existing tokenizer "
+                                                "folder; fix the path (relative paths are taken from the current "
+                                                "directory)")
+        if self.train.eval_every and d.source != "synthetic" and d.validation_fraction == 0:
+            raise RecipeError("data.validation_fraction", "is 0 but train.eval_every asks for a validation loss; "
+                                                          "hold out documents (e.g. 0.05) or set eval_every 0")
         if d.vocab_size is not None and d.vocab_size > self.model.vocab_size:
             raise RecipeError("data.vocab_size", (f"{d.vocab_size} exceeds model.vocab_size "
                                                   f"({self.model.vocab_size}); the embedding would be too small"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from ..recipe import Recipe, RecipeError, layout_problem, load_recipe
+from . import checkpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,14 +44,40 @@ def check_trainable(recipe: Recipe) -> None:
         raise RecipeError("data.source", f"{recipe.data.source!r} is not wired into training yet; use synthetic")
 
 
+def check_output_dir(recipe: Recipe) -> None:
+    """The output folder must be creatable, writable and roomy enough for the checkpoints, before any step."""
+    try:
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RecipeError("train.output_dir", f"cannot create {str(recipe.output_dir)!r} ({err.strerror}); "
+                                              "choose another") from None
+    if not os.access(recipe.output_dir, os.W_OK):
+        raise RecipeError("train.output_dir", f"{str(recipe.output_dir)!r} is not writable; choose another")
+    check_disk_space(recipe)
+
+
+def check_disk_space(recipe: Recipe) -> None:
+    """Checkpoints must fit before the first step: about 18 bytes a parameter each (16-bit or fp32 weights, fp32
+    master and Adam moments), for the kept ones plus the one being written."""
+    if not recipe.train.save_every:
+        return
+    from ..estimate.params import count_params
+
+    per_checkpoint = 18 * count_params(recipe.moe_config()).total
+    needed = per_checkpoint * (recipe.train.keep_checkpoints + 1 if recipe.train.keep_checkpoints else 2)
+    free = shutil.disk_usage(recipe.output_dir).free
+    if free < needed:
+        raise RecipeError("train.output_dir", (f"{free / 1e9:.1f} GB free under {recipe.output_dir}, checkpoints need "
+                                               f"about {needed / 1e9:.1f} GB; free space, lower "
+                                               "train.keep_checkpoints or choose another output_dir"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.set)
         check_trainable(recipe)
-        recipe.output_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(recipe.output_dir, os.W_OK):
-            raise RecipeError("train.output_dir", f"{str(recipe.output_dir)!r} is not writable; choose another")
+        check_output_dir(recipe)
     except RecipeError as err:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"moe: recipe error: {err}", file=sys.stderr)
@@ -76,10 +105,25 @@ def train(recipe: Recipe) -> int:
             print(f"moe: recipe error: {RecipeError(*problem)} (world size {world})", file=sys.stderr)
         return 2
     layout = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=world // (p.tp * p.pp))
+    layout_sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp}
+    checkpoints = recipe.output_dir / "checkpoints"
+    try:
+        resume_from, notes = checkpoint.find_resume(checkpoints, recipe.train.resume, layout_sizes)
+    except RecipeError as err:
+        if rank == 0:
+            print(f"moe: recipe error: {err}", file=sys.stderr)
+        return 2
     engine, run_step, ds_config = build_engine(recipe, layout)
+    first_step = 0
+    if resume_from is not None:
+        first_step = checkpoint.load(engine, resume_from)
+        if rank == 0:
+            for note in notes:
+                print(f"moe: {note}", file=sys.stderr)
+            print(f"moe: resuming from {resume_from} (step {first_step})", file=sys.stderr)
+            checkpoint.trim_metrics(recipe.output_dir / "metrics.jsonl", first_step)
 
-    run_config = {"recipe": recipe.model_dump(), "deepspeed": ds_config,
-                  "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp, "world_size": world}}
+    run_config = {"recipe": recipe.model_dump(), "deepspeed": ds_config, "layout": {**layout_sizes, "world_size": world}}
     if rank == 0:
         (recipe.output_dir / "run.json").write_text(json.dumps(run_config, indent=2))
     tracker = Tracker(recipe, run_config, enabled=rank == 0)
@@ -91,10 +135,11 @@ def train(recipe: Recipe) -> int:
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=recipe.train.steps, desc=recipe.name, unit="step", dynamic_ncols=True)
+        progress = tqdm(total=recipe.train.steps, initial=first_step, desc=recipe.name, unit="step",
+                        dynamic_ncols=True)
     history = []
     started = time.perf_counter()
-    for step in range(recipe.train.steps):
+    for step in range(first_step, recipe.train.steps):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         parts = run_step(batches.micro_batches(step))
@@ -110,12 +155,30 @@ def train(recipe: Recipe) -> int:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if is_fault(metrics["loss"], engine):
+            if rank == 0:
+                newest = checkpoint.newest(checkpoints)
+                print(f"moe: the loss is {metrics['loss']} at step {step + 1}; stopping. Newest good checkpoint: "
+                      f"{newest or 'none'} (lower train.lr or check the data, then resume)", file=sys.stderr)
+            return 3
+        save_every = recipe.train.save_every
+        if save_every and ((step + 1) % save_every == 0 or step + 1 == recipe.train.steps):
+            checkpoint.save(engine, checkpoints, step + 1, layout_sizes, recipe.train.keep_checkpoints)
     if progress is not None:
         progress.close()
-        print_summary(recipe, history, time.perf_counter() - started, run_config["layout"])
+        if history:
+            print_summary(recipe, history, time.perf_counter() - started, run_config["layout"])
     tracker.finish()
     dist.barrier()
     return 0
+
+
+def is_fault(loss: float, engine) -> bool:
+    """A non-finite loss stops the run, except where fp16's dynamic loss scaling skipped that step by itself."""
+    if math.isfinite(loss):
+        return False
+    fp16_skipped = bool(engine.fp16_enabled()) and not engine.was_step_applied()
+    return not fp16_skipped
 
 
 def launch_problem(recipe: Recipe, world: int) -> tuple[str, str] | None:

@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="train this many steps, save a checkpoint into --run-dir and keep the engine's logits")
+    parser.add_argument("--run-dir", default=None)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
@@ -36,10 +39,12 @@ def main() -> int:
 
     torch.manual_seed(recipe.train.seed)
     reference = MoEForCausalLM(recipe.moe_config()).eval()
-    engine, _, _ = build_engine(recipe, layout)
+    engine, step, _ = build_engine(recipe, layout)
+    data_rank = layout.coords(rank)["data"]
+    if args.train_steps:
+        train_and_save(recipe, layout, engine, step, args.train_steps, Path(args.run_dir))
     engine.eval()
 
-    data_rank = layout.coords(rank)["data"]
     g = torch.Generator().manual_seed(100 + data_rank)
     ids = torch.randint(0, recipe.model.vocab_size, (p.micro_batch_size, recipe.train.seq_len), generator=g)
     with torch.no_grad():
@@ -51,7 +56,9 @@ def main() -> int:
         else:
             logits = engine(input_ids=ids, use_cache=False).logits
     result = {"rank": rank, "holds_logits": logits is not None}
-    if logits is not None:
+    if logits is not None and args.train_steps:  # the trained engine's logits, for the exported model to match
+        torch.save({"ids": ids, "logits": logits.float()}, Path(args.out, f"engine_logits_rank{rank}.pt"))
+    elif logits is not None:
         result["max_abs_diff"] = (logits.float() - expected).abs().max().item()
         result["max_abs_logit"] = expected.abs().max().item()
     if layout.tp > 1 and layout.ep > 1:
@@ -59,6 +66,20 @@ def main() -> int:
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     return 0
+
+
+def train_and_save(recipe, layout, engine, step, steps, run_dir: Path) -> None:
+    from moe_model.train import checkpoint
+    from moe_model.train.data import StepBatches
+
+    batches = StepBatches(recipe, layout.dp, layout.coords(dist.get_rank())["data"])
+    for s in range(steps):
+        step(batches.micro_batches(s))
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp}
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(), "layout": sizes}))
+    checkpoint.save(engine, run_dir / "checkpoints", steps, sizes, keep=1)
 
 
 def check_gather_shim(layout: Layout) -> float:

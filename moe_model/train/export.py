@@ -1,0 +1,151 @@
+"""`moe export RUN_DIR OUT_DIR`: a DeepSpeed MoE (+ pipeline, + tensor-parallel) checkpoint -> a Hugging Face folder.
+
+No process group and no GPU: the files are read directly, using the checkpoint's manifest (which DeepSpeed
+model-parallel file holds which pipeline stage and tp slice) and the run's recipe:
+
+- pipeline files key parameters by the PipelineModule's layer index: 0 = embedding, 1..L = decoder layers,
+  L+1 = final norm and LM head; pp = 1 files already use the model's own names;
+- DeepSpeed's MoE layer stores the router as `mlp.moe.deepspeed_moe.gate.wg.weight` and each expert in a file of its
+  own under its global id (`...deepspeed_experts.<id>.<name>`): experts are stacked back into `[E, ...]` tensors;
+- tensor-parallel q/k/v are concatenated by output rows and o by input columns over the tp ranks; everything else is
+  replicated over tp and taken from tp rank 0.
+
+`native` writes `MoEForCausalLM` (safetensors + config + the model code for trust_remote_code); `mixtral` writes
+transformers' own `MixtralForCausalLM` (silu experts only: the parameter sets are identical).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..configuration import MoEConfig
+from ..recipe import ModelSection, RecipeError
+from . import checkpoint
+
+EXPERT_KEY = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
+TP_ROWS = ("q_proj", "k_proj", "v_proj")
+
+
+class ExportError(RecipeError):
+    pass
+
+
+def hf_key(key: str, pipelined: bool, num_layers: int) -> str:
+    """A DeepSpeed module key -> the single-device model's name (experts still per expert)."""
+    if pipelined:
+        index, rest = key.split(".", 1)
+        index = int(index)
+        if index == 0:
+            key = f"model.{rest}"
+        elif index <= num_layers:
+            key = f"model.layers.{index - 1}.{rest.removeprefix('layer.')}"
+        else:
+            key = rest if rest.startswith("lm_head") else f"model.{rest}"
+    return key.replace(".mlp.moe.deepspeed_moe.gate.wg.weight", ".mlp.gate.weight")
+
+
+def merged_state_dict(directory: Path, config: MoEConfig) -> dict[str, torch.Tensor]:
+    manifest = checkpoint.read_manifest(directory)
+    layout = manifest["layout"]
+    pipelined, L = layout["pp"] > 1, config.num_hidden_layers
+    slices: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
+
+    def place(key: str, tensor: torch.Tensor, tp_rank: int) -> None:
+        match = EXPERT_KEY.match(hf_key(key, pipelined, L))
+        if match:
+            experts[(match["prefix"], match["name"])][int(match["id"])] = tensor
+        else:
+            slices[hf_key(key, pipelined, L)][tp_rank] = tensor
+
+    for mp, where in manifest["model_parallel_files"].items():
+        states = torch.load(directory / f"mp_rank_{int(mp):02d}_model_states.pt", map_location="cpu", weights_only=False)
+        for key, tensor in states["module"].items():
+            place(key, tensor, where["tp"])
+    for path in sorted(directory.glob("*expert_*_mp_rank_*_model_states.pt")):
+        for key, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
+            place(key, tensor, 0)
+
+    state: dict[str, torch.Tensor] = {}
+    for key, by_rank in slices.items():
+        ranks = [by_rank[r] for r in sorted(by_rank)]
+        proj = key.rsplit(".", 2)[-2]
+        if len(ranks) > 1 and proj in TP_ROWS:
+            state[key] = torch.cat(ranks, dim=0)
+        elif len(ranks) > 1 and proj == "o_proj":
+            state[key] = torch.cat(ranks, dim=1)
+        else:
+            state[key] = ranks[0]
+    for (prefix, name), by_id in experts.items():
+        if sorted(by_id) != list(range(config.num_local_experts)):
+            raise ExportError("checkpoint", f"{directory}: {prefix} has experts {sorted(by_id)}, expected "
+                                            f"0..{config.num_local_experts - 1}")
+        state[f"{prefix}.mlp.experts.{name}"] = torch.stack([by_id[e] for e in range(config.num_local_experts)])
+    return state
+
+
+def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = None) -> Path:
+    """Write the newest intact checkpoint of `run_dir` (or `tag`) as a Hugging Face folder. Returns the folder."""
+    from .. import MoEForCausalLM
+
+    run_file = run_dir / "run.json"
+    if not run_file.exists():
+        raise ExportError("RUN_DIR", f"{run_dir} has no run.json: pass the output_dir of a training run")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError("OUT_DIR", f"{out_dir} exists and is not empty; choose a new folder")
+    root = run_dir / "checkpoints"
+    directory = root / tag if tag else checkpoint.newest(root)
+    if directory is None:
+        raise ExportError("RUN_DIR", f"{run_dir} has no complete checkpoint (train with train.save_every > 0)")
+    problem = checkpoint.damage(directory)
+    if problem:
+        raise ExportError("checkpoint", f"{problem}; export another tag with --tag")
+    config = ModelSection(**json.loads(run_file.read_text())["recipe"]["model"]).to_config()
+    if fmt == "mixtral" and config.hidden_act != "silu":
+        raise ExportError("--format", "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
+
+    model = MoEForCausalLM(config)
+    state = merged_state_dict(directory, config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError("checkpoint", f"{directory} does not match the run's model: missing {missing[:3]}, "
+                                        f"unexpected {unexpected[:3]}")
+    if fmt == "mixtral":
+        model = to_mixtral(model)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer = run_dir / "tokenizer"
+    if tokenizer.is_dir():
+        for path in tokenizer.iterdir():
+            shutil.copy2(path, staging / path.name)
+    if out_dir.exists():
+        out_dir.rmdir()
+    staging.rename(out_dir)  # the folder appears whole or not at all
+    return out_dir
+
+
+def to_mixtral(model):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    c = model.config
+    config = MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, num_local_experts=c.num_local_experts,
+        num_experts_per_tok=c.num_experts_per_tok, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        sliding_window=None, tie_word_embeddings=c.tie_word_embeddings,
+        router_aux_loss_coef=c.router_aux_loss_coef * c.num_experts_per_tok,  # Mixtral's aux is k times ours
+        torch_dtype=model.dtype,
+    )
+    mixtral = MixtralForCausalLM(config)
+    mixtral.load_state_dict(model.state_dict(), strict=True)
+    return mixtral

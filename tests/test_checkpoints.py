@@ -1,0 +1,160 @@
+"""Checkpoints: complete or invisible, exact resume after SIGKILL, export to Hugging Face folders."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+from moe_model.cli import main as moe
+from moe_model.recipe import RecipeError
+from moe_model.train import checkpoint
+from moe_model.train.tracking import read_metrics
+from tests.launch import ROOT, failure, free_port, launch
+
+LAYOUT = {"tp": 1, "pp": 2, "ep": 2, "dp": 2}
+RUN = ("train.steps=8", "train.warmup_steps=2", "train.log_every=1", "train.save_every=2",
+       "tracking.wandb.mode=disabled")
+
+
+def fake_checkpoint(root, step, layout=LAYOUT, body=b"x" * 100):
+    directory = root / checkpoint.tag_for(step)
+    directory.mkdir(parents=True)
+    (directory / "mp_rank_00_model_states.pt").write_bytes(body)
+    manifest = {"step": step, "layout": layout, "files": {"mp_rank_00_model_states.pt": len(body)},
+                "model_parallel_files": {"0": {"pipe": 0, "tp": 0}}}
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    (root / checkpoint.POINTER).write_text(directory.name)
+    return directory
+
+
+def test_truncated_checkpoint_is_detected_and_auto_falls_back(tmp_path):
+    older = fake_checkpoint(tmp_path, 2)
+    newer = fake_checkpoint(tmp_path, 4)
+    with open(newer / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.truncate(37)
+    assert "is 37 bytes, the manifest says 100" in checkpoint.damage(newer)
+    chosen, notes = checkpoint.find_resume(tmp_path, "auto", LAYOUT)
+    assert chosen == older and "skipping damaged checkpoint" in notes[0]
+    with pytest.raises(RecipeError, match="truncated or overwritten"):
+        checkpoint.find_resume(tmp_path, str(newer), LAYOUT)
+
+
+def test_a_checkpoint_without_manifest_never_counts(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    half = tmp_path / checkpoint.tag_for(4)
+    half.mkdir()  # a save that died before rank 0 wrote the manifest and moved the pointer
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    chosen, _ = checkpoint.find_resume(tmp_path, "auto", LAYOUT)
+    assert chosen.name == checkpoint.tag_for(2)
+
+
+def test_another_topology_is_refused_with_the_sizes_that_differ(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    with pytest.raises(RecipeError, match=r"another layout \(pp 2 -> 1, dp 2 -> 4\)"):
+        checkpoint.find_resume(tmp_path, "auto", {"tp": 1, "pp": 1, "ep": 2, "dp": 4})
+
+
+def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))
+    checkpoint.trim_metrics(path, 4)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.multirank
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    result = launch(4, *RUN, f"train.output_dir={full}")
+    assert result.returncode == 0, failure(result)
+    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()),
+               str(ROOT / "scripts/train.py"), "--recipe", str(ROOT / "recipes/tiny_cpu.yaml")]
+    for o in (*RUN, f"train.output_dir={killed}"):
+        command += ["--set", o]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.time() + 300
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and '"step": 5' in metrics.read_text()):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank, in the middle of step 6
+    process.wait()
+    assert (killed / "checkpoints" / checkpoint.POINTER).read_text() == checkpoint.tag_for(4)
+    result = launch(4, *RUN, f"train.output_dir={killed}")
+    assert result.returncode == 0, failure(result)
+    assert "resuming from" in result.stderr
+    uninterrupted, resumed = read_metrics(full), read_metrics(killed)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(uninterrupted, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a["step"], a["loss"], b["loss"])
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step*")) == [
+        checkpoint.tag_for(s) for s in (4, 6, 8)]  # keep_checkpoints: 3
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ranks, overrides", [
+    (4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2")),
+    (2, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=1", "parallel.dp=1")),
+], ids=["pp2_dp2_ep2", "tp2"])
+def test_export_round_trip_gives_the_engine_logits(tmp_path, ranks, overrides):
+    run, logits_dir = tmp_path / "run", tmp_path / "logits"
+    logits_dir.mkdir()
+    result = launch(ranks, *overrides, script="tests/distributed/model_logits.py",
+                    extra_args=("--out", str(logits_dir), "--train-steps", "3", "--run-dir", str(run)))
+    assert result.returncode == 0, failure(result)
+    saved = [torch.load(p) for p in sorted(logits_dir.glob("engine_logits_rank*.pt"))]
+    assert saved
+    assert moe(["export", str(run), str(tmp_path / "native")]) == 0
+    assert moe(["export", str(run), str(tmp_path / "mixtral"), "--format", "mixtral"]) == 0
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "native").eval()
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    for expected in saved:
+        with torch.no_grad():
+            for model in (native, mixtral):
+                diff = (model(expected["ids"]).logits - expected["logits"]).abs().max().item()
+                assert diff < 1e-5, (type(model).__name__, diff)
+
+
+def test_export_refuses_bad_input(tmp_path, capsys):
+    assert moe(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "has no run.json" in capsys.readouterr().err
+
+
+class FakeEngine:
+    def __init__(self, fp16: bool, applied: bool):
+        self.fp16, self.applied = fp16, applied
+
+    def fp16_enabled(self):
+        return self.fp16
+
+    def was_step_applied(self):
+        return self.applied
+
+
+@pytest.mark.parametrize("loss, fp16, applied, fault", [
+    (float("nan"), False, True, True),  # fp32/bf16: any non-finite loss stops the run
+    (float("inf"), True, True, True),  # fp16 applied a step on an infinite loss: beyond what scaling handles
+    (float("nan"), True, False, False),  # fp16 overflow, the step was skipped and the loss scale lowered
+    (2.5, False, True, False),
+])
+def test_non_finite_loss_stops_the_run_beyond_fp16_skips(loss, fp16, applied, fault):
+    from moe_model.train.main import is_fault
+
+    assert is_fault(loss, FakeEngine(fp16, applied)) is fault
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.output_dir=/etc/passwd/run"], "train.output_dir: cannot create '/etc/passwd/run'"),
+    (["train.save_every=10", "train.keep_checkpoints=100000000"], "checkpoints need about"),
+])
+def test_output_problems_fail_before_any_rank_starts(tmp_path, capsys, overrides, message):
+    args = ["train", str(ROOT / "recipes/tiny_cpu.yaml"), "--set", f"train.output_dir={tmp_path / 'run'}"]
+    for o in overrides:
+        args += ["--set", o]
+    assert moe(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "+ " not in err  # no launcher command was printed: nothing started
