@@ -19,6 +19,7 @@ from moe_model import MoEForCausalLM
 from moe_model.parallel import Layout
 from moe_model.recipe import load_recipe
 from moe_model.train.engine import build_engine
+from moe_model.train.main import release_shared_memory_name
 
 
 def main() -> int:
@@ -34,6 +35,7 @@ def main() -> int:
     recipe = load_recipe(args.recipe, args.set)
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    release_shared_memory_name(rank)
     p = recipe.parallel
     layout = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=world // (p.tp * p.pp))
 
