@@ -133,10 +133,6 @@ class MoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        w_in = self.gate_up_proj[e] if self.gated else self.up_proj[e]
-        return expert_ffn(x_ND, w_in, self.down_proj[e], self.act_fn, self.gated)
-
     def forward(self, x_TD, experts_TK, weights_TK, keep_TK=None):
         """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add."""
         K = experts_TK.shape[1]
@@ -149,7 +145,12 @@ class MoEExperts(nn.Module):
         order_R = order_R[:routed]
         token_R = order_R // K
         x_RD = x_TD[token_R]
-        chunks = [self.expert_ffn(e, x_ND) for e, x_ND in enumerate(x_RD.split(counts)) if counts[e] > 0]
+        # unbind once: indexing a stacked parameter per expert would make autograd build a full-size zero gradient
+        # for every expert (E x the layer's expert weights per backward); unbind's backward stacks them once
+        w_in_E = (self.gate_up_proj if self.gated else self.up_proj).unbind(0)
+        w_down_E = self.down_proj.unbind(0)
+        chunks = [expert_ffn(x_ND, w_in_E[e], w_down_E[e], self.act_fn, self.gated)
+                  for e, x_ND in enumerate(x_RD.split(counts)) if counts[e] > 0]
         y_RD = torch.cat(chunks) if chunks else x_RD.new_zeros(0, x_TD.shape[1])
         y_RD = y_RD * weights_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
