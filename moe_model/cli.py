@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .estimate.command import add_arguments as add_estimate_arguments
+from .estimate.command import cmd_estimate
 from .recipe import Recipe, RecipeError, load_recipe
 
 
@@ -76,6 +78,12 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
 
     check_trainable(recipe)
     check_output_dir(recipe)
+    from .estimate import launch_refusal
+
+    refusal = launch_refusal(recipe, args.num_gpus or None)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 1
     p = recipe.parallel
     ranks = args.num_gpus or p.tp * p.pp * (p.dp or 1)
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "params": (cmd_params, "exact parameter counts of the recipe's model"),
         "config": (cmd_config, "the DeepSpeed JSON config the recipe generates"),
         "train": (cmd_train, "validate the recipe, then start the deepspeed launcher"),
+        "estimate": (cmd_estimate, "parameters and memory of every rank; exit 1 when the peak rank does not fit"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -106,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "config":
             p.add_argument("-o", "--output", help="write to this file instead of stdout")
+        if name == "estimate":
+            add_estimate_arguments(p)
         if name == "train":
             p.add_argument("--num-gpus", type=int, default=None,
                            help="ranks to start on this machine (default: tp*pp*dp of the recipe, dp 1 if unset)")

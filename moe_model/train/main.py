@@ -104,6 +104,13 @@ def train(recipe: Recipe) -> int:
         if rank == 0:
             print(f"moe: recipe error: {RecipeError(*problem)} (world size {world})", file=sys.stderr)
         return 2
+    from ..estimate import launch_refusal
+
+    refusal = launch_refusal(recipe, world)  # the same answer on every rank: the estimate is pure arithmetic
+    if refusal:
+        if rank == 0:
+            print(refusal, file=sys.stderr)
+        return 1
     layout = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=world // (p.tp * p.pp))
     # the tokenizer and token cache are built once (local rank 0) before any engine exists; a bad corpus stops all
     data_problem, data_summary = prepare_data(recipe)

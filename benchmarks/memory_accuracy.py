@@ -1,0 +1,541 @@
+"""The memory estimator against measurement: prints a table (config, estimate, measured, error) and writes
+benchmarks/results/memory_accuracy.json.
+
+    .venv/bin/python benchmarks/memory_accuracy.py                     # everything that runs on CPU (~3 min here)
+    .venv/bin/python benchmarks/memory_accuracy.py --only activations  # single process, seconds
+    .venv/bin/python benchmarks/memory_accuracy.py --only states --sets dp2,ep2
+    .venv/bin/python benchmarks/memory_accuracy.py --gpu               # adds torch.cuda.max_memory_allocated
+
+What is measured:
+- activations: the bytes autograd saves for backward in one forward of the real `MoEForCausalLM` (fp32 and bf16,
+  CPU), seen through `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters left out;
+  compared with `activations.model_saved`.
+- model states: the tensors live DeepSpeed engines hold on CPU ranks (fp32), built by the training code's own
+  `build_engine` and stepped by its own step function: the module's parameters and gradients and everything the
+  optimizer object reaches (`engine_state_bytes`), recorded as each gradient lands, after each backward, and around
+  the optimizer step; compared with `memory.model_states` through the full `estimate` of the same recipe, stage by
+  stage. `CASE_SETS` covers ZeRO 0/1/2 on dp 1 and 2, expert parallelism (ep 2) and pipelines (pp 2, pp 2 x ep 2);
+  each set is one launch through the real deepspeed launcher. On pp = 1 engines the engine's own module (DeepSpeed's
+  MoE layer where ep = 2) is also measured for activations, against the estimate at the measured dispatch depths.
+- GPU mode (only where CUDA is available): the allocator's peak over a training step on one GPU,
+  `torch.cuda.max_memory_allocated`, against the estimate's total less the reserve outside PyTorch's allocator and
+  the fragmentation allowance.
+
+Run under the deepspeed launcher (`--measure-states OUT --cases SET`, `--measure-gpu OUT`), this file is also the
+rank-side program of those measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from moe_model import MoEConfig, MoEForCausalLM  # noqa: E402
+from moe_model.estimate.activations import MicroBatch, model_saved  # noqa: E402
+from moe_model.estimate.memory import Assumptions  # noqa: E402
+
+RESULTS = ROOT / "benchmarks/results/memory_accuracy.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activations: what autograd saves
+
+
+def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training forward (parameters excluded)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in param_storages and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    assert out.loss.requires_grad  # a training graph (its backward is not run: DeepSpeed owns that on ranks)
+    return sum(seen.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationCase:
+    name: str
+    model: dict[str, Any]
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool = False
+    skew: bool = False  # every token routed to experts 0..k-1: the busiest expert takes all T tokens
+
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+
+ACTIVATION_CASES = [
+    ActivationCase("gelu E4 k2 B2 S16", {**SMALL, "hidden_act": "gelu"}, 2, 16),
+    ActivationCase("silu E4 k2 B2 S16", {**SMALL, "hidden_act": "silu"}, 2, 16),
+    ActivationCase("gelu E8 k1 B1 S64", {**SMALL, "num_local_experts": 8, "num_experts_per_tok": 1}, 1, 64),
+    ActivationCase("silu E8 k3 B4 S32 L3", {**SMALL, "hidden_act": "silu", "num_local_experts": 8,
+                                            "num_experts_per_tok": 3, "num_hidden_layers": 3}, 4, 32),
+    ActivationCase("gelu E16 k2 B3 S128 MHA", {**SMALL, "num_local_experts": 16, "num_key_value_heads": 4}, 3, 128),
+    ActivationCase("silu E4 k2 B2 S16 ckpt", {**SMALL, "hidden_act": "silu"}, 2, 16, checkpointing=True),
+    ActivationCase("gelu E8 k2 B4 S64 ckpt", {**SMALL, "num_local_experts": 8}, 4, 64, checkpointing=True),
+    ActivationCase("silu E8 k2 B2 S32 z-loss", {**SMALL, "hidden_act": "silu", "num_local_experts": 8,
+                                               "router_z_loss_coef": 1e-3}, 2, 32),
+    ActivationCase("gelu E8 k2 B2 S32 all tokens to 2 experts", {**SMALL, "num_local_experts": 8}, 2, 32, skew=True),
+]
+ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_model(case: ActivationCase, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
+    torch.manual_seed(0)
+    model = MoEForCausalLM(MoEConfig(**case.model)).to(dtype)
+    if case.checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if case.skew:  # the real routing code runs on router logits that favour experts 0..k-1 by a wide margin
+        bias_E = torch.zeros(case.model["num_local_experts"], dtype=dtype)
+        bias_E[: case.model["num_experts_per_tok"]] = 1e4
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(lambda _module, _inputs, logits_TE: logits_TE + bias_E)
+    return model
+
+
+def measure_activation_case(case: ActivationCase, precision: str = "fp32") -> dict[str, Any]:
+    model = build_model(case, ACTIVATION_DTYPES[precision])
+    ids = torch.randint(0, case.model["vocab_size"], (case.micro_batch, case.seq_len),
+                        generator=torch.Generator().manual_seed(1))
+    measured = saved_tensor_bytes(model, ids)
+    busiest = max(int(layer.mlp.tokens_per_expert.max()) for layer in model.model.layers)
+    if case.skew:
+        assert busiest == case.micro_batch * case.seq_len, "the skewed router did not send every token to one expert"
+    mb = MicroBatch(case.micro_batch, case.seq_len, dtype_bytes=torch.finfo(ACTIVATION_DTYPES[precision]).bits // 8)
+    estimate = model_saved(model.config, mb, case.checkpointing).total
+    return {**row("activations", f"{case.name} {precision}", estimate, measured), "busiest_expert_routes": busiest}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model states: what a live DeepSpeed engine holds
+
+
+def _walk(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set[int], depth: int = 0) -> None:
+    """Every tensor reachable from a DeepSpeed/torch optimizer object, with the attribute path that reaches it."""
+    if depth > 10 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_meta:
+            out.append((path, obj))
+        return
+    if isinstance(obj, torch.nn.Module):
+        return  # the model's parameters are counted from the module itself
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(key, torch.Tensor):
+                _walk(key, f"{path}[key]", out, seen, depth + 1)
+            _walk(value, f"{path}[{key if isinstance(key, (str, int)) else type(key).__name__}]", out, seen, depth + 1)
+        return
+    if isinstance(obj, (list, tuple, set)):
+        for i, value in enumerate(obj):
+            _walk(value, f"{path}[{i}]", out, seen, depth + 1)
+        return
+    module = type(obj).__module__ or ""
+    if (module.startswith("deepspeed") or module.startswith("torch.optim")) and hasattr(obj, "__dict__"):
+        for key, value in vars(obj).items():
+            _walk(value, f"{path}.{key}", out, seen, depth + 1)
+
+
+def engine_state_bytes(engine: Any) -> dict[str, int]:
+    """Bytes of distinct storages an engine holds, by kind: params, grads, optimizer (master + moments), buckets.
+
+    Parameters: the module's parameter storages (flat ZeRO buffers count once). Gradients: `param.grad` and every
+    optimizer buffer whose attribute path names a gradient (averaged_gradients, grads_in_partition, ...). Buckets:
+    the gradient-reduction buckets (`ipg_*`). Optimizer: the rest the optimizer holds (Adam moments, fp32 master
+    weights). Works for any engine: pipeline and expert-parallel engines hold the same kinds of objects.
+    """
+    params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in engine.module.parameters()}
+    found: list[tuple[str, torch.Tensor]] = []
+    for p in engine.module.parameters():
+        for name in ("grad", "grad_accum"):
+            grad = getattr(p, name, None)
+            if isinstance(grad, torch.Tensor):
+                found.append((f"param.{name}", grad))
+    _walk(engine.optimizer, "optimizer", found, set())
+    totals = {"params": sum(params.values()), "grads": 0, "optimizer": 0, "buckets": 0}
+    # a storage reached by several paths takes the most specific kind: ZeRO-2 points param.grad into its bucket
+    priority = {"buckets": 0, "grads": 1, "optimizer": 2}
+    kinds: dict[int, tuple[str, int]] = {}
+    for path, tensor in found:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in params or storage.nbytes() == 0:
+            continue
+        if "ipg" in path:
+            kind = "buckets"
+        elif re.search(r"grad(?!_norm)", path):
+            kind = "grads"
+        else:
+            kind = "optimizer"
+        if key not in kinds or priority[kind] < priority[kinds[key][0]]:
+            kinds[key] = (kind, storage.nbytes())
+    for kind, nbytes in kinds.values():
+        totals[kind] += nbytes
+    return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class StateCase:
+    zero_stage: int
+    micro_steps: int  # micro-batches per optimizer step on each data-parallel rank
+    pp: int = 1
+    ep: int = 1
+    checkpointing: bool = False
+
+    def name(self, world: int) -> str:
+        dp = world // self.pp
+        return (f"ZeRO-{self.zero_stage} pp{self.pp} ep{self.ep} dp{dp} m{self.micro_steps} fp32"
+                + (" ckpt" if self.checkpointing else ""))
+
+
+STATE_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, hidden_act="silu",
+                   max_position_embeddings=64)
+STATE_MICRO_BATCH, STATE_SEQ_LEN = 2, 16
+STATE_CASES = [StateCase(0, 1), StateCase(1, 1), StateCase(1, 2), StateCase(2, 2)]
+CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cases in one process group
+    "test-dp1": (1, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 1)]),  # tests/test_estimate_memory.py
+    "test-dp2": (2, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 2), StateCase(1, 2, ep=2),
+                     StateCase(1, 2, pp=2, checkpointing=True)]),
+    "dp1": (1, STATE_CASES),
+    "dp2": (2, STATE_CASES),
+    "ep2": (2, [StateCase(0, 1, ep=2), StateCase(1, 2, ep=2), StateCase(2, 2, ep=2),
+                StateCase(1, 1, ep=2, checkpointing=True)]),
+    "pp2": (2, [StateCase(0, 2, pp=2), StateCase(1, 2, pp=2), StateCase(1, 2, pp=2, checkpointing=True)]),
+    "pp2-ep2": (4, [StateCase(1, 2, pp=2, ep=2)]),
+}
+
+
+def state_recipe(case: StateCase, world: int):
+    """The recipe a state case trains: fp32, tiny, tp 1, the case's ZeRO stage, pp, ep and micro-batches."""
+    from moe_model.recipe import recipe_from_dict
+
+    dp = world // case.pp
+    return recipe_from_dict({
+        "name": "memory-accuracy", "model": STATE_MODEL,
+        "parallel": {"tp": 1, "pp": case.pp, "ep": case.ep, "dp": dp, "zero_stage": case.zero_stage,
+                     "micro_batch_size": STATE_MICRO_BATCH, "activation_checkpointing": case.checkpointing},
+        "train": {"global_batch_size": STATE_MICRO_BATCH * case.micro_steps * dp, "seq_len": STATE_SEQ_LEN,
+                  "precision": "fp32", "steps": 10, "warmup_steps": 1},
+        "tracking": {"wandb": {"mode": "disabled"}},
+    })
+
+
+def track_state_peaks(engine: Any) -> dict[str, int]:
+    """Measure `engine_state_bytes` as every gradient lands, after every `engine.backward`, just before the
+    optimizer's step and just after it; keep the largest of each kind."""
+    peak = {"params": 0, "grads": 0, "optimizer": 0, "buckets": 0}
+
+    def record() -> None:
+        for kind, value in engine_state_bytes(engine).items():
+            peak[kind] = max(peak[kind], value)
+
+    def after(owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            record()
+            return result
+        setattr(owner, name, wrapped)
+
+    after(engine, "backward")  # DeepSpeedEngine; the pipeline engine's backward passes are measured per gradient
+    # and inside backward, as each gradient lands (reduction buckets live only while backward runs)
+    for param in engine.module.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda _: record())
+    original_step = engine.optimizer.step
+
+    def step(*args, **kwargs):
+        record()
+        result = original_step(*args, **kwargs)
+        record()
+        return result
+    engine.optimizer.step = step
+    return peak
+
+
+def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
+    """Rank-side program (run under the deepspeed launcher): build each case's engine with the training code's own
+    `build_engine`, run two optimizer steps with its own step function, and record each kind's largest bytes."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from moe_model.parallel import Layout
+    from moe_model.train.engine import build_engine
+
+    deepspeed.init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results = []
+    for case in cases:
+        recipe = state_recipe(case, world)
+        layout = Layout(tp=1, pp=case.pp, ep=case.ep, dp=world // case.pp)
+        engine, step, _ = build_engine(recipe, layout)
+        peak = track_state_peaks(engine)
+        generator = torch.Generator().manual_seed(layout.coords(rank)["data"])
+        for _ in range(2):  # the second step runs with the optimizer states in place
+            step([torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
+                  for _ in range(case.micro_steps)])
+        result = {**dataclasses.asdict(case), "world": world, "rank": rank, "stage": layout.coords(rank)["pipe"],
+                  **peak, "optimizer_class": type(engine.optimizer).__name__}
+        if case.pp == 1:  # the engine's own module (DeepSpeed's MoE layer where ep > 1): what autograd saves
+            ids = torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
+            result["activations"] = saved_tensor_bytes(engine.module, ids)
+            result["depths"] = dispatch_depths(engine.module)
+        elif case.ep == 1:  # what one forward pass of this pipeline stage saves, per micro-batch (largest seen)
+            result["activations"] = pipeline_forward_saved_bytes(engine, step, case, generator)
+        results.append(result)
+        del engine, step
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        out_path.write_text(json.dumps([r for rank_results in gathered for r in rank_results], indent=2))
+
+
+def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, generator: torch.Generator) -> int:
+    """Run one more optimizer step with the pipeline engine's forward passes under saved_tensors_hooks: the largest
+    bytes one micro-batch's forward pass saves on this stage (parameters excluded, each storage once)."""
+    from deepspeed.runtime.pipe import schedule
+
+    params = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
+    largest = 0
+    original = type(engine)._INSTRUCTION_MAP[schedule.ForwardPass]
+
+    def forward_pass(self, *args, **kwargs):
+        nonlocal largest
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen.setdefault(storage.data_ptr(), storage.nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = original(self, *args, **kwargs)
+        largest = max(largest, sum(seen.values()))
+        return result
+    # the engine dispatches its schedule through a class-level table: give this engine its own copy
+    engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, schedule.ForwardPass: forward_pass}
+    step([torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
+          for _ in range(case.micro_steps)])
+    del engine._INSTRUCTION_MAP
+    return largest
+
+
+def dispatch_depths(model: torch.nn.Module) -> list[int]:
+    """Each MoE layer's buffer depth C in the last forward: the busiest expert's load over the expert-parallel
+    group (what DeepSpeed's layer pads every expert to, dropless), from the routes each rank counted."""
+    import torch.distributed as dist
+
+    depths = []
+    for layer in model.model.layers:
+        busiest = layer.mlp.tokens_per_expert.max().reshape(1).clone()
+        dist.all_reduce(busiest, op=dist.ReduceOp.MAX)  # over everything: each ep group's max is at most this
+        depths.append(int(busiest))
+    return depths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_state_measurement(case_set: str, out_path: Path, timeout: int = 900) -> list[dict[str, Any]]:
+    """Run one of `CASE_SETS` through the real deepspeed launcher (a free port) and return every rank's peaks."""
+    ranks = CASE_SETS[case_set][0]
+    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               str(Path(__file__).resolve()), "--measure-states", str(out_path), "--cases", case_set]
+    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"state measurement on {ranks} rank(s) failed:\n{result.stdout[-3000:]}\n"
+                           f"{result.stderr[-3000:]}")
+    return json.loads(out_path.read_text())
+
+
+def estimate_states(case: StateCase, world: int, stage: int) -> dict[str, int]:
+    """The estimate's model states for the rank of `stage` (no optimizer-step temporaries: CPU AdamW is not foreach)."""
+    from moe_model.estimate.estimate import estimate
+
+    est = estimate(state_recipe(case, world), world_size=world,
+                   assumptions=Assumptions(foreach_adam_temporary=False))
+    states = est.stages[stage].states
+    return {"params": states.params_bytes, "grads": states.grads_bytes, "optimizer": states.optimizer_bytes,
+            "buckets": states.bucket_bytes}
+
+
+def state_rows(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per kind for each case and pipeline stage (the first rank of each stage)."""
+    rows, seen = [], set()
+    for m in measured:
+        case = StateCase(m["zero_stage"], m["micro_steps"], m["pp"], m["ep"], m["checkpointing"])
+        if (case, m["stage"]) in seen:
+            continue
+        seen.add((case, m["stage"]))
+        est = estimate_states(case, m["world"], m["stage"])
+        name = case.name(m["world"]) + (f" stage {m['stage']}" if case.pp > 1 else "")
+        for kind in ("params", "grads", "optimizer", "buckets"):
+            rows.append(row(f"states.{kind}", name, est[kind], m[kind]))
+        if "activations" in m and case.pp > 1:
+            from moe_model.estimate.estimate import estimate
+
+            stage = estimate(state_recipe(case, m["world"]), world_size=m["world"]).stages[m["stage"]]
+            per_micro_batch = sum(v for k, v in stage.activations.per_micro_batch.items() if not k.startswith("held."))
+            rows.append(row("activations (pipeline stage, per micro-batch)", name, per_micro_batch, m["activations"]))
+        elif "activations" in m:
+            cfg = state_recipe(case, m["world"]).moe_config()
+            mb = MicroBatch(STATE_MICRO_BATCH, STATE_SEQ_LEN, dtype_bytes=4, ep=case.ep)
+            estimate = model_saved(cfg, mb, case.checkpointing, m["depths"] if case.ep > 1 else None).total
+            label = "activations (DeepSpeed MoE layer)" if case.ep > 1 else "activations (engine module)"
+            rows.append(row(label, f"{name} C={m['depths']}" if case.ep > 1 else name, estimate, m["activations"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU mode: max_memory_allocated of a real step
+
+
+# big enough that activations, not the 1 GB gradient bucket, dominate; small enough for any 16 GB GPU
+GPU_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                 hidden_act="gelu", max_position_embeddings=4096)
+GPU_CASES = [  # (precision, zero_stage, micro-batch, seq_len, checkpointing)
+    ("bf16", 1, 4, 2048, False),
+    ("bf16", 1, 4, 2048, True),
+    ("bf16", 0, 2, 4096, False),
+    ("fp32", 2, 2, 1024, False),
+]
+
+
+def measure_gpu_on_rank(out_path: Path) -> None:
+    """Rank-side program on one GPU: the allocator's peak over the second optimizer step (the first creates the
+    optimizer states) against the estimate's allocated bytes (its total less the reserve outside PyTorch's allocator
+    and the fragmentation allowance). Not run on the development machines, which have no GPU."""
+    import deepspeed
+
+    from moe_model.estimate.estimate import estimate
+    from moe_model.parallel import Layout
+    from moe_model.recipe import recipe_from_dict
+    from moe_model.train.engine import build_engine
+
+    deepspeed.init_distributed()
+    results = []
+    for precision, zero, micro, seq, ckpt in GPU_CASES:
+        recipe = recipe_from_dict({
+            "name": "memory-accuracy-gpu", "model": GPU_MODEL,
+            "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "zero_stage": zero, "micro_batch_size": micro,
+                         "activation_checkpointing": ckpt},
+            "train": {"global_batch_size": micro, "seq_len": seq, "precision": precision, "steps": 10,
+                      "warmup_steps": 1},
+            "tracking": {"wandb": {"mode": "disabled"}}})
+        torch.cuda.empty_cache()
+        engine, step, _ = build_engine(recipe, Layout(tp=1, pp=1, ep=1, dp=1))
+        step([torch.randint(0, GPU_MODEL["vocab_size"], (micro, seq))])  # creates the optimizer states
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the steady state, not the engine's one-off flattening at start
+        step([torch.randint(0, GPU_MODEL["vocab_size"], (micro, seq))])
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated()
+        est = estimate(recipe, world_size=1)
+        peak = est.peak
+        allocated = peak.total_bytes - peak.reserve_bytes - peak.fragmentation_bytes
+        name = f"{precision} ZeRO-{zero} B{micro} S{seq}" + (" ckpt" if ckpt else "")
+        results.append(row("gpu.max_memory_allocated", name, allocated, measured))
+        del engine, step
+    out_path.write_text(json.dumps(results, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def row(kind: str, config: str, estimate: int, measured: int) -> dict[str, Any]:
+    error = (estimate - measured) / measured if measured else (0.0 if estimate == 0 else float("inf"))
+    return {"kind": kind, "config": config, "estimate": int(estimate), "measured": int(measured), "error": error}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="memory estimator vs measurement (bytes; error = (estimate - measured) / measured)")
+    for column in ("kind", "config", "estimate", "measured", "error"):
+        table.add_column(column, justify="left" if column in ("kind", "config") else "right")
+    for r in rows:
+        table.add_row(r["kind"], r["config"], f"{r['estimate']:,}", f"{r['measured']:,}", f"{100 * r['error']:+.2f}%")
+    Console(width=180).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["activations", "states"], help="run one part only")
+    parser.add_argument("--sets", default=",".join(name for name in CASE_SETS if not name.startswith("test-")),
+                        help=f"model-state launches to run, from {', '.join(CASE_SETS)} (default: all but test-*)")
+    parser.add_argument("--gpu", action="store_true", help="also compare with torch.cuda.max_memory_allocated")
+    parser.add_argument("--measure-states", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cases", default="dp2", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-gpu", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure_states:
+        measure_states_on_ranks(args.measure_states, CASE_SETS[args.cases][1])
+        return 0
+    if args.measure_gpu:
+        measure_gpu_on_rank(args.measure_gpu)
+        return 0
+
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    if args.only in (None, "activations"):
+        rows += [measure_activation_case(case, precision) for precision in ACTIVATION_DTYPES
+                 for case in ACTIVATION_CASES]
+    if args.only in (None, "states"):
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        for case_set in args.sets.split(","):
+            out = RESULTS.parent / f"states_{case_set}.json"
+            rows += state_rows(launch_state_measurement(case_set, out))
+            out.unlink()
+    if args.gpu:
+        if torch.cuda.is_available():
+            out = RESULTS.parent / "gpu.json"
+            command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
+                       str(Path(__file__).resolve()), "--measure-gpu", str(out)]
+            subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+            rows += json.loads(out.read_text())
+        else:
+            print("GPU mode skipped: torch.cuda.is_available() is False on this machine", file=sys.stderr)
+    print_table(rows)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"rows": rows, "wall_s": round(time.perf_counter() - started, 1),
+                                   "torch": torch.__version__}, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Activation bytes: what autograd saves for backward in this model's real forward, per micro-batch.
+
+Every term was read off the forward of `MoEForCausalLM` (and of DeepSpeed's MoE layer for ep > 1) by listing the
+tensors `torch.autograd.graph.saved_tensors_hooks` sees, each storage counted once. `benchmarks/memory_accuracy.py`
+and the tests compare the totals with that measurement (fp32 and bf16, gelu and silu, top-1/2/3, z-loss,
+checkpointing, skewed routing, DeepSpeed's MoE layer on 2 ranks, a pipeline stage's forward pass): they agree to
+the byte.
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") is the template; this
+model differs from their GPT block (no dropout, RMSNorm computed in fp32, SDPA keeps no score matrix, an MoE block
+instead of the MLP), so the coefficients are this model's own.
+
+Symbols: B micro-batch, S sequence, T = B*S tokens, D hidden, Hq/Hkv query/key-value heads of width d, E experts,
+K top-k, I expert FFN width, V vocabulary, b bytes of the compute dtype (2 bf16/fp16, 4 fp32), t tensor-parallel
+size, R routed token copies (T*K without dropping). Index tensors are int64 (8 bytes); the router and the loss run
+in fp32 (4 bytes) whatever the compute dtype.
+
+Per decoder layer:
+    RMSNorm (x2)      4*T*D (its input in fp32) + 4*T (rsqrt) + b*T*D (normalised, before the gain)
+    attention         b*T*D (input of q/k/v) + b*T*(Hq + 2*Hkv)*d/t (q, k after RoPE, v) + b*T*Hq*d/t (SDPA out,
+                      also o_proj's input) + 4*T*Hq/t (SDPA's row log-sum-exp). No S x S term: SDPA's fused kernels
+                      keep only the output and the log-sum-exp.
+    router            b*T*D (input) + 4*T*E (fp32 softmax) + 8*T*K (top-k ids) + 4*T*K (top-k probs) + 4*T
+                      (their sum) + 4*E (f_e of the aux loss); with a z-loss 4*T*E + 4*T more
+    experts, ep = 1   the model's own block: one sort groups the routed copies by expert, each expert runs once,
+                      `index_add` combines. 8*T*K (sort order) + 8*R (token of each copy) + b*R*D (gathered input)
+                      + b*R*I*m (FFN: m = 2 for gelu, its input and output; m = 4 for gated silu, the [2I]
+                      projection, the activation and the product) + b*R*D (expert outputs) + b*R (gate weights)
+                      + b*R*D (weighted outputs). Every expert's rows are slices of one buffer of R rows, so the
+                      bytes are the same for balanced and for skewed routing (measured): no imbalance term here.
+    experts, ep > 1   DeepSpeed's `MOELayer` with sparse routes: every expert's buffer is C rows deep, C the busiest
+                      expert's load over the expert-parallel group (dropless) or the capacity (capacity_factor set);
+                      with tp > 1 each tp rank runs C/t of them. 8*(E*C + 1) (dispatch index) + b*E*C/t*(D + I*m)
+                      (expert inputs and FFN) + 8*K*T (combine index) + b*K*T*D (gathered outputs) + 4*K*T (fp32
+                      gates). Balanced routing gives C = ceil(T*K/E); an imbalance factor f (busiest over mean
+                      expert load) gives C = min(ceil(f*T*K/E), T): the difference is the imbalance headroom.
+
+Once per micro-batch: 8*T (token ids, the embedding's index), 2*b*S*d (RoPE cos/sin, shared by the layers; each
+pipeline layer computes its own), the final RMSNorm, b*T*D (LM-head input), 4*T'*V (fp32 log-softmax, T' = B*(S-1)
+predicted tokens), 8*T' (the shifted labels, a copy for B > 1), 4 (the loss's total weight). The training step also
+holds the logits b*T*V through backward (the output object; the pipeline engine's output buffer): not saved by
+autograd, reported apart (`held_bytes`). The loss's backward briefly holds two fp32 [T', V] gradients
+(`head_backward_transient`).
+
+Activation checkpointing (transformers' non-reentrant checkpoint per decoder layer; DeepSpeed's per pipeline
+layer): a layer keeps only its input, b*T*D; backward recomputes one layer at a time, which holds its full set
+again, so the peak is the checkpoints plus one full layer.
+
+Pipeline 1F1B (DeepSpeed's TrainSchedule): stage i holds min(m, pp - i) micro-batches in flight (m micro-batches per
+step); each in-flight micro-batch also keeps the stage's received-input buffer (i > 0) and its output buffer
+(i < pp - 1), b*T*D plus the fp32 aux/load carry each, and the logits on the last stage. What one forward pass of a
+stage saves is measured; the in-flight count and these buffers are read from DeepSpeed 0.19's PipelineEngine
+(`TrainSchedule.num_pipe_buffers`, `_exec_forward_pass`), not measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..configuration import MoEConfig
+
+INDEX_BYTES = 8  # int64 ids, sort orders, dispatch indices
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch on one rank: its shape, compute dtype and the split of the attention heads and experts."""
+
+    micro_batch: int
+    seq_len: int
+    dtype_bytes: int  # 2 bf16/fp16, 4 fp32
+    tp: int = 1
+    ep: int = 1  # ep > 1: DeepSpeed's MoE layer with capacity-deep expert buffers
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass
+class Terms:
+    """Named byte counts that add up; `total` is their sum."""
+
+    items: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, value: int | float) -> Terms:
+        self.items[name] = self.items.get(name, 0) + int(value)
+        return self
+
+    def merge(self, other: Terms, times: int = 1, prefix: str = "") -> Terms:
+        for name, value in other.items.items():
+            self.add(prefix + name, value * times)
+        return self
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+
+def rms_norm(T: int, D: int, b: int) -> Terms:
+    return Terms().add("norm.input_fp32", FP32 * T * D).add("norm.rsqrt", FP32 * T).add("norm.normalised", b * T * D)
+
+
+def attention(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    T, b, t, d = mb.tokens, mb.dtype_bytes, mb.tp, cfg.head_dim
+    hq, hkv = cfg.num_attention_heads // t, cfg.num_key_value_heads // t
+    return (Terms().add("attn.input", b * T * cfg.hidden_size)
+            .add("attn.q_k_v", b * T * (hq + 2 * hkv) * d)
+            .add("attn.sdpa_out", b * T * hq * d)
+            .add("attn.sdpa_logsumexp", FP32 * T * hq))
+
+
+def router(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    T, E, K = mb.tokens, cfg.num_local_experts, cfg.num_experts_per_tok
+    terms = (Terms().add("router.input", mb.dtype_bytes * T * cfg.hidden_size)
+             .add("router.probs_fp32", FP32 * T * E)
+             .add("router.topk", INDEX_BYTES * T * K + FP32 * T * K + FP32 * T)
+             .add("router.aux_f", FP32 * E))
+    if cfg.router_z_loss_coef > 0:
+        terms.add("router.z_loss", FP32 * T * E + FP32 * T)
+    return terms
+
+
+def ffn_width_factor(cfg: MoEConfig) -> int:
+    """Saved [rows, I] tensors per routed row: gelu keeps its input and output, gated silu four (see docstring)."""
+    return 4 if cfg.hidden_act == "silu" else 2
+
+
+def routed_rows(cfg: MoEConfig, tokens: int) -> int:
+    """Routed copies the sort-based block runs under balanced routing: T*K, or what the capacity lets through."""
+    E, K = cfg.num_local_experts, cfg.num_experts_per_tok
+    if cfg.capacity_factor is None:
+        return tokens * K
+    capacity = max(math.ceil(K * cfg.capacity_factor * tokens / E), cfg.min_capacity)
+    return min(tokens * K, E * min(capacity, tokens))
+
+
+def experts_sorted(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    """The model's own MoE block (ep = 1): sort, gather, per-expert FFN, weight, index_add."""
+    T, b, D, K = mb.tokens, mb.dtype_bytes, cfg.hidden_size, cfg.num_experts_per_tok
+    R = routed_rows(cfg, T)
+    return (Terms().add("experts.sort_order", INDEX_BYTES * T * K)
+            .add("experts.token_index", INDEX_BYTES * R)
+            .add("experts.input", b * R * D)
+            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg))
+            .add("experts.output", b * R * D)
+            .add("experts.gate_weights", b * R)
+            .add("experts.weighted_output", b * R * D))
+
+
+def dispatch_depth(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0) -> int:
+    """C, the rows of every expert's buffer in DeepSpeed's MoE layer (`ProjectGate`), rounded up to a multiple of tp.
+
+    Dropless: the busiest expert's load over the ep group; `imbalance` = max/mean expert load (1 = balanced).
+    An expert takes at most one copy of each of the T tokens. With a capacity factor: the fixed capacity.
+    """
+    T, E, K, t = mb.tokens, cfg.num_local_experts, cfg.num_experts_per_tok, mb.tp
+    if cfg.capacity_factor is None:
+        depth = min(math.ceil(imbalance * T * K / E), T)
+    else:
+        depth = max(math.ceil(K * cfg.capacity_factor * T / E), cfg.min_capacity)
+    return max(math.ceil(depth / t) * t, t)
+
+
+def experts_dispatched(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, depth: int | None = None) -> Terms:
+    """DeepSpeed's MOELayer (ep > 1): [E, C, D] dispatch, all-to-all, experts on C/tp rows, all-to-all, combine.
+
+    `depth` gives C directly (a measured busiest-expert load, already rounded to tp) instead of `imbalance`.
+    """
+    T, b, D, K, E = mb.tokens, mb.dtype_bytes, cfg.hidden_size, cfg.num_experts_per_tok, cfg.num_local_experts
+    C = depth if depth is not None else dispatch_depth(cfg, mb, imbalance)
+    rows = E * C // mb.tp
+    return (Terms().add("experts.dispatch_index", INDEX_BYTES * (E * C + 1))
+            .add("experts.input", b * rows * D)
+            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg))
+            .add("experts.combine_index", INDEX_BYTES * K * T)
+            .add("experts.gathered_output", b * K * T * D)
+            .add("experts.gates_fp32", FP32 * K * T))
+
+
+def decoder_layer(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, depth: int | None = None) -> Terms:
+    """Everything one decoder layer saves for backward, without checkpointing (RoPE tables excluded)."""
+    T, D, b = mb.tokens, cfg.hidden_size, mb.dtype_bytes
+    experts = experts_dispatched(cfg, mb, imbalance, depth) if mb.ep > 1 else experts_sorted(cfg, mb)
+    return (Terms().merge(rms_norm(T, D, b), times=2).merge(attention(cfg, mb)).merge(router(cfg, mb))
+            .merge(experts))
+
+
+def rope_tables(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    return Terms().add("rope.cos_sin", 2 * mb.dtype_bytes * mb.seq_len * cfg.head_dim)
+
+
+def embedding(mb: MicroBatch) -> Terms:
+    return Terms().add("embedding.ids", INDEX_BYTES * mb.tokens)
+
+
+def lm_head_and_loss(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    T, D, b, V = mb.tokens, cfg.hidden_size, mb.dtype_bytes, cfg.vocab_size
+    predicted = mb.micro_batch * (mb.seq_len - 1)
+    return (Terms().merge(rms_norm(T, D, b), prefix="final_")
+            .add("head.input", b * T * D)
+            .add("loss.log_softmax_fp32", FP32 * predicted * V)
+            # labels are the input ids shifted: a view of them for B = 1, a copy otherwise
+            .add("loss.labels", INDEX_BYTES * predicted if mb.micro_batch > 1 else 0)
+            .add("loss.total_weight", FP32))
+
+
+def logits_held(cfg: MoEConfig, mb: MicroBatch) -> int:
+    """The logits the training step keeps alive through backward (not an autograd-saved tensor)."""
+    return mb.dtype_bytes * mb.tokens * cfg.vocab_size
+
+
+def head_backward_transient(cfg: MoEConfig, mb: MicroBatch) -> int:
+    """Gradient buffers alive at once at the loss's backward: d(log-probs) and d(logits) in fp32, [T', V] each."""
+    return 2 * FP32 * mb.micro_batch * (mb.seq_len - 1) * cfg.vocab_size
+
+
+def checkpointed_layer(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    """A checkpointed decoder layer keeps its input only."""
+    return Terms().add("checkpoint.layer_input", mb.dtype_bytes * mb.tokens * cfg.hidden_size)
+
+
+def model_saved(cfg: MoEConfig, mb: MicroBatch, checkpointing: bool, depths: list[int] | None = None) -> Terms:
+    """What the hooks see for one forward of the whole `MoEForCausalLM` (pp = 1), per micro-batch.
+
+    With ep > 1, `depths` gives each layer's measured C (busiest expert's load); without it routing is balanced.
+    Under transformers' non-reentrant checkpointing the RoPE tables reach the layers inside a tuple, so they are
+    kept by the checkpoint's closure rather than saved through the hooks: they are not counted here.
+    """
+    terms = Terms().merge(embedding(mb))
+    if checkpointing:
+        terms.merge(checkpointed_layer(cfg, mb), times=cfg.num_hidden_layers)
+    else:
+        terms.merge(rope_tables(cfg, mb))
+        for layer in range(cfg.num_hidden_layers):
+            terms.merge(decoder_layer(cfg, mb, depth=depths[layer] if depths else None))
+    return terms.merge(lm_head_and_loss(cfg, mb))
+
+
+def recomputed_layer(cfg: MoEConfig, mb: MicroBatch, *, rope_inside: bool) -> int:
+    """Extra bytes while one checkpointed layer is recomputed in backward: its full saved set (with its own RoPE
+    tables where the layer computes them, as pipeline layers do), minus its input where that input is itself what
+    the first RMSNorm saves (fp32, where `x.float()` is `x`)."""
+    full = decoder_layer(cfg, mb).total + (rope_tables(cfg, mb).total if rope_inside else 0)
+    return full - (mb.tokens * cfg.hidden_size * FP32 if mb.dtype_bytes == FP32 else 0)
+
+
+@dataclass(frozen=True)
+class StageActivations:
+    """Activation memory of one pipeline stage at its peak (all in-flight micro-batches, one layer recomputed)."""
+
+    saved_bytes: int  # saved for backward by every in-flight micro-batch, plus the recomputed layer
+    held_bytes: int  # held otherwise through backward: logits, pipeline input/output buffers
+    imbalance_headroom_bytes: int  # extra dispatch rows if routing reaches the stated imbalance factor
+    head_transient_bytes: int  # gradient buffers at the loss's backward (last stage)
+    in_flight: int
+    per_micro_batch: dict[str, int]
+
+    @property
+    def activations_bytes(self) -> int:
+        return self.saved_bytes + self.held_bytes
+
+
+def stage_activations(cfg: MoEConfig, mb: MicroBatch, *, layers: int, first: bool, last: bool, pp: int,
+                      in_flight: int, checkpointing: bool, imbalance: float) -> StageActivations:
+    """One stage's activations: `layers` decoder layers, the embedding if `first`, the head and loss if `last`."""
+    carry = FP32 * (2 + cfg.num_hidden_layers * cfg.num_local_experts)  # pipeline: aux losses and expert loads
+    per_mb = Terms()
+    if first:
+        per_mb.merge(embedding(mb))
+    if checkpointing:
+        per_mb.merge(checkpointed_layer(cfg, mb), times=layers)
+        if pp > 1:
+            per_mb.add("checkpoint.carry", carry * layers)
+    else:
+        # the single-device model shares one RoPE table; each pipeline layer computes its own
+        per_mb.merge(rope_tables(cfg, mb), times=layers if pp > 1 else 1)
+        per_mb.merge(decoder_layer(cfg, mb), times=layers)
+    if last:
+        per_mb.merge(lm_head_and_loss(cfg, mb))
+    held = Terms()
+    if checkpointing and pp == 1:
+        held.merge(rope_tables(cfg, mb), prefix="held.")  # kept by the checkpoint closures, not saved via hooks
+    if last:
+        held.add("held.logits", logits_held(cfg, mb))
+    if pp > 1:
+        hidden = mb.dtype_bytes * mb.tokens * cfg.hidden_size + carry
+        if not first:
+            held.add("held.pipe_input_buffer", hidden)
+        if not last:
+            held.add("held.pipe_output_buffer", hidden)
+    saved = per_mb.total * in_flight
+    headroom = 0
+    if mb.ep > 1 and cfg.capacity_factor is None and imbalance > 1:
+        skew = experts_dispatched(cfg, mb, imbalance).total - experts_dispatched(cfg, mb).total
+        headroom = skew * (1 if checkpointing else layers * in_flight)
+    if checkpointing and layers:
+        saved += recomputed_layer(cfg, mb, rope_inside=pp > 1)
+    return StageActivations(
+        saved_bytes=saved,
+        held_bytes=held.total * in_flight,
+        imbalance_headroom_bytes=headroom,
+        head_transient_bytes=head_backward_transient(cfg, mb) if last else 0,
+        in_flight=in_flight,
+        per_micro_batch={**per_mb.items, **held.items},
+    )

@@ -1,0 +1,202 @@
+"""The whole memory estimate of a recipe: every pipeline stage's rank, the peak rank, and whether it fits.
+
+Per rank of stage s (all tp/ep/dp ranks of a stage hold the same amounts):
+    allocated  = params + grads + optimizer                                     (memory.py)
+               + max(activations + imbalance headroom + gradient bucket + loss-head gradients,   at the backward
+                     optimizer-step transients)                                                  at the step
+    total      = allocated * (1 + fragmentation) + reserve
+`other_bytes` is everything in `total` that is not params, grads, optimizer, activations or headroom: the bucket,
+the loss-head gradient buffers (or the step transients where the step is the peak), fragmentation and the reserve.
+`activations_bytes` follows DESIGN.md: what autograd holds for backward at the peak with balanced routing
+(activations.py), plus the logits and pipeline buffers the step keeps alive through backward.
+
+The budget is `hardware.gpu_memory_gb * 1e9` bytes (decimal GB: a little below what a "64 GB" GPU reports, on
+the safe side). dp comes from, in order: the world size at launch, `parallel.dp`, else the smallest legal dp
+(= ep) and the report says it was assumed.
+
+Step time, throughput and MFU belong to the performance model (a later issue): they are emitted as null here,
+never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..recipe import Recipe, RecipeError, layout_problem
+from .activations import MicroBatch, StageActivations, stage_activations
+from .memory import PRECISION_BYTES, Assumptions, ModelStates, RankParams, model_states, rank_params, stage_layers
+from .params import ParamCounts, count_params
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    stage: int
+    first_rank: int
+    ranks: int  # ranks in this stage (tp * dp); each peaks alike
+    layers: int
+    in_flight: int
+    params: RankParams
+    states: ModelStates
+    activations: StageActivations
+    fragmentation_bytes: int
+    reserve_bytes: int
+    peak_at: str  # "backward" or "optimizer step"
+    total_bytes: int
+
+    @property
+    def params_bytes(self) -> int:
+        return self.states.params_bytes
+
+    @property
+    def grads_bytes(self) -> int:
+        return self.states.grads_bytes
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return self.states.optimizer_bytes
+
+    @property
+    def activations_bytes(self) -> int:
+        return self.activations.activations_bytes
+
+    @property
+    def imbalance_headroom_bytes(self) -> int:
+        return self.activations.imbalance_headroom_bytes
+
+    @property
+    def other_bytes(self) -> int:
+        return (self.total_bytes - self.params_bytes - self.grads_bytes - self.optimizer_bytes
+                - self.activations_bytes - self.imbalance_headroom_bytes)
+
+    def consumers(self) -> dict[str, int]:
+        """Every term of `total_bytes`, finer than the JSON's six: what the launch guard ranks."""
+        backward = self.peak_at == "backward"
+        parts = {
+            "parameters": self.params_bytes,
+            "gradients": self.grads_bytes,
+            "optimizer states (fp32 master + Adam)": self.optimizer_bytes,
+            "activations": self.activations_bytes,
+            "routing-imbalance headroom": self.imbalance_headroom_bytes,
+            "gradient reduction bucket": self.states.bucket_bytes if backward else 0,
+            "loss-head gradient buffers": self.activations.head_transient_bytes if backward else 0,
+            "optimizer-step transients": 0 if backward else self.states.step_transient_bytes,
+            "allocator fragmentation": self.fragmentation_bytes,
+            "CUDA context and communicator reserve": self.reserve_bytes,
+        }
+        return {name: value for name, value in parts.items() if value}
+
+    def summary(self) -> dict[str, int]:
+        return {"params_bytes": self.params_bytes, "grads_bytes": self.grads_bytes,
+                "optimizer_bytes": self.optimizer_bytes, "activations_bytes": self.activations_bytes,
+                "imbalance_headroom_bytes": self.imbalance_headroom_bytes, "other_bytes": self.other_bytes,
+                "total_bytes": self.total_bytes}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    recipe: str
+    counts: ParamCounts
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    dp_assumed: bool
+    micro_steps: int  # micro-batches per optimizer step on each data-parallel rank
+    precision: str
+    zero_stage: int
+    stages: list[StageEstimate]
+    budget_bytes: int
+    assumptions: Assumptions
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def peak(self) -> StageEstimate:
+        return max(self.stages, key=lambda s: s.total_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total_bytes <= self.budget_bytes
+
+    def as_json(self) -> dict:
+        """DESIGN.md's `moe estimate` keys, then the per-stage table, the layout and the assumptions."""
+        peak = self.peak
+        return {
+            "params": {"total": self.counts.total, "active_per_token": self.counts.active_per_token},
+            "gpus": self.gpus,
+            "peak_rank": {"rank": peak.first_rank, "stage": peak.stage, **peak.summary()},
+            "budget_bytes": self.budget_bytes,
+            "fits": self.fits,
+            "step_time_s": None,  # the performance model lands in a later issue
+            "throughput_seq_per_s": None,
+            "mfu": None,
+            "recipe": self.recipe,
+            "layout": {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp, "dp_assumed": self.dp_assumed,
+                       "zero_stage": self.zero_stage, "precision": self.precision,
+                       "micro_batches_per_step": self.micro_steps},
+            "stages": [{"stage": s.stage, "first_rank": s.first_rank, "ranks": s.ranks, "layers": s.layers,
+                        "in_flight_micro_batches": s.in_flight, "peak_at": s.peak_at,
+                        "optimizer": s.states.optimizer_kind, **s.summary()} for s in self.stages],
+            "assumptions": asdict(self.assumptions),
+        }
+
+
+def resolve_dp(recipe: Recipe, world_size: int | None) -> tuple[int, bool]:
+    """(dp, assumed): from the world size, else the recipe, else the smallest legal value (ep)."""
+    p = recipe.parallel
+    if world_size is not None:
+        if world_size <= 0 or world_size % (p.tp * p.pp):
+            raise RecipeError("parallel", f"{world_size} GPUs is not a multiple of tp x pp = {p.tp} x {p.pp}")
+        dp = world_size // (p.tp * p.pp)
+        if p.dp is not None and p.dp != dp:
+            raise RecipeError("parallel.dp", f"the recipe says dp={p.dp} but {world_size} GPUs give dp={dp}")
+        return dp, False
+    if p.dp is not None:
+        return p.dp, False
+    return p.ep, True
+
+
+def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumptions = Assumptions()) -> Estimate:
+    """The memory of every pipeline stage's rank for `recipe` on `world_size` GPUs (default: see `resolve_dp`)."""
+    p, t = recipe.parallel, recipe.train
+    dp, dp_assumed = resolve_dp(recipe, world_size)
+    problem = layout_problem(recipe.model, p.tp, p.pp, p.ep, dp, p.zero_stage, recipe.hardware.gpus_per_node)
+    if problem:
+        raise RecipeError(*problem)
+    if t.global_batch_size % (p.micro_batch_size * dp):
+        raise RecipeError("train.global_batch_size", (
+            f"{t.global_batch_size} is not a multiple of micro_batch_size x dp = {p.micro_batch_size} x {dp}"
+            + (" (dp assumed = ep; set parallel.dp)" if dp_assumed else "")))
+    micro_steps = t.global_batch_size // (p.micro_batch_size * dp)
+    cfg = recipe.moe_config()
+    mb = MicroBatch(p.micro_batch_size, t.seq_len, PRECISION_BYTES[t.precision], tp=p.tp, ep=p.ep)
+    stages = []
+    for s, layers in enumerate(stage_layers(cfg.num_hidden_layers, p.pp)):
+        first, last = s == 0, s == p.pp - 1
+        params = rank_params(cfg, layers=layers, first=first, last=last, tp=p.tp, ep=p.ep)
+        states = model_states(params, precision=t.precision, zero_stage=p.zero_stage, dp=dp, ep=p.ep, pp=p.pp,
+                              assumptions=assumptions)
+        in_flight = min(micro_steps, p.pp - s)
+        acts = stage_activations(cfg, mb, layers=layers, first=first, last=last, pp=p.pp, in_flight=in_flight,
+                                 checkpointing=p.activation_checkpointing, imbalance=assumptions.imbalance)
+        stages.append(stage_estimate(s, dp * p.tp, layers, in_flight, params, states, acts, assumptions))
+    return Estimate(recipe=recipe.name, counts=count_params(cfg), tp=p.tp, pp=p.pp, ep=p.ep, dp=dp,
+                    dp_assumed=dp_assumed, micro_steps=micro_steps, precision=t.precision, zero_stage=p.zero_stage,
+                    stages=stages, budget_bytes=int(recipe.hardware.gpu_memory_gb * 1e9), assumptions=assumptions)
+
+
+def stage_estimate(stage: int, ranks: int, layers: int, in_flight: int, params: RankParams, states: ModelStates,
+                   acts: StageActivations, assumptions: Assumptions) -> StageEstimate:
+    at_backward = (acts.activations_bytes + acts.imbalance_headroom_bytes + states.bucket_bytes
+                   + acts.head_transient_bytes)
+    at_step = states.step_transient_bytes
+    allocated = states.params_bytes + states.grads_bytes + states.optimizer_bytes + max(at_backward, at_step)
+    fragmentation = int(allocated * assumptions.fragmentation)
+    return StageEstimate(
+        stage=stage, first_rank=stage * ranks, ranks=ranks, layers=layers, in_flight=in_flight, params=params,
+        states=states, activations=acts, fragmentation_bytes=fragmentation, reserve_bytes=assumptions.reserve_bytes,
+        peak_at="backward" if at_backward >= at_step else "optimizer step",
+        total_bytes=allocated + fragmentation + assumptions.reserve_bytes,
+    )

@@ -1,0 +1,141 @@
+"""The launch guard: refuse a run whose peak rank does not fit, before any rank allocates, and say what would fit.
+
+`launch_refusal(recipe, world_size)` is None when the estimate fits. Otherwise it is one message naming the peak
+rank, its three largest consumers, and two or three concrete changes (recipe overrides, or a different number of
+GPUs) that make every rank fit, each with the bytes it saves on the peak rank. Every suggestion comes from running
+the estimate again with the change applied, never from a rule of thumb; changes that keep the number of GPUs come
+first, then the ones needing fewest GPUs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ..recipe import Recipe, RecipeError, recipe_from_dict
+from .estimate import Estimate, estimate
+from .memory import Assumptions
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Change:
+    overrides: tuple[str, ...]  # --set assignments
+    gpus: int  # GPUs the changed run needs
+    peak_bytes: int
+    fits: bool
+
+    def describe(self, base: Estimate) -> str:
+        sets = " ".join(f"--set {o}" for o in self.overrides)
+        gpus = "" if self.gpus == base.gpus else f" on {self.gpus} GPUs"
+        saved = base.peak.total_bytes - self.peak_bytes
+        return f"{sets}{gpus}: peak {self.peak_bytes / GB:.1f} GB, saves {saved / GB:.1f} GB"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_overrides(recipe: Recipe, base: Estimate) -> list[dict[str, object]]:
+    """Single changes worth trying: each is a dict of recipe fields (dotted) to new values."""
+    p, m, t = recipe.parallel, recipe.model, recipe.train
+    out: list[dict[str, object]] = []
+    if not p.activation_checkpointing:
+        out.append({"parallel.activation_checkpointing": True})
+    micro = p.micro_batch_size // 2
+    while micro >= 1:
+        out.append({"parallel.micro_batch_size": micro})
+        micro //= 2
+    if p.zero_stage == 0 or (p.zero_stage == 1 and p.pp == 1):
+        out.append({"parallel.zero_stage": p.zero_stage + 1})
+    for ep in _divisors(m.num_local_experts):
+        if ep > p.ep and base.dp % ep == 0:
+            out.append({"parallel.ep": ep})
+    for factor in (2, 4):
+        out.append({"parallel.dp": base.dp * factor})
+        if m.num_hidden_layers >= p.pp * factor and p.zero_stage <= 1 and not m.tie_word_embeddings:
+            out.append({"parallel.pp": p.pp * factor})
+        if p.tp * factor <= recipe.hardware.gpus_per_node:
+            out.append({"parallel.tp": p.tp * factor})
+    seq = t.seq_len // 2
+    if seq >= 128:
+        out.append({"train.seq_len": seq})
+    return out
+
+
+def _overrides(change: dict[str, object]) -> tuple[str, ...]:
+    return tuple(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())
+
+
+def _try(recipe: Recipe, change: dict[str, object], assumptions: Assumptions, pin_dp: int | None) -> Change | None:
+    raw = recipe.model_dump()
+    for key, value in change.items():
+        section, field = key.split(".")
+        raw[section][field] = value
+    if pin_dp is not None and "parallel.dp" not in change:
+        raw["parallel"]["dp"] = pin_dp
+    try:
+        result = estimate(recipe_from_dict(raw), assumptions=assumptions)
+    except (RecipeError, ValueError):
+        return None
+    return Change(_overrides(change), result.gpus, result.peak.total_bytes, result.fits)
+
+
+def suggest_changes(recipe: Recipe, base: Estimate, assumptions: Assumptions, limit: int = 3) -> list[Change]:
+    """Up to `limit` changes that fit: single ones, then pairs when fewer than `limit` singles fit. One per kind of
+    change (the least drastic that fits); same GPU count first, then fewest GPUs, fewest fields, smallest peak."""
+    singles = candidate_overrides(recipe, base)
+    # a launch fixed dp through its world size: judge every change on the same data-parallel degree
+    pin_dp = base.dp if recipe.parallel.dp is None and not base.dp_assumed else None
+    tried = [c for c in (_try(recipe, change, assumptions, pin_dp) for change in singles) if c is not None]
+    # one suggestion per kind of change (the fields it sets): the least drastic one that fits, i.e. the largest peak
+    per_kind: dict[frozenset[str], Change] = {}
+
+    def keep(change: Change) -> None:
+        kind = frozenset(o.split("=")[0] for o in change.overrides)
+        if change.fits and (kind not in per_kind or change.peak_bytes > per_kind[kind].peak_bytes):
+            per_kind[kind] = change
+
+    for change in tried:
+        keep(change)
+    if len(per_kind) < limit:  # pairs of changes that do not fit alone (a pair with one that fits adds nothing)
+        alone = {c.overrides: c.fits for c in tried}
+        for a, b in itertools.combinations(singles, 2):
+            if set(a) & set(b) or any(alone.get(_overrides(c), True) for c in (a, b)):
+                continue
+            change = _try(recipe, {**a, **b}, assumptions, pin_dp)
+            if change is not None:
+                keep(change)
+    def rank(c: Change) -> tuple:
+        changes_the_problem = any(o.startswith("train.") for o in c.overrides)  # a shorter sequence: last resort
+        return (changes_the_problem, c.gpus > base.gpus, c.gpus, len(c.overrides), c.peak_bytes)
+
+    ranked = sorted(per_kind.values(), key=rank)
+    return ranked[:limit]
+
+
+def launch_refusal(recipe: Recipe, world_size: int | None = None,
+                   assumptions: Assumptions = Assumptions()) -> str | None:
+    """None when every rank fits the GPU budget; otherwise the multi-line refusal (see module docstring)."""
+    base = estimate(recipe, world_size, assumptions)
+    if base.fits:
+        return None
+    peak = base.peak
+    top = sorted(peak.consumers().items(), key=lambda kv: -kv[1])[:3]
+    lines = [
+        f"moe: refusing to launch {recipe.name}: rank {peak.first_rank} "
+        + (f"(pipeline stage {peak.stage} of 0..{base.pp - 1}; every rank of that stage alike) " if base.pp > 1
+           else "(every rank alike) ")
+        + f"needs {peak.total_bytes / GB:.1f} GB of the {base.budget_bytes / GB:.1f} GB per GPU (tp{base.tp} "
+        f"pp{base.pp} ep{base.ep} dp{base.dp}, {base.gpus} GPUs, ZeRO-{base.zero_stage}, {base.precision}).",
+        "  largest consumers on that rank: " + ", ".join(f"{name} {value / GB:.1f} GB" for name, value in top),
+    ]
+    changes = suggest_changes(recipe, base, assumptions)
+    if changes:
+        lines.append("  changes that fit (estimate re-run with each):")
+        lines += [f"    {change.describe(base)}" for change in changes]
+    else:
+        lines.append("  no single change or pair of changes tried (checkpointing, micro-batch, ZeRO stage, ep, dp, "
+                     "pp, tp, seq_len) fits; see `moe estimate` for the per-stage table")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Activation bytes: the estimate's formulas against what autograd really saves (saved_tensors_hooks) in the real
+model's forward, plus the rules for recomputation, pipeline in-flight micro-batches and routing imbalance."""
+
+import pytest
+import torch
+
+from benchmarks.memory_accuracy import ACTIVATION_CASES, SMALL, ActivationCase, build_model, measure_activation_case
+from benchmarks.memory_accuracy import saved_tensor_bytes
+from moe_model import MoEConfig
+from moe_model.estimate.activations import (MicroBatch, decoder_layer, dispatch_depth, experts_dispatched,
+                                            recomputed_layer, stage_activations)
+from moe_model.estimate.estimate import estimate
+from moe_model.recipe import load_recipe
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=lambda c: c.name)
+def test_estimate_matches_what_autograd_saves(case, precision):
+    result = measure_activation_case(case, precision)
+    assert abs(result["error"]) <= 0.05, result
+    # the formulas are derived term by term from the forward: they are exact, not merely close
+    assert result["estimate"] == result["measured"], result
+
+
+def test_sort_based_dispatch_saves_the_same_bytes_however_tokens_are_routed():
+    """The model's own MoE block slices one buffer of T*k routed rows: skew changes nothing it saves."""
+    balanced = ActivationCase("balanced", {**SMALL, "num_local_experts": 8}, 2, 32)
+    skewed = ActivationCase("skewed", {**SMALL, "num_local_experts": 8}, 2, 32, skew=True)
+    spread = measure_activation_case(balanced)
+    piled = measure_activation_case(skewed)
+    assert piled["busiest_expert_routes"] == 64 > spread["busiest_expert_routes"]
+    assert piled["measured"] == spread["measured"] == piled["estimate"]
+
+
+def test_one_recomputed_layer_is_one_layer_of_the_uncheckpointed_model():
+    """Under checkpointing the backward recomputes one layer at a time; its bytes are one layer's full set, which is
+    the difference the hooks see between a model with L + 1 layers and one with L (no checkpointing)."""
+    shape = {**SMALL, "hidden_act": "silu", "num_local_experts": 8}
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    measured = [saved_tensor_bytes(build_model(ActivationCase("", {**shape, "num_hidden_layers": n}, 2, 24)), ids)
+                for n in (2, 3)]
+    mb = MicroBatch(2, 24, dtype_bytes=4)
+    layer = decoder_layer(MoEConfig(**shape), mb).total
+    assert measured[1] - measured[0] == layer
+    # what recomputation adds on top of the checkpoints: the layer, less its input already held (fp32: x.float() is x)
+    assert recomputed_layer(MoEConfig(**shape), mb, rope_inside=False) == layer - 2 * 24 * shape["hidden_size"] * 4
+
+
+def test_dispatch_depth_follows_the_busiest_expert_and_the_capacity():
+    cfg = MoEConfig(**{**SMALL, "num_local_experts": 8})  # k = 2
+    mb = MicroBatch(2, 32, dtype_bytes=2, ep=2)  # T = 64, T*k/E = 16
+    assert dispatch_depth(cfg, mb) == 16
+    assert dispatch_depth(cfg, mb, imbalance=3.0) == 48
+    assert dispatch_depth(cfg, mb, imbalance=100.0) == 64  # one expert takes each token at most once
+    assert dispatch_depth(cfg, MicroBatch(2, 32, 2, tp=4, ep=4), imbalance=1.1) == 20  # ceil(17.6) up to tp's multiple
+    capped = MoEConfig(**{**SMALL, "num_local_experts": 8, "capacity_factor": 1.25})
+    assert dispatch_depth(capped, mb, imbalance=3.0) == 20  # a capacity fixes the depth: imbalance drops tokens
+    # only the padded rows grow: per extra row its dispatch index (8 B), input (b*D) and gelu FFN (b*2I)
+    grows = experts_dispatched(cfg, mb, imbalance=3.0).total - experts_dispatched(cfg, mb).total
+    assert grows == (48 - 16) * 8 * (8 + 2 * cfg.hidden_size + 2 * 2 * cfg.intermediate_size)
+
+
+def test_pipeline_stages_hold_one_f_one_b_micro_batches():
+    """Stage i of pp holds min(m, pp - i) micro-batches; with checkpointing it adds one recomputed layer."""
+    recipe = load_recipe(ROOT / "recipes/seed_4b.yaml",
+                         ["parallel.pp=4", "parallel.ep=1", "parallel.dp=2", "parallel.micro_batch_size=4",
+                          "train.global_batch_size=16", "train.seq_len=1024"])  # m = 16 / (4*2) = 2
+    est = estimate(recipe)
+    assert est.micro_steps == 2
+    assert [s.in_flight for s in est.stages] == [2, 2, 2, 1]
+    assert [s.layers for s in est.stages] == [4, 4, 4, 4]
+    cfg, mb = recipe.moe_config(), MicroBatch(4, 1024, 2)
+    one = stage_activations(cfg, mb, layers=4, first=False, last=False, pp=4, in_flight=1, checkpointing=True,
+                            imbalance=1.0)
+    two = stage_activations(cfg, mb, layers=4, first=False, last=False, pp=4, in_flight=2, checkpointing=True,
+                            imbalance=1.0)
+    held_per_micro_batch = one.saved_bytes - recomputed_layer(cfg, mb, rope_inside=True)
+    assert two.saved_bytes - one.saved_bytes == held_per_micro_batch
+    assert two.held_bytes == 2 * one.held_bytes
+
+
+def test_imbalance_headroom_only_where_buffers_are_padded():
+    seed = load_recipe(ROOT / "recipes/seed_4b.yaml")  # ep 8: DeepSpeed's layer, dropless
+    assert estimate(seed).peak.imbalance_headroom_bytes > 0
+    own_block = load_recipe(ROOT / "recipes/seed_4b.yaml", ["parallel.ep=1"])
+    assert estimate(own_block).peak.imbalance_headroom_bytes == 0
+    capped = load_recipe(ROOT / "recipes/seed_4b.yaml", ["model.capacity_factor=1.25"])
+    assert estimate(capped).peak.imbalance_headroom_bytes == 0
