@@ -60,7 +60,7 @@ BAD_OVERRIDES = [
     (["parallel.ep=1", "parallel.dp=3"], "train.global_batch_size: 8 is not a multiple of micro_batch_size x dp = 4 x 3"),
     (["parallel.ep=4", "parallel.dp=6"], "parallel.ep: ep=4 must divide dp=6"),
     (["train.seq_len=512"], "train.seq_len: 512 exceeds model.max_position_embeddings (256)"),
-    (["train.warmup_steps=200"], "train.warmup_steps: 200 exceeds train.steps (150)"),
+    (["train.steps=50", "train.warmup_steps=60"], "train.warmup_steps: 60 exceeds train.steps (50)"),
     (["data.source=json", "data.path=/no/such/file.jsonl"], "data.path: '/no/such/file.jsonl' does not exist"),
     (["data.source=text"], "data.path: source 'text' needs a path"),
     (["data.source=hub"], "data.name: source 'hub' needs the dataset name"),
@@ -77,7 +77,7 @@ BAD_OVERRIDES = [
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES, ids=[o[0][0] for o in BAD_OVERRIDES])
+@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES, ids=[' '.join(o[0]) for o in BAD_OVERRIDES])
 def test_bad_recipe_gets_one_clear_line_and_exit_2(tmp_path, capsys, overrides, expected):
     path = write(tmp_path, TINY)
     args = ["config", str(path)] + [x for o in overrides for x in ("--set", o)]
