@@ -11,7 +11,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WANDB_SILENT ?= true
 
-.PHONY: install test smoke configs clean
+CORPUS := data/python_docs.jsonl
+
+.PHONY: install test smoke configs lint clean
 
 install: $(STAMP)
 
@@ -23,11 +25,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# a real text corpus built from the Python standard library's docstrings: no download, the same on every machine
+$(CORPUS): scripts/build_corpus.py | $(STAMP)
+	$(BIN)/python scripts/build_corpus.py -o $@
+
+test: $(STAMP) $(CORPUS)
 	$(BIN)/python -m pytest -q
 
-smoke: $(STAMP)
-	$(BIN)/moe train recipes/tiny_cpu.yaml
+# 4 CPU ranks (pipeline 2 x data 2, experts split over 2) on the corpus, then the report's PNGs
+smoke: $(STAMP) $(CORPUS)
+	$(BIN)/moe train recipes/tiny_text.yaml
+	$(BIN)/moe report runs/tiny-text
+
+lint: $(STAMP)
+	$(BIN)/ruff check moe_model scripts tests benchmarks
 
 configs: $(STAMP)
 	@for recipe in recipes/*.yaml; do \
@@ -36,4 +47,4 @@ configs: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache

@@ -18,6 +18,8 @@ from typing import Any, Callable
 from .estimate.command import add_arguments as add_estimate_arguments
 from .estimate.command import cmd_estimate
 from .recipe import Recipe, RecipeError, load_recipe
+from .report.command import add_arguments as add_report_arguments
+from .report.command import cmd_report
 
 
 class UsageError(Exception):
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="ranks to start on this machine (default: tp*pp*dp of the recipe, dp 1 if unset)")
         p.set_defaults(func=func)
     add_run_commands(sub)
+    report = sub.add_parser("report", help="PNGs of a training run: loss curves and expert load",
+                            description="Plot a run's metrics.jsonl: train/validation loss and expert-load heatmaps.")
+    add_report_arguments(report)
+    report.set_defaults(run_func=cmd_report)
     return parser
 
 

@@ -17,8 +17,6 @@ import time
 import warnings
 from typing import Any
 
-import torch
-
 from ..recipe import Recipe, RecipeError, layout_problem, load_recipe
 from . import checkpoint
 
@@ -159,7 +157,9 @@ def train(recipe: Recipe) -> int:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         parts = run_step(batches.micro_batches(step))
+        parts = parts.to(engine.device)  # NCCL reduces device tensors only
         dist.all_reduce(parts)
+        parts = parts.cpu()
         # every tp rank of every data shard that sees the loss holds the same figures: average them out
         losses = parts[:4] / (batches.accumulation * layout.dp * layout.tp)
         load_LE = parts[4:].reshape(config.num_hidden_layers, config.num_local_experts) / layout.tp

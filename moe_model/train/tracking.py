@@ -1,13 +1,107 @@
-"""Where metrics go: `OUTPUT_DIR/metrics.jsonl` (appended across resumes) and wandb, both from global rank 0."""
+"""Where metrics go: `OUTPUT_DIR/metrics.jsonl` (appended across resumes) and wandb, both from global rank 0.
+
+wandb's mode is `WANDB_MODE` when set, else `tracking.wandb.mode` (online | offline | disabled); an online run that
+cannot start (no login, no network) falls back to offline with one line saying so, instead of killing the job.
+The run's config holds the recipe, the DeepSpeed JSON, the layout, the data summary, the FLOP count below and the
+memory estimate (`moe_model.estimate`) where it can be computed.
+
+Every metrics.jsonl line goes to wandb at the same step under the same key; a per-layer list `k` becomes the
+scalars `k/0, k/1, ...`, and the layers x experts matrix `expert_tokens` stays in metrics.jsonl (`moe report`
+draws it).
+
+Throughput (`throughput_metrics`): model FLOPs per token of one training step, PaLM's count (appendix B) with the
+attention halved for the causal mask, as the performance model (`moe_model/estimate/perf.py`) counts it, so that
+predicted and achieved MFU compare:
+    6 x (active parameters per token - the input embedding, a lookup)       weight matmuls, forward + backward
+  + 6 x layers x seq_len x heads x head_dim                                 attention scores and values (QK^T, AV):
+                                                                            3 x forward of 4*S*Hq*d, halved (causal)
+Recomputation under activation checkpointing is not counted (model FLOPs, not hardware FLOPs). Achieved TFLOPs
+per GPU = FLOPs per token x tokens/s / world size; MFU = that / `hardware.peak_tflops`. On CPU ranks the MFU is
+against the recipe's GPU figure, so it is tiny there by design.
+
+Memory (`memory_peak_gb`, the largest over ranks): `torch.cuda.max_memory_allocated` on GPUs, the process's peak
+resident set size (`ru_maxrss`) on CPU ranks.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..configuration import MoEConfig
 from ..recipe import Recipe
+
+
+def flops_per_token(config: MoEConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (see the module docstring): {'matmul', 'attention', 'total'}."""
+    from ..estimate.params import count_params
+
+    counts = count_params(config)
+    embedding_lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    matmul = 6.0 * (counts.active_per_token - embedding_lookup)
+    attention = 6.0 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def throughput_metrics(tokens_per_s: float, per_token_flops: float, world_size: int,
+                       peak_tflops: float) -> dict[str, float]:
+    tflops = per_token_flops * tokens_per_s / world_size / 1e12
+    return {"tflops_per_gpu": tflops, "mfu": tflops / peak_tflops}
+
+
+def memory_metric_name() -> str:
+    return "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)"
+
+
+def process_memory_bytes() -> int:
+    """This rank's high-water mark: CUDA allocations on a GPU, resident memory on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def memory_peak_gb() -> float:
+    """The largest rank's high-water mark in GB (a collective: every rank must call it at the same step)."""
+    import torch.distributed as dist
+
+    peak = torch.tensor([float(process_memory_bytes())], dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            peak = peak.cuda()
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 1e9
+
+
+def run_config_extras(recipe: Recipe, world_size: int) -> dict[str, Any]:
+    """What the run config adds to recipe, DeepSpeed JSON and layout: FLOP count, memory metric and the estimate."""
+    extras: dict[str, Any] = {"flops_per_token": flops_per_token(recipe.moe_config(), recipe.train.seq_len),
+                              "memory_metric": memory_metric_name()}
+    try:
+        from ..estimate import estimate
+
+        extras["estimate"] = estimate(recipe, world_size).as_json()
+    except Exception as err:  # the estimator is optional here: never stop a run because it cannot answer
+        extras["estimate"] = {"unavailable": f"{type(err).__name__}: {err}"}
+    return extras
+
+
+def wandb_scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.jsonl's line as wandb scalars: lists of numbers become `key/i`, matrices stay out."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            if all(isinstance(v, (int, float)) for v in value):
+                flat.update({f"{key}/{i}": v for i, v in enumerate(value)})
+        elif value is not None:
+            flat[key] = value
+    return flat
 
 
 class Tracker:
@@ -15,15 +109,29 @@ class Tracker:
         self.enabled = enabled
         self.path = recipe.output_dir / "metrics.jsonl"
         self.run = None
+        self.mode = "disabled"
         if not enabled:
             return
-        mode = os.environ.get("WANDB_MODE") or recipe.tracking.wandb.mode
-        if mode != "disabled":
-            import wandb
+        self.mode = os.environ.get("WANDB_MODE") or recipe.tracking.wandb.mode
+        if self.mode != "disabled":
+            self.run = self._start_wandb(recipe, run_config)
 
-            w = recipe.tracking.wandb
-            self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, name=recipe.name, mode=mode,
-                                  dir=str(recipe.output_dir), config=run_config)
+    def _start_wandb(self, recipe: Recipe, run_config: dict[str, Any]):
+        import wandb
+
+        w = recipe.tracking.wandb
+        kwargs = {"project": w.project, "entity": w.entity, "group": w.group, "name": recipe.name,
+                  "dir": str(recipe.output_dir), "config": run_config}
+        try:
+            return wandb.init(mode=self.mode, **kwargs)
+        except Exception as err:
+            if self.mode == "offline":
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"moe: wandb {self.mode} run could not start ({reason}); logging offline under "
+                  f"{recipe.output_dir / 'wandb'} (upload later with `wandb sync`)", file=sys.stderr)
+            self.mode = "offline"
+            return wandb.init(mode="offline", **kwargs)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -31,7 +139,7 @@ class Tracker:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=metrics["step"])
+            self.run.log(wandb_scalars(metrics), step=metrics["step"])
 
     def finish(self) -> None:
         if self.run is not None:
