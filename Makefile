@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 
 CORPUS := data/python_docs.jsonl
 
-.PHONY: install test smoke configs lint clean
+.PHONY: install test smoke plan configs lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test: $(STAMP) $(CORPUS)
 smoke: $(STAMP) $(CORPUS)
 	$(BIN)/moe train recipes/tiny_text.yaml
 	$(BIN)/moe report runs/tiny-text
+
+# the seed plan's review (docs/seed_plan_review.md, generated and committed) and its audit (exit 1: wrong claims)
+plan: $(STAMP)
+	$(BIN)/python -m moe_model.estimate.review
+	$(BIN)/moe audit recipes/seed_plan.yaml || test $$? -eq 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_model scripts tests benchmarks

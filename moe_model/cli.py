@@ -17,6 +17,11 @@ from typing import Any, Callable
 
 from .estimate.command import add_arguments as add_estimate_arguments
 from .estimate.command import cmd_estimate
+from .estimate.planner import add_arguments as add_plan_arguments
+from .estimate.planner import cmd_plan
+from .estimate.audit import cmd_audit
+from .estimate.calibrate import add_arguments as add_calibrate_arguments
+from .estimate.calibrate import cmd_calibrate
 from .recipe import Recipe, RecipeError, load_recipe
 from .report.command import add_arguments as add_report_arguments
 from .report.command import cmd_report
@@ -108,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config": (cmd_config, "the DeepSpeed JSON config the recipe generates"),
         "train": (cmd_train, "validate the recipe, then start the deepspeed launcher"),
         "estimate": (cmd_estimate, "parameters and memory of every rank; exit 1 when the peak rank does not fit"),
+        "plan": (cmd_plan, "search the legal parallel strategies that fit; rank them by latency, throughput or cost"),
+        "audit": (cmd_audit, "check a recipe's claims against computed figures; exit 1 when any claim is wrong"),
+        "calibrate": (cmd_calibrate, "measure this machine's matmul rate and memory bandwidth (or refit from a run)"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -119,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-o", "--output", help="write to this file instead of stdout")
         if name == "estimate":
             add_estimate_arguments(p)
+        if name == "plan":
+            add_plan_arguments(p)
+        if name == "calibrate":
+            add_calibrate_arguments(p)
         if name == "train":
             p.add_argument("--num-gpus", type=int, default=None,
                            help="ranks to start on this machine (default: tp*pp*dp of the recipe, dp 1 if unset)")

@@ -37,7 +37,9 @@ def test_seed_json_has_designs_keys_and_the_true_parameter_count(capsys):
     assert PEAK_KEYS <= set(out["peak_rank"])
     parts = sum(out["peak_rank"][k] for k in PEAK_KEYS - {"total_bytes"})
     assert parts == out["peak_rank"]["total_bytes"] <= out["budget_bytes"] == 64_000_000_000
-    assert out["step_time_s"] is None and out["throughput_seq_per_s"] is None and out["mfu"] is None
+    assert out["step_time_s"] > 0 and 0 < out["mfu"] <= load_recipe(SEED).hardware.mfu
+    # throughput is the global batch over the step time
+    assert abs(out["throughput_seq_per_s"] * out["step_time_s"] - 128) < 1e-6 * 128
     assert out["gpus"] == 8 and out["layout"]["dp_assumed"] is True  # dp unset: the smallest legal dp, ep = 8
 
 

@@ -1,7 +1,7 @@
 """`moe estimate RECIPE`: parameters and per-rank memory of every pipeline stage; exit 1 when the peak rank does
 not fit the GPU budget. `--json` prints DESIGN.md's keys (plus the per-stage table, layout and assumptions).
 
-Step time, throughput and MFU come with the performance model (a later issue) and are null until then.
+Step time, throughput and MFU come from the performance model (perf.py) for the same layout.
 """
 
 from __future__ import annotations
@@ -100,4 +100,9 @@ def print_estimate(result: Estimate, recipe: Recipe) -> None:
     verdict = "[green]fits[/]" if result.fits else "[red]does not fit[/]"
     console.print(f"peak: rank {peak.first_rank} (stage {peak.stage}, at the {peak.peak_at}) "
                   f"{_gb(peak.total_bytes)} GB of {_gb(result.budget_bytes)} GB: {verdict}")
-    console.print("step time, throughput, MFU: not estimated yet (performance model, a later issue)")
+    perf = result.performance
+    if perf is not None:
+        console.print(f"predicted step {perf.step_time_s:.3f} s, {perf.throughput_seq_per_s:.1f} sequences/s "
+                      f"({perf.throughput_tokens_per_s:,.0f} tokens/s), MFU {perf.mfu:.1%}, pipeline bubble "
+                      f"{perf.bubble_fraction:.0%} (performance model: roofline, no overlap, interconnect ASSUMED "
+                      f"{recipe.hardware.intra_node_gbps:g}/{recipe.hardware.inter_node_gbps:g} GB/s intra/inter)")

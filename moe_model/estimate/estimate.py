@@ -14,8 +14,7 @@ The budget is `hardware.gpu_memory_gb * 1e9` bytes (decimal GB: a little below w
 the safe side). dp comes from, in order: the world size at launch, `parallel.dp`, else the smallest legal dp
 (= ep) and the report says it was assumed.
 
-Step time, throughput and MFU belong to the performance model (a later issue): they are emitted as null here,
-never guessed.
+Step time, throughput and MFU come from the performance model (perf.py) for the same layout.
 """
 
 from __future__ import annotations
@@ -107,6 +106,7 @@ class Estimate:
     stages: list[StageEstimate]
     budget_bytes: int
     assumptions: Assumptions
+    performance: object = None  # perf.Performance of the same layout
 
     @property
     def gpus(self) -> int:
@@ -129,9 +129,10 @@ class Estimate:
             "peak_rank": {"rank": peak.first_rank, "stage": peak.stage, **peak.summary()},
             "budget_bytes": self.budget_bytes,
             "fits": self.fits,
-            "step_time_s": None,  # the performance model lands in a later issue
-            "throughput_seq_per_s": None,
-            "mfu": None,
+            "step_time_s": self.performance.step_time_s if self.performance else None,
+            "throughput_seq_per_s": self.performance.throughput_seq_per_s if self.performance else None,
+            "mfu": self.performance.mfu if self.performance else None,
+            "performance": self.performance.as_json() if self.performance else None,
             "recipe": self.recipe,
             "layout": {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp, "dp_assumed": self.dp_assumed,
                        "zero_stage": self.zero_stage, "precision": self.precision,
@@ -182,9 +183,12 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
         acts = stage_activations(cfg, mb, layers=layers, first=first, last=last, pp=p.pp, in_flight=in_flight,
                                  checkpointing=p.activation_checkpointing, imbalance=assumptions.imbalance)
         stages.append(stage_estimate(s, dp * p.tp, layers, in_flight, params, states, acts, assumptions))
+    from .perf import performance
+
     return Estimate(recipe=recipe.name, counts=count_params(cfg), tp=p.tp, pp=p.pp, ep=p.ep, dp=dp,
                     dp_assumed=dp_assumed, micro_steps=micro_steps, precision=t.precision, zero_stage=p.zero_stage,
-                    stages=stages, budget_bytes=int(recipe.hardware.gpu_memory_gb * 1e9), assumptions=assumptions)
+                    stages=stages, budget_bytes=int(recipe.hardware.gpu_memory_gb * 1e9), assumptions=assumptions,
+                    performance=performance(recipe, dp=dp))
 
 
 def stage_estimate(stage: int, ranks: int, layers: int, in_flight: int, params: RankParams, states: ModelStates,

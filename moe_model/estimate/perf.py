@@ -1,0 +1,306 @@
+"""Step time, throughput and MFU of a recipe's strategy from its hardware figures (a roofline model, no GPU needed).
+
+Sources: the FLOP counts follow Narayanan et al. 2021 (Megatron-LM, "Efficient Large-Scale Language Model Training
+on GPU Clusters", appendix: 2 FLOPs per multiply-add, backward = 2x forward, full recompute = one more forward) with
+the causal halving of the attention scores as in Megatron's `num_floating_point_operations`; the time of an op is the
+roofline `max(FLOPs / (peak * mfu), bytes / (hbm_bandwidth * utilisation))` (Williams et al. 2009, as used by
+SimuMax and Calculon); ring collectives move `2 (N-1)/N` of the buffer per rank for all-reduce and `(N-1)/N` for
+reduce-scatter or all-gather (Patarasuk & Yuan 2009); the 1F1B pipeline takes `(m + pp - 1)` slots of the slowest
+stage, a bubble of `(pp - 1) / (m + pp - 1)` (Narayanan et al. 2021). See /work/shared/REFERENCES.md.
+
+Symbols: B micro-batch, S sequence, T = B*S tokens of a micro-batch, D hidden, Dq = Hq*d, Dkv = Hkv*d, E experts,
+k top-k, I expert FFN width, g = 2 matrices (two-matrix gelu FFN) or 3 (gated silu), V vocabulary, b bytes of the
+compute dtype, t = tp, e = ep. Per decoder layer, per micro-batch, per rank (FLOPs of the forward pass):
+    q, k, v projections   2*T*D*(Dq + 2*Dkv) / t
+    o projection          2*T*Dq*D / t
+    SDPA (causal)         scores Q K^T 2*B*S^2*Dq/t and values P V 2*B*S^2*Dq/t, each halved for causality
+    router                2*T*D*E (replicated on the tp ranks, as the gate is)
+    experts               2*R*D*I*g with R = T*k routed rows (balanced routing); with ep > 1 DeepSpeed's MoE layer
+                          splits the rows over the tp ranks (R = T*k/t); with ep = 1 the model's own block runs on
+                          every tp rank (R = T*k): redundant work, modelled as it really runs
+    LM head (last stage)  2*T*D*V (not vocabulary-parallel: each tp rank computes all of it)
+Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N); SDPA (fused): read q, k, v and write the output.
+Memory-bound element-wise work per layer (bytes only): two RMSNorms and two residual adds (10*b*T*D), RoPE on q and
+k (2*b*T*(Dq + Dkv)/t), router softmax/top-k (8*T*E), dispatch gather and combine scatter (4*b*R*D), the expert
+activation (g*b*R*I); per micro-batch the embedding (2*b*T*D) and the fp32 log-softmax/loss (12*T*V).
+Backward = 2x the forward's FLOPs and bytes; activation checkpointing adds one forward of every decoder layer.
+
+Communication (per micro-batch unless said), `link(span)`: the links a group uses, by the rank layout
+rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per node:
+    TP all-reduce         2 forward + 2 backward per layer (+2 with recompute) of b*T*D, 2(t-1)/t of it over
+                          intra-node links (tp stays inside a node: a layout rule)
+    EP all-to-all         dispatch + combine, forward and backward: 4 per MoE layer (+2 with recompute) of
+                          k*T*D*b/t per rank (the tp peers split the tokens), (e-1)/e of it leaving the rank.
+                          DeepSpeed's expert groups are e consecutive ranks: q = min(e, gpus_per_node) share a node;
+                          time = max(bytes*(q-1)/e / intra, bytes*(e-q)/e / inter)
+    PP point-to-point     one activation forward and one gradient backward of b*T*D per stage boundary; inter-node
+                          when the tp*dp*pp ranks of a replica chain span more than one node
+    DP reduction (step)   dense gradients over dp, expert gradients over the expert-data-parallel group dp/e:
+                          2(N-1)/N * b*P (all-reduce at ZeRO-0; reduce-scatter + all-gather of the updated
+                          16-bit weights at ZeRO-1/2: the same volume), over the group's span tp*dp
+    optimizer step        memory-bound: 28 bytes per partitioned element (fp32 master, m, v read and written, the fp32
+                          gradient read) plus writing the b-byte weights
+A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP reduction + optimizer step),
+m = global_batch / (micro_batch * dp) micro-batches per data-parallel rank.
+
+Overlap assumptions (stated, conservative, DeepSpeed's defaults): nothing overlaps compute. TP all-reduces and EP
+all-to-alls are synchronous inside the layer; pipeline sends are blocking in DeepSpeed's PipelineEngine; gradient
+reduction runs after the last backward (`overlap_comm` false). Routing is balanced (imbalance slows the busiest
+expert; not modelled). MFU = model FLOPs (3x the forward of every token, no recompute, no redundant tp work) /
+(step time * GPUs * peak).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..recipe import Recipe, RecipeError, layout_problem
+from .memory import PRECISION_BYTES, stage_layers
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model and hardware figures the time model needs (hashable, so results can be cached)."""
+
+    D: int
+    Dq: int
+    Dkv: int
+    E: int
+    k: int
+    I: int
+    g: int
+    V: int
+    L: int
+    tied: bool
+    S: int
+    global_batch: int
+    b: int
+    compute_flops: float  # peak * mfu, FLOP/s
+    hbm_bytes_s: float  # bandwidth * utilisation, B/s
+    gpus_per_node: int
+    intra_bytes_s: float
+    inter_bytes_s: float
+    peak_flops: float
+
+
+def shape_of(recipe: Recipe) -> Shape:
+    m, hw, t = recipe.model, recipe.hardware, recipe.train
+    cfg = recipe.moe_config()
+    return Shape(D=cfg.hidden_size, Dq=cfg.num_attention_heads * cfg.head_dim,
+                 Dkv=cfg.num_key_value_heads * cfg.head_dim, E=m.num_local_experts, k=m.num_experts_per_tok,
+                 I=m.intermediate_size, g=3 if m.hidden_act == "silu" else 2, V=m.vocab_size,
+                 L=m.num_hidden_layers, tied=m.tie_word_embeddings, S=t.seq_len, global_batch=t.global_batch_size,
+                 b=PRECISION_BYTES[t.precision], compute_flops=hw.peak_tflops * 1e12 * hw.mfu,
+                 hbm_bytes_s=hw.hbm_bandwidth_tbps * 1e12 * hw.bandwidth_utilization,
+                 gpus_per_node=hw.gpus_per_node, intra_bytes_s=hw.intra_node_gbps * 1e9,
+                 inter_bytes_s=hw.inter_node_gbps * 1e9, peak_flops=hw.peak_tflops * 1e12)
+
+
+@functools.lru_cache(maxsize=None)
+def stage_shape(num_layers: int, pp: int) -> tuple[int, int, int]:
+    """(layers of the first stage, of the last stage, most layers of a middle stage) as DeepSpeed splits them."""
+    layers = stage_layers(num_layers, pp)
+    if pp == 1:
+        return layers[0], 0, 0
+    return layers[0], layers[-1], max(layers[1:-1], default=0)
+
+
+def layer_forward_flops(s: Shape, B, tp, ep):
+    """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike)."""
+    T = B * s.S
+    R = np.where(ep > 1, T * s.k / tp, T * s.k)
+    return {
+        "qkv": 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp,
+        "o_proj": 2.0 * T * s.Dq * s.D / tp,
+        "sdpa": 2 * (2.0 * B * s.S * s.S * s.Dq / tp) * 0.5,
+        "router": 2.0 * T * s.D * s.E,
+        "experts": 2.0 * R * s.D * s.I * s.g,
+    }
+
+
+def _roofline(flops, nbytes, s: Shape):
+    return np.maximum(flops / s.compute_flops, nbytes / s.hbm_bytes_s)
+
+
+def layer_forward_times(s: Shape, B, tp, ep):
+    """Forward seconds of one decoder layer on one rank, by op class (roofline per op)."""
+    T = B * s.S
+    R = np.where(ep > 1, T * s.k / tp, T * s.k)
+    f = layer_forward_flops(s, B, tp, ep)
+    b = s.b
+    qkv_w = s.Dq + 2 * s.Dkv
+    by = {
+        "qkv": b * (T * s.D + s.D * qkv_w / tp + T * qkv_w / tp),
+        "o_proj": b * (T * s.Dq / tp + s.Dq * s.D / tp + T * s.D),
+        "sdpa": b * T * (2.0 * s.Dq + 2 * s.Dkv) / tp,
+        "router": b * (T * s.D + s.D * s.E) + FP32 * T * s.E,
+        "experts": b * ((s.E / ep) * s.g * s.D * s.I + R * s.g * (s.D + s.I)),
+    }
+    times = {name: _roofline(f[name], by[name], s) for name in f}
+    elementwise = (10.0 * b * T * s.D + 2.0 * b * T * (s.Dq + s.Dkv) / tp + 8.0 * T * s.E + 4.0 * b * R * s.D
+                   + s.g * b * R * s.I)
+    times["elementwise"] = elementwise / s.hbm_bytes_s
+    return times
+
+
+def head_forward_time(s: Shape, B):
+    T = B * s.S
+    matmul = _roofline(2.0 * T * s.D * s.V, s.b * (T * s.D + s.D * s.V + T * s.V), s)
+    return matmul + 12.0 * T * s.V / s.hbm_bytes_s
+
+
+def embedding_forward_time(s: Shape, B):
+    return 2.0 * s.b * B * s.S * s.D / s.hbm_bytes_s
+
+
+def _stage_params(s: Shape, layers, first, last, tp, ep):
+    """(dense, expert) parameters one rank of a stage holds (memory.rank_params, array-friendly)."""
+    attention = (2 * s.D * s.Dq + 2 * s.D * s.Dkv) // tp
+    dense = layers * (attention + 2 * s.D + s.D * s.E) + first * s.V * s.D
+    dense = dense + last * (s.D + (0 if s.tied else s.V * s.D))
+    expert = layers * (s.E // ep) * s.g * s.I * s.D
+    return dense, expert
+
+
+def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
+    """Every term of the step time (seconds), for scalars or equal-length numpy arrays of strategies.
+
+    `pp_table` maps pp to `stage_shape` rows (arrays path); without it `stage_shape` is called (scalar path)."""
+    ckpt = np.asarray(ckpt, dtype=float)
+    if pp_table is None:
+        first_l, last_l, mid_l = (np.asarray(v) for v in stage_shape(s.L, int(pp)))
+    else:
+        first_l, last_l, mid_l = pp_table[0][pp], pp_table[1][pp], pp_table[2][pp]
+    T = B * s.S
+    m = s.global_batch / (B * dp)
+    passes = 3.0 + ckpt  # forward + backward (2x) + recompute
+    lt = layer_forward_times(s, B, tp, ep)
+    layer_t = sum(lt.values())
+    head_t, emb_t = head_forward_time(s, B), embedding_forward_time(s, B)
+    # communication per layer per micro-batch
+    act = s.b * T * s.D
+    tp_comm = (4.0 + 2 * ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
+    a2a = s.k * T * s.D * s.b / tp
+    q = np.minimum(ep, s.gpus_per_node)
+    ep_comm = np.where(ep > 1, (4.0 + 2 * ckpt) * np.maximum(a2a * (q - 1) / ep / s.intra_bytes_s,
+                                                             a2a * (ep - q) / ep / s.inter_bytes_s), 0.0)
+    p2p_bw = np.where(tp * dp * pp <= s.gpus_per_node, s.intra_bytes_s, s.inter_bytes_s)
+    p2p = np.where(pp > 1, 2.0 * act / p2p_bw, 0.0)
+    per_layer = layer_t * passes + tp_comm + ep_comm
+    single = pp == 1
+    head_all = head_t * 3.0 + emb_t * 3.0
+    first_t = np.where(single, s.L * per_layer + head_all, first_l * per_layer + emb_t * 3.0 + p2p)
+    last_t = np.where(single, 0.0, last_l * per_layer + head_t * 3.0 + p2p)
+    mid_t = np.where(mid_l > 0, mid_l * per_layer + p2p, 0.0)
+    stage_t = np.maximum(first_t, np.maximum(last_t, mid_t))
+    pipeline = (m + pp - 1) * stage_t
+    # after the flush: gradient reduction and the optimizer step, the slowest stage's
+    dp_bw = np.where(tp * dp <= s.gpus_per_node, s.intra_bytes_s, s.inter_bytes_s)
+    ne = dp / ep
+    tails = []
+    for layers, first, last in ((np.where(single, s.L, first_l), 1, np.where(single, 1, 0)), (last_l, 0, 1),
+                                (mid_l, 0, 0)):
+        dense, expert = _stage_params(s, layers, first, last, tp, ep)
+        reduce = (2.0 * (dp - 1) / dp * s.b * dense + 2.0 * (ne - 1) / ne * s.b * expert) / dp_bw
+        part = np.where(zero >= 1, dense / dp + expert / ne, dense + expert)
+        opt = (28.0 * part + s.b * (dense + expert)) / s.hbm_bytes_s
+        tails.append((reduce, opt, reduce + opt))
+    tail_i = np.argmax(np.stack([np.broadcast_to(t[2], np.shape(stage_t)) for t in tails]), axis=0)
+    pick = lambda j: np.choose(tail_i, [np.broadcast_to(t[j], np.shape(stage_t)) for t in tails])  # noqa: E731
+    dp_reduce, optimizer = pick(0), pick(1)
+    step = pipeline + dp_reduce + optimizer
+    return {"step": step, "pipeline": pipeline, "stage_t": stage_t, "m": m, "layer_t": layer_t,
+            "layer_times": lt, "tp_comm": tp_comm, "ep_comm": ep_comm, "p2p": p2p, "head_t": head_t,
+            "emb_t": emb_t, "dp_reduce": dp_reduce, "optimizer": optimizer, "passes": passes}
+
+
+def model_flops_per_step(s: Shape) -> float:
+    """Useful FLOPs of a step: 3x the forward of every token (no recompute, no redundant tp work)."""
+    per_layer = sum(layer_forward_flops(s, 1, 1, 2).values())  # ep > 1 form with tp 1: R = S*k
+    forward = s.L * float(per_layer) + 2.0 * s.S * s.D * s.V
+    return 3.0 * s.global_batch * forward
+
+
+@dataclass(frozen=True)
+class Performance:
+    step_time_s: float
+    throughput_seq_per_s: float
+    throughput_tokens_per_s: float
+    mfu: float
+    gpus: int
+    micro_batches: float
+    bubble_fraction: float
+    breakdown: dict  # seconds per step, each term
+    per_micro_batch: dict  # seconds on the slowest stage per micro-batch
+    assumptions: dict
+
+    def as_json(self) -> dict:
+        return {"step_time_s": self.step_time_s, "throughput_seq_per_s": self.throughput_seq_per_s,
+                "throughput_tokens_per_s": self.throughput_tokens_per_s, "mfu": self.mfu, "gpus": self.gpus,
+                "micro_batches_per_step": self.micro_batches, "bubble_fraction": self.bubble_fraction,
+                "breakdown_s": self.breakdown, "per_micro_batch_s": self.per_micro_batch,
+                "assumptions": self.assumptions}
+
+
+def trainability_problem(tp: int, ep: int) -> tuple[str, str] | None:
+    """The project's training rule (moe_model/train/main.py `check_trainable`, restated here because estimate/
+    imports nothing of train/): with tp > 1 and ep > 1, ep must be a multiple of tp, or two tensor-parallel peers
+    hold the same experts and the global gradient norm counts them wrongly."""
+    if tp > 1 and ep > 1 and ep % tp:
+        return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
+                               "tensor-parallel peers hold different experts; raise ep or lower tp")
+    return None
+
+
+def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=None, ep=None, dp=None,
+                zero_stage=None, micro_batch_size=None, activation_checkpointing=None) -> Performance:
+    """Step time of `recipe`'s strategy (or of the strategy the keyword arguments override)."""
+    from .estimate import resolve_dp
+
+    p = recipe.parallel
+    tp, pp, ep = tp or p.tp, pp or p.pp, ep or p.ep
+    zero = p.zero_stage if zero_stage is None else zero_stage
+    B = micro_batch_size or p.micro_batch_size
+    ckpt = p.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    if dp is None:
+        dp = resolve_dp(recipe, world_size)[0] if (tp, pp) == (p.tp, p.pp) else ep
+    problem = layout_problem(recipe.model, tp, pp, ep, dp, zero, recipe.hardware.gpus_per_node)
+    if problem:
+        raise RecipeError(*problem)
+    if recipe.train.global_batch_size % (B * dp):
+        raise RecipeError("train.global_batch_size", f"{recipe.train.global_batch_size} is not a multiple of "
+                                                     f"micro_batch_size x dp = {B} x {dp}")
+    s = shape_of(recipe)
+    c = step_components(s, tp, pp, ep, dp, zero, B, ckpt)
+    step = float(c["step"])
+    gpus = tp * pp * dp
+    m = float(c["m"])
+    passes = float(c["passes"])
+    first_l, last_l, mid_l = stage_shape(s.L, pp)
+    slow_layers = s.L if pp == 1 else max(first_l, last_l, mid_l)
+    per_mb = {f"compute.{name}": float(v) * passes * slow_layers for name, v in c["layer_times"].items()}
+    per_mb["compute.lm_head_and_embedding"] = float(c["head_t"] + c["emb_t"]) * 3.0
+    per_mb["comm.tp_all_reduce"] = float(c["tp_comm"]) * slow_layers
+    per_mb["comm.ep_all_to_all"] = float(c["ep_comm"]) * slow_layers
+    per_mb["comm.pp_p2p"] = float(c["p2p"])
+    stage_t = float(c["stage_t"])
+    busy = m * stage_t
+    breakdown = {"pipeline_busy (m x slowest stage)": busy, "pipeline_bubble": float(c["pipeline"]) - busy,
+                 "dp_gradient_reduction": float(c["dp_reduce"]), "optimizer_step": float(c["optimizer"])}
+    hw = recipe.hardware
+    return Performance(
+        step_time_s=step, throughput_seq_per_s=s.global_batch / step,
+        throughput_tokens_per_s=s.global_batch * s.S / step,
+        mfu=model_flops_per_step(s) / (step * gpus * s.peak_flops), gpus=gpus, micro_batches=m,
+        bubble_fraction=(pp - 1) / (m + pp - 1), breakdown=breakdown, per_micro_batch=per_mb,
+        assumptions={"peak_tflops": hw.peak_tflops, "mfu_on_matmuls": hw.mfu,
+                     "hbm_bandwidth_tbps": hw.hbm_bandwidth_tbps, "bandwidth_utilization": hw.bandwidth_utilization,
+                     "gpus_per_node (ASSUMED)": hw.gpus_per_node, "intra_node_gbps (ASSUMED)": hw.intra_node_gbps,
+                     "inter_node_gbps (ASSUMED)": hw.inter_node_gbps,
+                     "overlap": "none: TP/EP collectives, pipeline sends and the gradient reduction are exposed",
+                     "routing": "balanced"})

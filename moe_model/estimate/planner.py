@@ -1,0 +1,391 @@
+"""`moe plan`: search every legal parallel strategy, keep those that fit the GPU budget, rank them.
+
+The space: tp among the divisors of `gpus_per_node` (tp stays inside a node), pp from 1 to the number of layers (each
+stage then holds at least one MoE layer: every layer is one), ep among the divisors of the expert count, dp and the
+micro-batch among the divisors of the global batch (micro_batch * dp must divide it), ZeRO 0-3, activation
+checkpointing off/on, and tp*pp*dp <= --max-gpus. A combination is legal when the recipe's `layout_problem`
+(DeepSpeed's rules: tp | heads, ep | experts, ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp > 1) and the training
+rule `perf.trainability_problem` (ep a multiple of tp when both exceed 1) accept it.
+
+Fit: the memory estimator's peak rank (estimate.py) against `hardware.gpu_memory_gb`. The estimator takes ~1 ms per
+layout; the search uses `fast_peak_bytes`, the same formulas with every stage's parts cached by the arguments they
+depend on, and only the earliest stage of each (layers, first, last) kind evaluated: a stage's total grows with its
+in-flight micro-batches and earlier stages hold more (1F1B: min(m, pp - s)). tests/test_planner.py checks it
+equals `estimate(...).peak.total_bytes` on a sample. The step time is `perf.step_components` on numpy arrays (the
+very function the full path calls on scalars).
+
+Objectives: latency = shortest step (ties: fewer GPUs); throughput = most sequences per second (with a fixed global
+batch this is 1 / step time, the same order as latency; ties: fewer GPUs); cost = fewest GPU-seconds per step
+(gpus x step time; ties: shorter step). The Pareto front: the fitting strategies no other beats on both GPUs and
+step time.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from types import SimpleNamespace
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..recipe import ParallelSection, Recipe, RecipeError, layout_problem
+from .activations import MicroBatch, stage_activations
+from .estimate import estimate
+from .memory import PRECISION_BYTES, Assumptions, model_states, rank_params, stage_layers
+from .perf import shape_of, stage_shape, step_components, trainability_problem
+
+OBJECTIVES = ("latency", "throughput", "cost")
+_CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+                  "num_experts_per_tok", "router_z_loss_coef", "intermediate_size", "hidden_act", "capacity_factor",
+                  "min_capacity", "vocab_size", "num_hidden_layers", "tie_word_embeddings")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _unique_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, axis=0, return_inverse=True) for small non-negative ints, through one mixed-radix code
+    (np.unique on rows sorts lexicographically and is several times slower)."""
+    keys = keys.astype(np.int64)
+    radix = keys.max(axis=0) + 1
+    code = np.zeros(len(keys), dtype=np.int64)
+    for j in range(keys.shape[1]):
+        code = code * radix[j] + keys[:, j]
+    _, first, inv = np.unique(code, return_index=True, return_inverse=True)
+    return keys[first], inv
+
+
+class FastMemory:
+    """Peak bytes of a layout with the estimator's formulas, parts cached (see the module docstring)."""
+
+    def __init__(self, recipe: Recipe, assumptions: Assumptions = Assumptions()):
+        cfg = recipe.moe_config()
+        # a plain copy of the attributes the formulas read: PretrainedConfig's attribute lookup is slow
+        self.cfg = SimpleNamespace(**{name: getattr(cfg, name) for name in _CONFIG_FIELDS})
+        self.precision = recipe.train.precision
+        self.b = PRECISION_BYTES[self.precision]
+        self.S = recipe.train.seq_len
+        self.gbs = recipe.train.global_batch_size
+        self.a = assumptions
+        self.states = functools.lru_cache(maxsize=None)(self._states)
+        self.acts = self._acts
+        self.acts_line = functools.lru_cache(maxsize=None)(self._acts_line)
+        self.kinds = functools.lru_cache(maxsize=None)(self._kinds)
+
+    def _kinds(self, pp: int) -> tuple[tuple[int, bool, bool, int], ...]:
+        """(layers, first, last, earliest stage) per distinct stage kind."""
+        seen: dict[tuple[int, bool, bool], int] = {}
+        for s, layers in enumerate(stage_layers(self.cfg.num_hidden_layers, pp)):
+            seen.setdefault((layers, s == 0, s == pp - 1), s)
+        return tuple((*k, s) for k, s in seen.items())
+
+    def _states(self, layers, first, last, tp, ep, zero, dp, pp_multi):
+        params = rank_params(self.cfg, layers=layers, first=first, last=last, tp=tp, ep=ep)
+        st = model_states(params, precision=self.precision, zero_stage=zero, dp=dp, ep=ep, pp=2 if pp_multi else 1,
+                          assumptions=self.a)
+        return st.params_bytes + st.grads_bytes + st.optimizer_bytes, st.bucket_bytes, st.step_transient_bytes
+
+    def _acts_line(self, B, tp, ep_multi, layers, first, last, pp_multi, ckpt):
+        """(bytes at one micro-batch in flight, bytes per extra one): every term of `stage_activations` is
+        constant or proportional to the in-flight count, so two evaluations give all of them exactly."""
+        mb = MicroBatch(B, self.S, self.b, tp=tp, ep=2 if ep_multi else 1)
+        pp = 2 if pp_multi else 1
+        one, two = (stage_activations(self.cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=f,
+                                      checkpointing=ckpt, imbalance=self.a.imbalance) for f in (1, 2))
+        total = lambda a: a.activations_bytes + a.imbalance_headroom_bytes + a.head_transient_bytes  # noqa: E731
+        return total(one), total(two) - total(one)
+
+    def _acts(self, B, tp, ep_multi, layers, first, last, pp, in_flight, ckpt):
+        base, slope = self.acts_line(B, tp, ep_multi, layers, first, last, pp > 1, ckpt)
+        return base + (in_flight - 1) * slope
+
+    def peak_bytes_many(self, grid: np.ndarray) -> np.ndarray:
+        """`peak_bytes` of every row (tp pp ep dp zero B ckpt) of `grid`: each stage kind's parts are computed once
+        per distinct argument tuple (np.unique) and broadcast back; the arithmetic is `peak_bytes`'s."""
+        peak = np.zeros(len(grid), dtype=np.int64)
+        m_all = self.gbs // (grid[:, 5] * grid[:, 3])
+        for pp in np.unique(grid[:, 1]).tolist():
+            sel = np.flatnonzero(grid[:, 1] == pp)
+            g = grid[sel]
+            tp, ep, dp, zero, B, ckpt = g[:, 0], g[:, 2], g[:, 3], g[:, 4], g[:, 5], g[:, 6]
+            m = m_all[sel]
+            best = np.zeros(len(sel), dtype=np.int64)
+            for layers, first, last, s in self.kinds(pp):
+                uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp], axis=1))
+                svals = np.array([self.states(layers, first, last, int(a), int(e), int(z), int(d), pp > 1)
+                                  for a, e, z, d in uniq.tolist()], dtype=np.int64).reshape(-1, 3)[inv.reshape(-1)]
+                in_flight = np.minimum(m, pp - s)
+                uniq, inv = _unique_rows(np.stack([B, tp, ep > 1, ckpt], axis=1))
+                line = np.array([self.acts_line(int(b), int(a), bool(e), layers, first, last, pp > 1, bool(c))
+                                 for b, a, e, c in uniq.tolist()], dtype=np.int64).reshape(-1, 2)[inv.reshape(-1)]
+                avals = line[:, 0] + (in_flight - 1) * line[:, 1]
+                allocated = svals[:, 0] + np.maximum(avals + svals[:, 1], svals[:, 2])
+                total = allocated + (allocated * self.a.fragmentation).astype(np.int64) + self.a.reserve_bytes
+                best = np.maximum(best, total)
+            peak[sel] = best
+        return peak
+
+    def peak_bytes(self, tp, pp, ep, dp, zero, B, ckpt) -> int:
+        m = self.gbs // (B * dp)
+        peak = 0
+        for layers, first, last, s in self.kinds(pp):
+            states, bucket, step = self.states(layers, first, last, tp, ep, zero, dp, pp > 1)
+            acts = self.acts(B, tp, ep > 1, layers, first, last, pp, min(m, pp - s), ckpt)
+            allocated = states + max(acts + bucket, step)
+            total = allocated + int(allocated * self.a.fragmentation) + self.a.reserve_bytes
+            peak = max(peak, total)
+        return peak
+
+
+@dataclass
+class Plan:
+    recipe: str
+    objective: str
+    max_gpus: int | None
+    searched: int
+    legal: int
+    fitting: int
+    search_time_s: float
+    candidates: list[dict]  # fitting, best first
+    pareto: list[dict]
+    own: dict | None  # the recipe's own strategy, evaluated by the full estimator
+    own_rank: int | None  # where it would sit among the fitting candidates (1-based), None when it does not fit
+    hardware: dict = field(default_factory=dict)
+
+    def as_json(self, top: int = 50) -> dict:
+        return {"recipe": self.recipe, "objective": self.objective, "max_gpus": self.max_gpus,
+                "searched": self.searched, "legal": self.legal, "fitting": self.fitting,
+                "search_time_s": self.search_time_s,
+                "candidates": self.candidates[:top] if top else self.candidates,
+                "pareto": self.pareto, "recipe_strategy": self.own, "recipe_strategy_rank": self.own_rank,
+                "hardware_assumed": self.hardware}
+
+
+def _rank_key(objective: str):
+    if objective == "latency":
+        return lambda c: (c["step_time_s"], c["gpus"])
+    if objective == "throughput":
+        return lambda c: (-c["throughput_seq_per_s"], c["gpus"])
+    return lambda c: (c["gpus"] * c["step_time_s"], c["step_time_s"])
+
+
+def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, np.ndarray]:
+    """(combinations searched, legal strategies as an int array with columns tp pp ep dp zero B ckpt)."""
+    m, hw, gbs = recipe.model, recipe.hardware, recipe.train.global_batch_size
+    tps, pps, eps = divisors(hw.gpus_per_node), range(1, m.num_hidden_layers + 1), divisors(m.num_local_experts)
+    batch = divisors(gbs)
+    searched = 0
+    rows = []
+    for tp in tps:
+        for pp in pps:
+            for ep in eps:
+                for dp in batch:
+                    gpus_ok = max_gpus is None or tp * pp * dp <= max_gpus
+                    for zero in (0, 1, 2, 3):
+                        searched += 2 * len(batch)
+                        if not gpus_ok or trainability_problem(tp, ep):
+                            continue
+                        if layout_problem(m, tp, pp, ep, dp, zero, hw.gpus_per_node):
+                            continue
+                        for B in batch:
+                            if gbs % (B * dp):
+                                continue
+                            rows.append((tp, pp, ep, dp, zero, B, 0))
+                            rows.append((tp, pp, ep, dp, zero, B, 1))
+    return searched, np.array(rows, dtype=np.int64).reshape(-1, 7)
+
+
+def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assumptions()) -> dict[str, np.ndarray]:
+    """Peak bytes and step time of every row of `grid` (fast path)."""
+    fast = FastMemory(recipe, assumptions)
+    peak = fast.peak_bytes_many(grid)
+    s = shape_of(recipe)
+    max_pp = int(grid[:, 1].max()) if len(grid) else 1
+    table = np.zeros((3, max_pp + 1), dtype=np.int64)
+    for pp in range(1, max_pp + 1):
+        table[:, pp] = stage_shape(s.L, pp)
+    tp, pp, ep, dp, zero, B, ckpt = (grid[:, i].astype(np.float64) for i in range(7))
+    c = step_components(s, tp, grid[:, 1], ep, dp, zero, B, ckpt, pp_table=table)
+    step = np.asarray(c["step"], dtype=np.float64)
+    return {"peak": peak, "step": step, "gpus": grid[:, 0] * grid[:, 1] * grid[:, 3],
+            "fits": peak <= int(recipe.hardware.gpu_memory_gb * 1e9)}
+
+
+def _candidate(row, peak, step, gbs, fits=True) -> dict:
+    tp, pp, ep, dp, zero, B, ckpt = row
+    return {"parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "zero_stage": zero, "micro_batch_size": B,
+                         "activation_checkpointing": bool(ckpt)},
+            "gpus": tp * pp * dp, "step_time_s": float(step), "throughput_seq_per_s": gbs / float(step),
+            "peak_bytes": int(peak), "fits": bool(fits)}
+
+
+def full_candidate(recipe: Recipe, parallel: dict, assumptions: Assumptions = Assumptions()) -> dict:
+    """One strategy through the full estimator and performance model (the reference for the fast path)."""
+    variant = recipe.model_copy(update={"parallel": ParallelSection(**parallel)})
+    est = estimate(variant, None, assumptions)
+    perf = est.performance
+    return {"parallel": dict(parallel), "gpus": est.gpus, "step_time_s": perf.step_time_s,
+            "throughput_seq_per_s": perf.throughput_seq_per_s, "peak_bytes": est.peak.total_bytes,
+            "fits": est.fits, "mfu": perf.mfu}
+
+
+def pareto_front(candidates: list[dict]) -> list[dict]:
+    """Fitting strategies not beaten on both GPUs and step time, by GPUs ascending."""
+    best: dict[int, dict] = {}
+    for c in candidates:
+        if c["gpus"] not in best or c["step_time_s"] < best[c["gpus"]]["step_time_s"]:
+            best[c["gpus"]] = c
+    front, fastest = [], float("inf")
+    for gpus in sorted(best):
+        if best[gpus]["step_time_s"] < fastest:
+            front.append(best[gpus])
+            fastest = best[gpus]["step_time_s"]
+    return front
+
+
+def plan(recipe: Recipe, max_gpus: int | None = None, objective: str = "latency",
+         assumptions: Assumptions = Assumptions()) -> Plan:
+    if objective not in OBJECTIVES:
+        raise RecipeError("--objective", f"{objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if max_gpus is not None and max_gpus < 1:
+        raise RecipeError("--max-gpus", f"must be at least 1, got {max_gpus}")
+    start = time.perf_counter()
+    searched, grid = enumerate_legal(recipe, max_gpus)
+    ev = evaluate(recipe, grid, assumptions)
+    gbs = recipe.train.global_batch_size
+    idx = np.flatnonzero(ev["fits"])
+    candidates = [_candidate(row, peak, step, gbs) for row, peak, step in
+                  zip(grid[idx].tolist(), ev["peak"][idx].tolist(), ev["step"][idx].tolist())]
+    key = _rank_key(objective)
+    candidates.sort(key=key)
+    elapsed = time.perf_counter() - start
+    own, own_rank = None, None
+    p = recipe.parallel
+    try:
+        own = full_candidate(recipe, {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": p.dp or p.ep,
+                                      "zero_stage": p.zero_stage, "micro_batch_size": p.micro_batch_size,
+                                      "activation_checkpointing": p.activation_checkpointing}, assumptions)
+        own["dp_assumed"] = p.dp is None
+        if own["fits"]:
+            own_rank = 1 + sum(1 for c in candidates if key(c) < key(own))
+    except RecipeError as err:
+        own = {"error": str(err)}
+    hw = recipe.hardware
+    return Plan(recipe=recipe.name, objective=objective, max_gpus=max_gpus, searched=searched, legal=len(grid),
+                fitting=len(candidates), search_time_s=elapsed, candidates=candidates, pareto=pareto_front(candidates),
+                own=own, own_rank=own_rank,
+                hardware={"gpus_per_node": hw.gpus_per_node, "intra_node_gbps": hw.intra_node_gbps,
+                          "inter_node_gbps": hw.inter_node_gbps, "note": "interconnect figures are ASSUMED"})
+
+
+def describe(parallel: dict) -> str:
+    p = parallel
+    return (f"tp{p['tp']} pp{p['pp']} ep{p['ep']} dp{p['dp']} ZeRO-{p['zero_stage']} mb{p['micro_batch_size']} "
+            f"ckpt {'on' if p['activation_checkpointing'] else 'off'}")
+
+
+def cmd_plan(recipe: Recipe, args) -> int:
+    import json
+
+    result = plan(recipe, getattr(args, "max_gpus", None), getattr(args, "objective", "latency"))
+    top = getattr(args, "top", None)
+    top = 10 if top is None else top
+    if getattr(args, "plot", None):
+        _plot(result, args.plot)
+    if getattr(args, "json", False):
+        print(json.dumps(result.as_json(top=50 if getattr(args, "top", None) is None else args.top), indent=2))
+        return 0 if result.candidates else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 132))
+    console.print(f"[bold]{result.recipe}[/]: searched {result.searched:,} combinations, {result.legal:,} legal, "
+                  f"{result.fitting:,} fit {recipe.hardware.gpu_memory_gb:g} GB, in {result.search_time_s:.2f} s; "
+                  f"objective {result.objective}")
+    table = Table(title=f"top {min(top, len(result.candidates))} strategies")
+    for column in ("#", "strategy", "GPUs", "step s", "seq/s", "tokens/s", "peak GB"):
+        table.add_column(column, justify="right")
+    for i, c in enumerate(result.candidates[:top], 1):
+        table.add_row(str(i), describe(c["parallel"]), str(c["gpus"]), f"{c['step_time_s']:.3f}",
+                      f"{c['throughput_seq_per_s']:.1f}", f"{c['throughput_seq_per_s'] * recipe.train.seq_len:,.0f}",
+                      f"{c['peak_bytes'] / 1e9:.1f}")
+    console.print(table)
+    front = Table(title="latency versus GPUs (Pareto front)")
+    for column in ("GPUs", "strategy", "step s", "seq/s"):
+        front.add_column(column, justify="right")
+    own = result.own or {}
+    placed = False
+    for c in result.pareto:
+        if not placed and "gpus" in own and own["gpus"] <= c["gpus"]:
+            front.add_row(f"[yellow]{own['gpus']}[/]", f"[yellow]recipe's own: {describe(own['parallel'])}[/]",
+                          f"[yellow]{own['step_time_s']:.3f}[/]", f"[yellow]{own['throughput_seq_per_s']:.1f}[/]")
+            placed = True
+        front.add_row(str(c["gpus"]), describe(c["parallel"]), f"{c['step_time_s']:.3f}",
+                      f"{c['throughput_seq_per_s']:.1f}")
+    if not placed and "gpus" in own:
+        front.add_row(f"[yellow]{own['gpus']}[/]", f"[yellow]recipe's own: {describe(own['parallel'])}[/]",
+                      f"[yellow]{own['step_time_s']:.3f}[/]", f"[yellow]{own['throughput_seq_per_s']:.1f}[/]")
+    console.print(front)
+    if "error" in own:
+        console.print(f"recipe's own strategy: {own['error']}")
+    elif own:
+        where = (f"rank {result.own_rank} of {result.fitting}" if result.own_rank else
+                 f"[red]does not fit[/] (peak {own['peak_bytes'] / 1e9:.1f} GB)")
+        console.print(f"recipe's own strategy {describe(own['parallel'])} on {own['gpus']} GPUs"
+                      f"{' (dp assumed = ep)' if own.get('dp_assumed') else ''}: step {own['step_time_s']:.3f} s, "
+                      f"{own['throughput_seq_per_s']:.1f} seq/s, {where}")
+    console.print(f"interconnect ASSUMED: {recipe.hardware.gpus_per_node} GPUs per node, "
+                  f"{recipe.hardware.intra_node_gbps:g} GB/s intra-node, {recipe.hardware.inter_node_gbps:g} GB/s "
+                  "inter-node per GPU; no compute/communication overlap (see moe_model/estimate/perf.py)")
+    return 0 if result.candidates else 1
+
+
+def _plot(result: Plan, path: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).resolve().parent.is_dir():
+        raise RecipeError("--plot", f"folder {str(Path(path).parent)!r} does not exist; create it first")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([c["gpus"] for c in result.candidates], [c["step_time_s"] for c in result.candidates], s=4,
+               alpha=0.3, label="fitting strategies")
+    ax.plot([c["gpus"] for c in result.pareto], [c["step_time_s"] for c in result.pareto], "o-", color="C1",
+            label="Pareto front")
+    if result.own and "gpus" in result.own:
+        ax.scatter([result.own["gpus"]], [result.own["step_time_s"]], marker="*", s=150, color="C3",
+                   label="recipe's own" + ("" if result.own["fits"] else " (does not fit)"))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("predicted step time, s")
+    ax.set_title(f"{result.recipe}: latency versus GPUs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    def positive(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+        return value
+
+    parser.add_argument("--max-gpus", type=positive, default=None, help="largest world size to consider")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="latency",
+                        help="latency: shortest step; throughput: most sequences/s; cost: fewest GPU-seconds per step")
+    parser.add_argument("--top", type=int, default=None,
+                        help="strategies to show (default 10) or, with --json, to emit (default 50); 0: all fitting")
+    parser.add_argument("--plot", metavar="PNG", default=None, help="write the latency-versus-GPUs plot here")

@@ -1,0 +1,100 @@
+"""`moe plan`: the fast search path equals the full estimator, every candidate is legal and fits, the ranking and the
+Pareto front hold, the search is fast, the CLI keys and bad input."""
+
+import json
+import random
+
+import pytest
+
+from moe_model.cli import main
+from moe_model.estimate.perf import trainability_problem
+from moe_model.estimate.planner import enumerate_legal, evaluate, full_candidate, pareto_front, plan
+from moe_model.recipe import layout_problem, load_recipe
+from tests.conftest import ROOT
+
+SEED = str(ROOT / "recipes/seed_4b.yaml")
+SEED_PLAN = str(ROOT / "recipes/seed_plan.yaml")
+TINY = str(ROOT / "recipes/tiny_cpu.yaml")
+KEYS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_checkpointing")
+
+
+def as_parallel(row):
+    values = [int(v) for v in row]
+    return dict(zip(KEYS, values[:6] + [bool(values[6])]))
+
+
+@pytest.mark.parametrize("path,overrides", [(SEED, []), (TINY, []), (SEED, ["model.hidden_act=silu",
+                                                                              "train.seq_len=2048"])])
+def test_fast_path_equals_the_full_estimator_on_a_sample(path, overrides):
+    recipe = load_recipe(path, overrides)
+    _, grid = enumerate_legal(recipe)
+    ev = evaluate(recipe, grid)
+    for i in random.Random(7).sample(range(len(grid)), 40):
+        full = full_candidate(recipe, as_parallel(grid[i]))
+        assert full["peak_bytes"] == ev["peak"][i], as_parallel(grid[i])
+        assert full["fits"] == bool(ev["fits"][i])
+        assert full["step_time_s"] == pytest.approx(float(ev["step"][i]), rel=1e-12)
+        assert full["gpus"] == ev["gpus"][i]
+
+
+def test_every_candidate_is_legal_fits_and_is_ranked():
+    recipe = load_recipe(SEED)
+    result = plan(recipe, max_gpus=64)
+    assert result.candidates and result.fitting == len(result.candidates) <= result.legal <= result.searched
+    budget = recipe.hardware.gpu_memory_gb * 1e9
+    for c in result.candidates:
+        p = c["parallel"]
+        assert layout_problem(recipe.model, p["tp"], p["pp"], p["ep"], p["dp"], p["zero_stage"], 8) is None
+        assert trainability_problem(p["tp"], p["ep"]) is None
+        assert c["gpus"] == p["tp"] * p["pp"] * p["dp"] <= 64
+        assert c["fits"] and c["peak_bytes"] <= budget
+        assert 128 % (p["micro_batch_size"] * p["dp"]) == 0
+    times = [c["step_time_s"] for c in result.candidates]
+    assert times == sorted(times)
+    cost = plan(recipe, max_gpus=64, objective="cost").candidates
+    costs = [c["gpus"] * c["step_time_s"] for c in cost]
+    assert costs == sorted(costs)
+
+
+def test_pareto_front_is_not_dominated():
+    result = plan(load_recipe(SEED), max_gpus=256)
+    front = result.pareto
+    assert [c["gpus"] for c in front] == sorted({c["gpus"] for c in front})
+    assert all(a["step_time_s"] > b["step_time_s"] for a, b in zip(front, front[1:]))
+    for c in result.candidates:  # nothing beats a front point with as few GPUs
+        for f in front:
+            assert not (c["gpus"] <= f["gpus"] and c["step_time_s"] < f["step_time_s"])
+    assert pareto_front([]) == []
+
+
+def test_the_seeds_own_strategy_does_not_fit_and_the_best_beats_it():
+    result = plan(load_recipe(SEED_PLAN))
+    assert result.own["gpus"] == 128 and result.own["fits"] is False and result.own_rank is None
+    assert result.candidates[0]["step_time_s"] < result.own["step_time_s"]
+
+
+def test_search_of_more_than_100k_candidates_under_2_seconds():
+    # a larger global batch widens the legal space (more dp x micro-batch pairs)
+    recipe = load_recipe(SEED, ["train.global_batch_size=8192"])
+    result = plan(recipe)
+    assert result.legal >= 100_000
+    assert result.search_time_s < 2.0, result.search_time_s
+
+
+def test_cli_json_keys_and_bad_input(capsys):
+    assert main(["plan", TINY, "--json", "--max-gpus", "8", "--top", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["candidates"]) == 5 and out["searched"] >= out["legal"] >= out["fitting"] > 0
+    first = out["candidates"][0]
+    assert set(first) >= {"parallel", "gpus", "step_time_s", "throughput_seq_per_s", "peak_bytes", "fits"}
+    assert set(first["parallel"]) == set(KEYS)
+    with pytest.raises(SystemExit) as err:
+        main(["plan", TINY, "--objective", "fastest"])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:
+        main(["plan", TINY, "--max-gpus", "0"])
+    assert err.value.code == 2
+    capsys.readouterr()
+    assert main(["plan", TINY, "--max-gpus", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "searched" in text and "Pareto" in text and "recipe's own" in text
