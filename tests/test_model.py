@@ -148,8 +148,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config_kwargs):
     saved = {}
     for name, model in (("plain", plain), ("ckpt", ckpt)):
         count = [0]
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.__setitem__(0, count[0] + t.numel()) or t,
-                                                      lambda t: t):
+
+        def pack(t, count=count):
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(ids, labels=ids).loss
         saved[name] = count[0]
         loss.backward()
