@@ -174,6 +174,19 @@ def layout_problem(model: ModelSection, tp: int, pp: int, ep: int, dp: int | Non
     return None
 
 
+def training_problem(tp: int, ep: int) -> tuple[str, str] | None:
+    """What DeepSpeed accepts but this project cannot train correctly (checked before launch and by the planner).
+
+    DeepSpeed's expert groups are consecutive ranks: with tp > 1 and ep not a multiple of tp, two tensor-parallel
+    peers hold the same experts, and DeepSpeed's global grad norm (which counts a parameter once per tp rank or on tp
+    rank 0 only) cannot count them exactly once, so gradient clipping would use a wrong norm.
+    """
+    if tp > 1 and ep > 1 and ep % tp:
+        return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
+                               "tensor-parallel peers hold different experts; raise ep or lower tp")
+    return None
+
+
 class Recipe(Section):
     name: str = "unnamed"
     model: ModelSection

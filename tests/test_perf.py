@@ -8,7 +8,8 @@ import pytest
 from moe_model.cli import main
 from moe_model.estimate.estimate import estimate
 from moe_model.estimate.perf import (Shape, layer_forward_flops, model_flops_per_step, performance, shape_of,
-                                     step_components, trainability_problem)
+                                     step_components)
+from moe_model.recipe import training_problem
 from moe_model.recipe import RecipeError, load_recipe, recipe_from_dict
 from tests.conftest import ROOT
 
@@ -141,8 +142,8 @@ def test_dp_reduction_uses_inter_node_links_beyond_a_node():
 
 
 def test_training_rule_ep_multiple_of_tp():
-    assert trainability_problem(2, 4) is None and trainability_problem(4, 1) is None
-    field, message = trainability_problem(4, 2)
+    assert training_problem(2, 4) is None and training_problem(4, 1) is None
+    field, message = training_problem(4, 2)
     assert field == "parallel.ep" and "multiple of tp" in message
 
 

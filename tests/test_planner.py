@@ -7,7 +7,7 @@ import random
 import pytest
 
 from moe_model.cli import main
-from moe_model.estimate.perf import trainability_problem
+from moe_model.recipe import training_problem
 from moe_model.estimate.planner import enumerate_legal, evaluate, full_candidate, pareto_front, plan
 from moe_model.recipe import layout_problem, load_recipe
 from tests.conftest import ROOT
@@ -45,7 +45,7 @@ def test_every_candidate_is_legal_fits_and_is_ranked():
     for c in result.candidates:
         p = c["parallel"]
         assert layout_problem(recipe.model, p["tp"], p["pp"], p["ep"], p["dp"], p["zero_stage"], 8) is None
-        assert trainability_problem(p["tp"], p["ep"]) is None
+        assert training_problem(p["tp"], p["ep"]) is None
         assert c["gpus"] == p["tp"] * p["pp"] * p["dp"] <= 64
         assert c["fits"] and c["peak_bytes"] <= budget
         assert 128 % (p["micro_batch_size"] * p["dp"]) == 0

@@ -247,16 +247,6 @@ class Performance:
                 "assumptions": self.assumptions}
 
 
-def trainability_problem(tp: int, ep: int) -> tuple[str, str] | None:
-    """The project's training rule (moe_model/train/main.py `check_trainable`, restated here because estimate/
-    imports nothing of train/): with tp > 1 and ep > 1, ep must be a multiple of tp, or two tensor-parallel peers
-    hold the same experts and the global gradient norm counts them wrongly."""
-    if tp > 1 and ep > 1 and ep % tp:
-        return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
-                               "tensor-parallel peers hold different experts; raise ep or lower tp")
-    return None
-
-
 def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=None, ep=None, dp=None,
                 zero_stage=None, micro_batch_size=None, activation_checkpointing=None) -> Performance:
     """Step time of `recipe`'s strategy (or of the strategy the keyword arguments override)."""

@@ -5,7 +5,7 @@ stage then holds at least one MoE layer: every layer is one), ep among the divis
 micro-batch among the divisors of the global batch (micro_batch * dp must divide it), ZeRO 0-3, activation
 checkpointing off/on, and tp*pp*dp <= --max-gpus. A combination is legal when the recipe's `layout_problem`
 (DeepSpeed's rules: tp | heads, ep | experts, ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp > 1) and the training
-rule `perf.trainability_problem` (ep a multiple of tp when both exceed 1) accept it.
+rule `recipe.training_problem` (ep a multiple of tp when both exceed 1) accept it.
 
 Fit: the memory estimator's peak rank (estimate.py) against `hardware.gpu_memory_gb`. The estimator takes ~1 ms per
 layout; the search uses `fast_peak_bytes`, the same formulas with every stage's parts cached by the arguments they
@@ -33,7 +33,8 @@ from ..recipe import ParallelSection, Recipe, RecipeError, layout_problem
 from .activations import MicroBatch, stage_activations
 from .estimate import estimate
 from .memory import PRECISION_BYTES, Assumptions, model_states, rank_params, stage_layers
-from .perf import shape_of, stage_shape, step_components, trainability_problem
+from ..recipe import training_problem
+from .perf import shape_of, stage_shape, step_components
 
 OBJECTIVES = ("latency", "throughput", "cost")
 _CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
@@ -185,7 +186,7 @@ def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, n
                     gpus_ok = max_gpus is None or tp * pp * dp <= max_gpus
                     for zero in (0, 1, 2, 3):
                         searched += 2 * len(batch)
-                        if not gpus_ok or trainability_problem(tp, ep):
+                        if not gpus_ok or training_problem(tp, ep):
                             continue
                         if layout_problem(m, tp, pp, ep, dp, zero, hw.gpus_per_node):
                             continue

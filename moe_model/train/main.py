@@ -17,7 +17,7 @@ import time
 import warnings
 from typing import Any
 
-from ..recipe import Recipe, RecipeError, layout_problem, load_recipe
+from ..recipe import Recipe, RecipeError, layout_problem, load_recipe, training_problem
 from . import checkpoint
 
 
@@ -31,13 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_trainable(recipe: Recipe) -> None:
     """Refuse what DeepSpeed accepts but this project cannot yet train correctly, before any process group exists."""
-    p = recipe.parallel
-    if p.tp > 1 and p.ep > 1 and p.ep % p.tp:
-        # DeepSpeed's expert groups are consecutive ranks: with ep < tp two tensor-parallel peers hold the same
-        # experts, and DeepSpeed's global grad norm (which counts a parameter once per tp rank or on tp rank 0 only)
-        # cannot count them exactly once, so gradient clipping would use a wrong norm
-        raise RecipeError("parallel.ep", (f"with tp={p.tp}, training needs ep to be a multiple of tp (got ep={p.ep}) "
-                                          "so that tensor-parallel peers hold different experts; raise ep or lower tp"))
+    problem = training_problem(recipe.parallel.tp, recipe.parallel.ep)
+    if problem:
+        raise RecipeError(*problem)
 
 
 def check_output_dir(recipe: Recipe) -> None:
