@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
+from moe_model.cli import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE_RANK = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=null")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(num_ranks: int, *overrides: str, script: str = "scripts/train.py", recipe: str = "recipes/tiny_cpu.yaml",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..parallel.layout import Layout
 from ..recipe import RecipeError
 
 MANIFEST = "manifest.json"
@@ -52,8 +53,9 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int) -> Pa
     torch.save({"step": step, "torch": torch.get_rng_state(), "python": random.getstate()},
                directory / f"rng_rank{rank}.pt")
     # which DeepSpeed model-parallel file (mp_rank_XX) holds which pipeline stage and tensor-parallel slice
+    coords = Layout(**layout).coords(rank)
     mine = torch.tensor([engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0,
-                         layout_coord(layout, rank, "pipe"), layout_coord(layout, rank, "model")])
+                         coords["pipe"], coords["model"]])
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     dist.barrier()  # every rank's files are on disk
@@ -66,11 +68,6 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int) -> Pa
         _prune(root, keep)
     dist.barrier()
     return directory
-
-
-def layout_coord(layout: dict[str, int], rank: int, axis: str) -> int:
-    tp, dp = layout["tp"], layout["dp"]
-    return {"pipe": rank // (dp * tp), "data": (rank // tp) % dp, "model": rank % tp}[axis]
 
 
 def _prune(root: Path, keep: int) -> None:
