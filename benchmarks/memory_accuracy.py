@@ -283,14 +283,13 @@ def track_state_peaks(engine: Any) -> dict[str, int]:
 def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
     """Rank-side program (run under the deepspeed launcher): build each case's engine with the training code's own
     `build_engine`, run two optimizer steps with its own step function, and record each kind's largest bytes."""
-    import deepspeed
     import torch.distributed as dist
 
     from moe_model.parallel import Layout
+    from moe_model.train.distributed import init_distributed
     from moe_model.train.engine import build_engine
 
-    deepspeed.init_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank, world = init_distributed()
     results = []
     for case in cases:
         recipe = state_recipe(case, world)
@@ -437,14 +436,14 @@ def measure_gpu_on_rank(out_path: Path) -> None:
     """Rank-side program on one GPU: the allocator's peak over the second optimizer step (the first creates the
     optimizer states) against the estimate's allocated bytes (its total less the reserve outside PyTorch's allocator
     and the fragmentation allowance). Not run on the development machines, which have no GPU."""
-    import deepspeed
 
     from moe_model.estimate.estimate import estimate
     from moe_model.parallel import Layout
     from moe_model.recipe import recipe_from_dict
+    from moe_model.train.distributed import init_distributed
     from moe_model.train.engine import build_engine
 
-    deepspeed.init_distributed()
+    init_distributed()
     results = []
     for precision, zero, micro, seq, ckpt in GPU_CASES:
         recipe = recipe_from_dict({

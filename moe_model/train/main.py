@@ -80,18 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 def train(recipe: Recipe) -> int:
     # DeepSpeed 0.19's collectives call torch's all_gather_into_tensor, which torch 2.13 marks deprecated: noise
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
-    import deepspeed
     import torch.distributed as dist
 
     from ..parallel import Layout
     from .data import StepBatches, prepare_data
+    from .distributed import init_distributed
     from .engine import build_engine
     from .evaluation import Validation
     from .tracking import Tracker, flops_per_token, memory_peak_gb, run_config_extras, throughput_metrics
 
-    deepspeed.init_distributed()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    release_shared_memory_name(rank)
+    rank, world = init_distributed()
     p = recipe.parallel
     problem = launch_problem(recipe, world)
     if problem:
@@ -190,24 +188,6 @@ def train(recipe: Recipe) -> int:
     tracker.finish()
     dist.barrier()
     return 0
-
-
-def release_shared_memory_name(rank: int) -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
-
-    DeepSpeed's shm communication op (CPU ranks) creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
-    (69 MB) per rank and never unlinks it: every run, killed or not, left its buffers in memory-backed /dev/shm
-    (seen: 18 GB after a day of tests). The mappings stay valid after the unlink, so nothing leaks even on SIGKILL.
-    """
-    import torch.distributed as dist
-
-    dist.barrier()  # every rank has finished DeepSpeed's backend init, which maps all peers' buffers
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass  # not a CPU run, or DeepSpeed changed its naming
 
 
 def is_fault(loss: float, engine) -> bool:

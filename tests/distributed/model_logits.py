@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -19,7 +18,7 @@ from moe_model import MoEForCausalLM
 from moe_model.parallel import Layout
 from moe_model.recipe import load_recipe
 from moe_model.train.engine import build_engine
-from moe_model.train.main import release_shared_memory_name
+from moe_model.train.distributed import init_distributed
 
 
 def main() -> int:
@@ -33,9 +32,7 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    release_shared_memory_name(rank)
+    rank, world = init_distributed()
     p = recipe.parallel
     layout = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=world // (p.tp * p.pp))
 
