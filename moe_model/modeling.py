@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .configuration import MoEConfig
+from .grouped_ffn import grouped_expert_ffn
 from .routing import capacity_keep_mask, expert_capacity, expert_counts, load_balancing_loss, route, router_z_loss
 
 
@@ -145,13 +146,8 @@ class MoEExperts(nn.Module):
         order_R = order_R[:routed]
         token_R = order_R // K
         x_RD = x_TD[token_R]
-        # unbind once: indexing a stacked parameter per expert would make autograd build a full-size zero gradient
-        # for every expert (E x the layer's expert weights per backward); unbind's backward stacks them once
-        w_in_E = (self.gate_up_proj if self.gated else self.up_proj).unbind(0)
-        w_down_E = self.down_proj.unbind(0)
-        chunks = [expert_ffn(x_ND, w_in_E[e], w_down_E[e], self.act_fn, self.gated)
-                  for e, x_ND in enumerate(x_RD.split(counts)) if counts[e] > 0]
-        y_RD = torch.cat(chunks) if chunks else x_RD.new_zeros(0, x_TD.shape[1])
+        w_in = self.gate_up_proj if self.gated else self.up_proj
+        y_RD = grouped_expert_ffn(x_RD, w_in, self.down_proj, counts, self.act_fn, self.gated)
         y_RD = y_RD * weights_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
@@ -280,10 +276,13 @@ class MoEModel(MoEPreTrainedModel):
 
 
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; label -100 is ignored."""
-    return F.cross_entropy(
-        logits_BSV[:, :-1].float().reshape(-1, logits_BSV.shape[-1]), labels_BS[:, 1:].reshape(-1), ignore_index=-100
-    )
+    """Mean next-token cross-entropy in fp32; label -100 is ignored.
+
+    The labels are shifted (the last position gets -100), not the logits: a slice of the logits would make backward
+    allocate and fill a zero gradient of the full logits ([T, V]) before copying the slice into it.
+    """
+    targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):

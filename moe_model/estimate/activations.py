@@ -23,8 +23,8 @@ Per decoder layer:
                       (their sum) + 4*E (f_e of the aux loss); with a z-loss 4*T*E + 4*T more
     experts, ep = 1   the model's own block: one sort groups the routed copies by expert, each expert runs once,
                       `index_add` combines. 8*T*K (sort order) + 8*R (token of each copy) + b*R*D (gathered input)
-                      + b*R*I*m (FFN: m = 2 for gelu, its input and output; m = 4 for gated silu, the [2I]
-                      projection, the activation and the product) + b*R*D (expert outputs) + b*R (gate weights)
+                      + b*R*I*m (the FFN's pre-activation, m = 1 gelu, 2 gated silu;
+                      `grouped_ffn` recomputes the activation in backward) + b*R*D (expert outputs) + b*R (gate weights)
                       + b*R*D (weighted outputs). Every expert's rows are slices of one buffer of R rows, so the
                       bytes are the same for balanced and for skewed routing (measured): no imbalance term here.
     experts, ep > 1   DeepSpeed's `MOELayer` with sparse routes: every expert's buffer is C rows deep, C the busiest
@@ -35,10 +35,10 @@ Per decoder layer:
                       expert load) gives C = min(ceil(f*T*K/E), T): the difference is the imbalance headroom.
 
 Once per micro-batch: 8*T (token ids, the embedding's index), 2*b*S*d (RoPE cos/sin, shared by the layers; each
-pipeline layer computes its own), the final RMSNorm, b*T*D (LM-head input), 4*T'*V (fp32 log-softmax, T' = B*(S-1)
-predicted tokens), 8*T' (the shifted labels, a copy for B > 1), 4 (the loss's total weight). The training step also
+pipeline layer computes its own), the final RMSNorm, b*T*D (LM-head input), 4*T*V (fp32 log-softmax over every
+position: the labels are shifted and padded, the logits are not sliced), 8*T (those labels), 4 (the loss's total weight). The training step also
 holds the logits b*T*V through backward (the output object; the pipeline engine's output buffer): not saved by
-autograd, reported apart (`held_bytes`). The loss's backward briefly holds two fp32 [T', V] gradients
+autograd, reported apart (`held_bytes`). The loss's backward briefly holds two fp32 [T, V] gradients
 (`head_backward_transient`).
 
 Activation checkpointing (transformers' non-reentrant checkpoint per decoder layer; DeepSpeed's per pipeline
@@ -122,8 +122,11 @@ def router(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return terms
 
 
-def ffn_width_factor(cfg: MoEConfig) -> int:
-    """Saved [rows, I] tensors per routed row: gelu keeps its input and output, gated silu four (see docstring)."""
+def ffn_width_factor(cfg: MoEConfig, grouped: bool) -> int:
+    """Saved [rows, I] tensors per routed row (see docstring). grouped (`grouped_ffn`): the pre-activation only, [2I]
+    gated or [I] gelu. Per-expert modules under plain autograd: gelu its input and output, gated silu four."""
+    if grouped:
+        return 2 if cfg.hidden_act == "silu" else 1
     return 4 if cfg.hidden_act == "silu" else 2
 
 
@@ -143,7 +146,7 @@ def experts_sorted(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return (Terms().add("experts.sort_order", INDEX_BYTES * T * K)
             .add("experts.token_index", INDEX_BYTES * R)
             .add("experts.input", b * R * D)
-            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg))
+            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg, grouped=True))
             .add("experts.output", b * R * D)
             .add("experts.gate_weights", b * R)
             .add("experts.weighted_output", b * R * D))
@@ -173,7 +176,7 @@ def experts_dispatched(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, d
     rows = E * C // mb.tp
     return (Terms().add("experts.dispatch_index", INDEX_BYTES * (E * C + 1))
             .add("experts.input", b * rows * D)
-            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg))
+            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg, grouped=False))
             .add("experts.combine_index", INDEX_BYTES * K * T)
             .add("experts.gathered_output", b * K * T * D)
             .add("experts.gates_fp32", FP32 * K * T))
@@ -197,12 +200,10 @@ def embedding(mb: MicroBatch) -> Terms:
 
 def lm_head_and_loss(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     T, D, b, V = mb.tokens, cfg.hidden_size, mb.dtype_bytes, cfg.vocab_size
-    predicted = mb.micro_batch * (mb.seq_len - 1)
     return (Terms().merge(rms_norm(T, D, b), prefix="final_")
             .add("head.input", b * T * D)
-            .add("loss.log_softmax_fp32", FP32 * predicted * V)
-            # labels are the input ids shifted: a view of them for B = 1, a copy otherwise
-            .add("loss.labels", INDEX_BYTES * predicted if mb.micro_batch > 1 else 0)
+            .add("loss.log_softmax_fp32", FP32 * T * V)
+            .add("loss.labels", INDEX_BYTES * T)  # the shifted labels, padded with -100 at the end of each row
             .add("loss.total_weight", FP32))
 
 
@@ -212,8 +213,8 @@ def logits_held(cfg: MoEConfig, mb: MicroBatch) -> int:
 
 
 def head_backward_transient(cfg: MoEConfig, mb: MicroBatch) -> int:
-    """Gradient buffers alive at once at the loss's backward: d(log-probs) and d(logits) in fp32, [T', V] each."""
-    return 2 * FP32 * mb.micro_batch * (mb.seq_len - 1) * cfg.vocab_size
+    """Gradient buffers alive at once at the loss's backward: d(log-probs) and d(logits) in fp32, [T, V] each."""
+    return 2 * FP32 * mb.tokens * cfg.vocab_size
 
 
 def checkpointed_layer(cfg: MoEConfig, mb: MicroBatch) -> Terms:

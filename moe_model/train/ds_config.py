@@ -14,20 +14,23 @@ from ..recipe import Recipe
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
     t, p = recipe.train, recipe.parallel
+    # DeepSpeed's WarmupCosineLR refuses 0 warmup steps: no warmup is one warmup step that starts at the full lr
+    warmup_steps, warmup_min_ratio = (t.warmup_steps, 0.0) if t.warmup_steps > 0 else (1, 1.0)
     config: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
         "gradient_clipping": t.grad_clip,
         "optimizer": {
-            # torch's AdamW runs on every accelerator, CPU ranks included
+            # torch's AdamW runs on every accelerator, CPU ranks included; its fused kernel (CPU and CUDA) updates
+            # in one pass, where the default allocates sqrt/div temporaries as large as the flat ZeRO partition
             "type": "AdamW",
             "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": t.weight_decay,
-                       "torch_adam": True},
+                       "torch_adam": True, "fused": True},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps,
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"},
+            "params": {"total_num_steps": t.steps, "warmup_num_steps": warmup_steps,
+                       "warmup_min_ratio": warmup_min_ratio, "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"},
         },
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
