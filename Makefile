@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 
 CORPUS := data/python_docs.jsonl
 
-.PHONY: install test smoke plan configs lint clean
+.PHONY: install test smoke plan bench bench-gpu configs lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,21 @@ smoke: $(STAMP) $(CORPUS)
 plan: $(STAMP)
 	$(BIN)/python -m moe_model.estimate.review
 	$(BIN)/moe audit recipes/seed_plan.yaml || test $$? -eq 1
+
+# speed tables (and JSON in benchmarks/results/): the model against transformers' Mixtral and the machine's GEMM rate,
+# DeepSpeed's 1-rank engine against the bare model, both allocator modes (see benchmarks/moe_speed.py), and
+# DeepSpeed's MoE layer on 2 expert-parallel CPU ranks, stock against the project's. About 15 minutes here.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/moe_speed.py
+	$(BIN)/python benchmarks/moe_speed.py --allocator heap --parts mixtral
+	$(BIN)/python benchmarks/ds_moe_layer.py
+
+# the same on a GPU machine: bf16, tokens/s and MFU against PEAK_TFLOPS (the card's dense bf16 peak)
+GPUS ?= 1
+PEAK_TFLOPS ?= 989
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/moe_speed.py --device cuda --peak-tflops $(PEAK_TFLOPS)
+	$(BIN)/python benchmarks/ds_moe_layer.py --gpus $(GPUS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check moe_model scripts tests benchmarks

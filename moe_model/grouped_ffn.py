@@ -1,7 +1,8 @@
 """All experts' FFNs over token rows grouped by expert, as one autograd op.
 
-The rows of `x_RD` are sorted by expert (expert e owns rows `[offsets[e], offsets[e+1])`); the weights are the stacked
-parameters `w_in` [E, N, D] (N = 2I gated: gate rows then up rows; N = I otherwise) and `w_down` [E, D, I].
+The rows of `x_RD` are sorted by expert (expert e owns the `counts[e]` rows after those of experts < e); the weights
+are the stacked parameters `w_in` [E, N, D] (N = 2I gated: gate rows then up rows; N = I otherwise) and `w_down`
+[E, D, I], or the same as one tensor per expert (DeepSpeed's expert modules).
 
 Why a hand-written backward: through plain autograd every per-expert product allocates its own output and its own
 weight gradient, and indexing or unbinding the stacked parameter costs a full-size gradient per expert or a stack of
@@ -37,48 +38,66 @@ def _spans(counts: list[int]):
 
 
 class GroupedExpertFFN(torch.autograd.Function):
+    """Weights either stacked (`w_in` [E, N, D], `w_down` [E, D, I]) or one tensor per expert (DeepSpeed's layout)."""
+
     @staticmethod
-    def forward(ctx, x_RD, w_in_END, w_down_EDI, counts: list[int], act_fn: Activation, gated: bool):
+    def forward(ctx, x_RD, counts: list[int], act_fn: Activation, gated: bool, stacked: bool, *weights):
+        E = len(counts)
+        w_in, w_down = (weights[0], weights[1]) if stacked else (weights[:E], weights[E:])
         R = x_RD.shape[0]
-        h_RN = x_RD.new_empty(R, w_in_END.shape[1])
+        h_RN = x_RD.new_empty(R, w_in[0].shape[0])
         for e, a, b in _spans(counts):
-            torch.mm(x_RD[a:b], w_in_END[e].t(), out=h_RN[a:b])
+            torch.mm(x_RD[a:b], w_in[e].t(), out=h_RN[a:b])
         a_RI = ffn_activation(h_RN, act_fn, gated)
-        y_RD = x_RD.new_empty(R, w_down_EDI.shape[1])
+        y_RD = x_RD.new_empty(R, w_down[0].shape[0])
         for e, a, b in _spans(counts):
-            torch.mm(a_RI[a:b], w_down_EDI[e].t(), out=y_RD[a:b])
-        ctx.save_for_backward(x_RD, h_RN, w_in_END, w_down_EDI)
-        ctx.counts, ctx.act_fn, ctx.gated = counts, act_fn, gated
+            torch.mm(a_RI[a:b], w_down[e].t(), out=y_RD[a:b])
+        ctx.save_for_backward(x_RD, h_RN, *weights)
+        ctx.counts, ctx.act_fn, ctx.gated, ctx.stacked = counts, act_fn, gated, stacked
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_y_RD):
-        x_RD, h_RN, w_in_END, w_down_EDI = ctx.saved_tensors
+        x_RD, h_RN, *weights = ctx.saved_tensors
+        E, stacked = len(ctx.counts), ctx.stacked
+        w_in, w_down = (weights[0], weights[1]) if stacked else (weights[:E], weights[E:])
         spans = list(_spans(ctx.counts))
         grad_y_RD = grad_y_RD.contiguous()
         with torch.enable_grad():  # recompute the activation and let autograd differentiate it (any act_fn)
             h_leaf_RN = h_RN.detach().requires_grad_()
             a_RI = ffn_activation(h_leaf_RN, ctx.act_fn, ctx.gated)
         grad_a_RI = torch.empty_like(a_RI)
-        grad_w_down = torch.zeros_like(w_down_EDI) if len(spans) < len(ctx.counts) else torch.empty_like(w_down_EDI)
+        grad_w_down = _weight_grads(w_down, stacked, ctx.counts)
         for e, a, b in spans:
-            torch.mm(grad_y_RD[a:b], w_down_EDI[e], out=grad_a_RI[a:b])
+            torch.mm(grad_y_RD[a:b], w_down[e], out=grad_a_RI[a:b])
             torch.mm(grad_y_RD[a:b].t(), a_RI[a:b].detach(), out=grad_w_down[e])
         (grad_h_RN,) = torch.autograd.grad(a_RI, h_leaf_RN, grad_a_RI)
         del a_RI, grad_a_RI
-        grad_w_in = torch.zeros_like(w_in_END) if len(spans) < len(ctx.counts) else torch.empty_like(w_in_END)
+        grad_w_in = _weight_grads(w_in, stacked, ctx.counts)
         grad_x_RD = torch.empty_like(x_RD) if ctx.needs_input_grad[0] else None
         for e, a, b in spans:
             torch.mm(grad_h_RN[a:b].t(), x_RD[a:b], out=grad_w_in[e])
             if grad_x_RD is not None:
-                torch.mm(grad_h_RN[a:b], w_in_END[e], out=grad_x_RD[a:b])
-        return grad_x_RD, grad_w_in, grad_w_down, None, None, None
+                torch.mm(grad_h_RN[a:b], w_in[e], out=grad_x_RD[a:b])
+        weight_grads = (grad_w_in, grad_w_down) if stacked else (*grad_w_in, *grad_w_down)
+        return grad_x_RD, None, None, None, None, *weight_grads
 
 
-def grouped_expert_ffn(x_RD: torch.Tensor, w_in_END: torch.Tensor, w_down_EDI: torch.Tensor, counts: list[int],
-                       act_fn: Activation, gated: bool) -> torch.Tensor:
-    """y_RD: row r goes through the FFN of the expert that owns it (see module docstring for the layout)."""
-    if sum(counts) != x_RD.shape[0] or len(counts) != w_in_END.shape[0]:
+def _weight_grads(w, stacked: bool, counts: list[int]):
+    """Gradient buffers to write into; experts without rows get zeros (written by no product)."""
+    if stacked:
+        return torch.zeros_like(w) if 0 in counts else torch.empty_like(w)
+    return [torch.zeros_like(w_e) if n == 0 else torch.empty_like(w_e) for w_e, n in zip(w, counts)]
+
+
+def grouped_expert_ffn(x_RD: torch.Tensor, w_in, w_down, counts: list[int], act_fn: Activation,
+                       gated: bool) -> torch.Tensor:
+    """y_RD: row r goes through the FFN of the expert that owns it (see module docstring for the layout).
+
+    `w_in` / `w_down`: stacked tensors [E, N, D] / [E, D, I], or sequences of E tensors [N, D] / [D, I]."""
+    stacked = isinstance(w_in, torch.Tensor)
+    if sum(counts) != x_RD.shape[0] or len(counts) != len(w_in) or len(w_in) != len(w_down):
         raise ValueError(f"counts (sum {sum(counts)}, {len(counts)} experts) do not match rows {x_RD.shape[0]} "
-                         f"and experts {w_in_END.shape[0]}")
-    return GroupedExpertFFN.apply(x_RD, w_in_END, w_down_EDI, counts, act_fn, gated)
+                         f"and experts {len(w_in)} / {len(w_down)}")
+    weights = (w_in, w_down) if stacked else (*w_in, *w_down)
+    return GroupedExpertFFN.apply(x_RD, counts, act_fn, gated, stacked, *weights)

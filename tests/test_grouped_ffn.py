@@ -55,3 +55,24 @@ def test_counts_that_do_not_match_the_rows_are_refused():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="counts"):
         grouped_expert_ffn(x, torch.randn(2, 4, 3), torch.randn(2, 3, 2), [1, 2], F.silu, True)
+
+
+def test_per_expert_weight_tensors_give_the_stacked_result_and_gradients():
+    """DeepSpeed keeps one module per expert: the op takes their weights as lists, with per-expert gradients."""
+    torch.manual_seed(2)
+    counts = [4, 0, 3]
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    in_list = [w.detach().clone().requires_grad_() for w in w_in]
+    down_list = [w.detach().clone().requires_grad_() for w in w_down]
+    grad_y = torch.randn(7, 5, dtype=torch.float64)
+
+    stacked = grouped_expert_ffn(x, w_in, w_down, counts, F.silu, True)
+    stacked_grads = torch.autograd.grad(stacked, (w_in, w_down), grad_y)
+    listed = grouped_expert_ffn(x, in_list, down_list, counts, F.silu, True)
+    listed_grads = torch.autograd.grad(listed, (*in_list, *down_list), grad_y)
+
+    torch.testing.assert_close(listed, stacked, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(listed_grads[:3]), stacked_grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(listed_grads[3:]), stacked_grads[1], rtol=0, atol=0)

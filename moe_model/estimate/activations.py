@@ -23,23 +23,24 @@ Per decoder layer:
                       (their sum) + 4*E (f_e of the aux loss); with a z-loss 4*T*E + 4*T more
     experts, ep = 1   the model's own block: one sort groups the routed copies by expert, each expert runs once,
                       `index_add` combines. 8*T*K (sort order) + 8*R (token of each copy) + b*R*D (gathered input)
-                      + b*R*I*m (the FFN's pre-activation, m = 1 gelu, 2 gated silu;
-                      `grouped_ffn` recomputes the activation in backward) + b*R*D (expert outputs) + b*R (gate weights)
+                      + b*R*I*m (the FFN's pre-activation, m = 1 gelu, 2 gated silu; `grouped_ffn`
+                      recomputes the activation in backward) + b*R*D (expert outputs) + b*R (gate weights)
                       + b*R*D (weighted outputs). Every expert's rows are slices of one buffer of R rows, so the
                       bytes are the same for balanced and for skewed routing (measured): no imbalance term here.
     experts, ep > 1   DeepSpeed's `MOELayer` with sparse routes: every expert's buffer is C rows deep, C the busiest
                       expert's load over the expert-parallel group (dropless) or the capacity (capacity_factor set);
                       with tp > 1 each tp rank runs C/t of them. 8*(E*C + 1) (dispatch index) + b*E*C/t*(D + I*m)
-                      (expert inputs and FFN) + 8*K*T (combine index) + b*K*T*D (gathered outputs) + 4*K*T (fp32
-                      gates). Balanced routing gives C = ceil(T*K/E); an imbalance factor f (busiest over mean
-                      expert load) gives C = min(ceil(f*T*K/E), T): the difference is the imbalance headroom.
+                      (expert inputs, expert-major, and the FFN's pre-activation as above) + 8*K*T (combine
+                      index) + b*K*T*D (gathered outputs) + 4*K*T (fp32 gates). Balanced routing gives
+                      C = ceil(T*K/E); an imbalance factor f (busiest over mean expert load) gives
+                      C = min(ceil(f*T*K/E), T): the difference is the imbalance headroom.
 
 Once per micro-batch: 8*T (token ids, the embedding's index), 2*b*S*d (RoPE cos/sin, shared by the layers; each
 pipeline layer computes its own), the final RMSNorm, b*T*D (LM-head input), 4*T*V (fp32 log-softmax over every
-position: the labels are shifted and padded, the logits are not sliced), 8*T (those labels), 4 (the loss's total weight). The training step also
-holds the logits b*T*V through backward (the output object; the pipeline engine's output buffer): not saved by
-autograd, reported apart (`held_bytes`). The loss's backward briefly holds two fp32 [T, V] gradients
-(`head_backward_transient`).
+position: the labels are shifted and padded, the logits are not sliced), 8*T (those labels), 4 (the loss's total
+weight). The training step also holds the logits b*T*V through backward (the output object; the pipeline
+engine's output buffer): not saved by autograd, reported apart (`held_bytes`). The loss's backward briefly holds
+two fp32 [T, V] gradients (`head_backward_transient`).
 
 Activation checkpointing (transformers' non-reentrant checkpoint per decoder layer; DeepSpeed's per pipeline
 layer): a layer keeps only its input, b*T*D; backward recomputes one layer at a time, which holds its full set
@@ -122,12 +123,9 @@ def router(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return terms
 
 
-def ffn_width_factor(cfg: MoEConfig, grouped: bool) -> int:
-    """Saved [rows, I] tensors per routed row (see docstring). grouped (`grouped_ffn`): the pre-activation only, [2I]
-    gated or [I] gelu. Per-expert modules under plain autograd: gelu its input and output, gated silu four."""
-    if grouped:
-        return 2 if cfg.hidden_act == "silu" else 1
-    return 4 if cfg.hidden_act == "silu" else 2
+def ffn_width_factor(cfg: MoEConfig) -> int:
+    """Saved [rows, I] tensors per routed row: `grouped_ffn` keeps the pre-activation only, [2I] gated or [I] gelu."""
+    return 2 if cfg.hidden_act == "silu" else 1
 
 
 def routed_rows(cfg: MoEConfig, tokens: int) -> int:
@@ -146,7 +144,7 @@ def experts_sorted(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return (Terms().add("experts.sort_order", INDEX_BYTES * T * K)
             .add("experts.token_index", INDEX_BYTES * R)
             .add("experts.input", b * R * D)
-            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg, grouped=True))
+            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg))
             .add("experts.output", b * R * D)
             .add("experts.gate_weights", b * R)
             .add("experts.weighted_output", b * R * D))
@@ -176,7 +174,7 @@ def experts_dispatched(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, d
     rows = E * C // mb.tp
     return (Terms().add("experts.dispatch_index", INDEX_BYTES * (E * C + 1))
             .add("experts.input", b * rows * D)
-            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg, grouped=False))
+            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg))
             .add("experts.combine_index", INDEX_BYTES * K * T)
             .add("experts.gathered_output", b * K * T * D)
             .add("experts.gates_fp32", FP32 * K * T))
