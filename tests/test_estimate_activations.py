@@ -56,9 +56,9 @@ def test_dispatch_depth_follows_the_busiest_expert_and_the_capacity():
     assert dispatch_depth(cfg, MicroBatch(2, 32, 2, tp=4, ep=4), imbalance=1.1) == 20  # ceil(17.6) up to tp's multiple
     capped = MoEConfig(**{**SMALL, "num_local_experts": 8, "capacity_factor": 1.25})
     assert dispatch_depth(capped, mb, imbalance=3.0) == 20  # a capacity fixes the depth: imbalance drops tokens
-    # only the padded rows grow: per extra row its dispatch index (8 B), input (b*D) and gelu pre-activation (b*I)
+    # only the padded rows grow: per extra row its dispatch index (8 B), input (b*D) and gelu FFN (b*2I)
     grows = experts_dispatched(cfg, mb, imbalance=3.0).total - experts_dispatched(cfg, mb).total
-    assert grows == (48 - 16) * 8 * (8 + 2 * cfg.hidden_size + 2 * cfg.intermediate_size)
+    assert grows == (48 - 16) * 8 * (8 + 2 * cfg.hidden_size + 2 * 2 * cfg.intermediate_size)
 
 
 def test_pipeline_stages_hold_one_f_one_b_micro_batches():

@@ -30,7 +30,8 @@ Per decoder layer:
     experts, ep > 1   DeepSpeed's `MOELayer` with sparse routes: every expert's buffer is C rows deep, C the busiest
                       expert's load over the expert-parallel group (dropless) or the capacity (capacity_factor set);
                       with tp > 1 each tp rank runs C/t of them. 8*(E*C + 1) (dispatch index) + b*E*C/t*(D + I*m)
-                      (expert inputs, expert-major, and the FFN's pre-activation as above) + 8*K*T (combine
+                      (expert inputs and FFN: m = 2 gelu, its input and output; m = 4 gated silu, the [2I]
+                      projection, the activation and the product) + 8*K*T (combine
                       index) + b*K*T*D (gathered outputs) + 4*K*T (fp32 gates). Balanced routing gives
                       C = ceil(T*K/E); an imbalance factor f (busiest over mean expert load) gives
                       C = min(ceil(f*T*K/E), T): the difference is the imbalance headroom.
@@ -123,9 +124,13 @@ def router(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return terms
 
 
-def ffn_width_factor(cfg: MoEConfig) -> int:
-    """Saved [rows, I] tensors per routed row: `grouped_ffn` keeps the pre-activation only, [2I] gated or [I] gelu."""
-    return 2 if cfg.hidden_act == "silu" else 1
+def ffn_width_factor(cfg: MoEConfig, grouped: bool) -> int:
+    """Saved [rows, I] tensors per routed row (see docstring). grouped (`grouped_ffn`, ep = 1): the pre-activation
+    only, [2I] gated or [I] gelu. DeepSpeed's per-expert modules under plain autograd (ep > 1): gelu its input and
+    output, gated silu four."""
+    if grouped:
+        return 2 if cfg.hidden_act == "silu" else 1
+    return 4 if cfg.hidden_act == "silu" else 2
 
 
 def routed_rows(cfg: MoEConfig, tokens: int) -> int:
@@ -144,7 +149,7 @@ def experts_sorted(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return (Terms().add("experts.sort_order", INDEX_BYTES * T * K)
             .add("experts.token_index", INDEX_BYTES * R)
             .add("experts.input", b * R * D)
-            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg))
+            .add("experts.ffn", b * R * cfg.intermediate_size * ffn_width_factor(cfg, grouped=True))
             .add("experts.output", b * R * D)
             .add("experts.gate_weights", b * R)
             .add("experts.weighted_output", b * R * D))
@@ -174,7 +179,7 @@ def experts_dispatched(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, d
     rows = E * C // mb.tp
     return (Terms().add("experts.dispatch_index", INDEX_BYTES * (E * C + 1))
             .add("experts.input", b * rows * D)
-            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg))
+            .add("experts.ffn", b * rows * cfg.intermediate_size * ffn_width_factor(cfg, grouped=False))
             .add("experts.combine_index", INDEX_BYTES * K * T)
             .add("experts.gathered_output", b * K * T * D)
             .add("experts.gates_fp32", FP32 * K * T))

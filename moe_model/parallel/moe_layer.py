@@ -2,13 +2,10 @@
 
 DeepSpeed keeps its machinery: expert-parallel groups, the all-to-all dispatch and combine, expert parameter groups
 (`param.allreduce = False`, `group_name`) and its per-expert checkpoint layout
-(`deepspeed_moe.experts.deepspeed_experts.<local id>.*`). Three parts are the project's, so that the layer computes
+(`deepspeed_moe.experts.deepspeed_experts.<local id>.*`). Two parts are the project's, so that the layer computes
 exactly what `MoESparseBlock` computes on the same weights and tokens:
 
 - `ExpertFFN`: one expert with the model's FFN (gelu two-matrix or silu gated), one copy per local expert;
-- `GroupedLocalExperts`: DeepSpeed's `Experts` container (same expert modules, parameter attributes and checkpoint
-  names) whose forward runs all local experts through one `grouped_expert_ffn` call instead of one autograd graph
-  per expert over a strided chunk and a `cat`;
 - `ProjectGate`: DeepSpeed's native top-2 gate samples the second expert with Gumbel noise, drops tokens by default
   and takes its aux loss from the top-1 mask only. This gate routes with `routing.route` (fp32 softmax, top-k,
   renormalised), computes `routing.load_balancing_loss` and the z-loss, and hands DeepSpeed's MOELayer the sparse
@@ -23,7 +20,6 @@ import deepspeed.moe.mappings as ds_mappings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
 from deepspeed.utils import groups
@@ -32,7 +28,6 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import MoEConfig
-from ..grouped_ffn import grouped_expert_ffn
 from ..modeling import MoESparseBlock, RouterOutput, expert_ffn
 from .tensor_parallel import mark_tensor_parallel
 from ..routing import expert_capacity, expert_counts, expert_positions, load_balancing_loss, route, router_z_loss
@@ -55,25 +50,6 @@ class ExpertFFN(nn.Module):
     def forward(self, x_GCD: torch.Tensor) -> torch.Tensor:
         w_in = self.gate_up_proj if self.gated else self.up_proj
         return expert_ffn(x_GCD, w_in, self.down_proj, self.act_fn, self.gated)
-
-
-class GroupedLocalExperts(Experts):
-    """DeepSpeed's local experts run as one grouped op. Input and output [G, E_local, C, D] (G = ep source ranks)."""
-
-    def __init__(self, experts: Experts):
-        nn.Module.__init__(self)  # adopt the existing modules: parameters, groups and state-dict names unchanged
-        self.deepspeed_experts = experts.deepspeed_experts
-        self.num_local_experts = experts.num_local_experts
-
-    def forward(self, x_GECD: torch.Tensor) -> torch.Tensor:
-        G, E, C, D = x_GECD.shape
-        experts = list(self.deepspeed_experts)
-        first = experts[0]
-        x_RD = x_GECD.transpose(0, 1).reshape(E * G * C, D)  # expert-major rows: expert e owns G*C of them
-        w_in = [ex.gate_up_proj if ex.gated else ex.up_proj for ex in experts]
-        y_RD = grouped_expert_ffn(x_RD, w_in, [ex.down_proj for ex in experts], [G * C] * E, first.act_fn,
-                                  first.gated)
-        return y_RD.view(E, G, C, D).transpose(0, 1)
 
 
 class ProjectGate(TopKGate):
@@ -131,7 +107,6 @@ class DeepSpeedMoEBlock(nn.Module):
                        min_capacity=config.min_capacity, noisy_gate_policy=None,
                        drop_tokens=config.capacity_factor is not None, use_rts=False,
                        top2_2nd_expert_sampling=False)
-        self.moe.deepspeed_moe.experts = GroupedLocalExperts(self.moe.deepspeed_moe.experts)
         gate = ProjectGate(config)
         gate.wg.weight = nn.Parameter(dense.gate.weight.detach().clone())
         self.moe.deepspeed_moe.gate = gate
