@@ -11,7 +11,8 @@ step paths take turns step by step, and each figure is the median of `--steps` t
 
 - model vs Mixtral: forward + backward (loss = LM loss + aux loss on both; Mixtral with `output_router_logits`), the
   gradients freed after each step as `zero_grad()` does. Peak memory: on CPU each model runs in a fresh child
-  process and the figure is its peak resident set (VmHWM, reset once the model is built) less the resident set then,
+  process (glibc's default allocator in either mode) and the figure is its peak resident set (VmHWM, reset once the
+  model is built) less the resident set then,
   i.e. what a training step adds on top of the weights; on GPU `max_memory_allocated` over the same steps.
 - fraction of the GEMM rate: the step's useful FLOPs (the matrix products counted by torch's `FlopCounterMode` on
   our model's step, plus the causal attention scores 2 x 2*S^2*Dq/2 per layer, x3 for forward + backward) over the
@@ -137,7 +138,10 @@ def child_peak_memory(args, which: str) -> int:
     """Bytes a step adds on top of the built model, measured in a fresh process (CPU)."""
     cmd = [sys.executable, __file__, "--peak-of", which, "--layers", str(args.layers), "--vocab", str(args.vocab),
            "--tokens", str(args.tokens), "--dtype", args.dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # always glibc's default: with the heap allocator freed blocks stay resident, so the resident set would count
+    # the building of the model and not what a step holds
+    env = {k: v for k, v in os.environ.items() if k not in HEAP_ENV}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return int(json.loads(out.strip().splitlines()[-1])["step_peak_bytes"])
 
 
