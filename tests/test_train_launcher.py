@@ -1,5 +1,7 @@
 """Training through the real deepspeed launcher on CPU ranks."""
 
+import json
+
 from moe_model.train.tracking import read_metrics
 from tests.launch import SINGLE_RANK, failure, launch
 
@@ -40,3 +42,15 @@ def test_two_data_parallel_ranks_give_the_one_rank_losses(tmp_path):
     for one, two in zip(runs[1], runs[2], strict=True):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
             assert abs(one[key] - two[key]) <= 1e-5 * abs(one[key]), (one["step"], key, one[key], two[key])
+
+
+def test_one_rank_engine_skips_the_all_reduce_without_changing_a_step(tmp_path):
+    """build_engine skips DeepSpeed's gradient all-reduce at dp = 1 (ZeRO-0): DeepSpeed's own all-reduce path is the
+    reference; 3 steps of 2 accumulated micro-batches each must give the same losses and weights."""
+    out = tmp_path / "skip.json"
+    result = launch(1, *SINGLE_RANK, "parallel.zero_stage=0", "train.global_batch_size=8",
+                    script="tests/distributed/allreduce_skip.py", extra_args=("--out", str(out)))
+    assert result.returncode == 0, failure(result)
+    found = json.loads(out.read_text())
+    assert found["losses_skipped"] == found["losses_allreduce"]
+    assert found["max_weight_diff"] == 0.0
