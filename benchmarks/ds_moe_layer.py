@@ -61,8 +61,8 @@ def grouped_local_experts(experts):
             modules = list(self.deepspeed_experts)
             x_RD = x_GECD.transpose(0, 1).reshape(E * G * C, D)  # expert-major rows: expert e owns G*C of them
             w_in = [m.gate_up_proj if m.gated else m.up_proj for m in modules]
-            y_RD = grouped_expert_ffn(x_RD, w_in, [m.down_proj for m in modules], [G * C] * E, modules[0].act_fn,
-                                      modules[0].gated)
+            y_RD = grouped_expert_ffn(x_RD, w_in, [m.down_proj for m in modules], [G * C] * E,
+                                      "silu" if modules[0].gated else "gelu", modules[0].gated)
             return y_RD.view(E, G, C, D).transpose(0, 1)
 
     return GroupedLocalExperts(experts)

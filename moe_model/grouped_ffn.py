@@ -9,24 +9,43 @@ weight gradient, and indexing or unbinding the stacked parameter costs a full-si
 all of them. On CPU each fresh allocation of that size is page faults; at the seed's layer shape they cost more
 than the products. Here every product writes into a slice of one buffer per tensor (activations [R, .], weight
 gradients [E, ., .]), the weight gradients come out already stacked, and only the FFN's pre-activation `h_RN` and
-its input are saved: the activation is recomputed in backward (elementwise, cheap) instead of kept.
+its input are saved: the activation is recomputed in backward (elementwise, cheap) instead of kept. Its derivative
+is aten's own (`silu_backward`, `gelu_backward`: what autograd runs for `F.silu` / `F.gelu`), not a nested
+`autograd.grad`, which hooks over several tensors (torch's FlopCounterMode among them) refuse inside a backward.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
+import torch.nn.functional as F
 
-Activation = Callable[[torch.Tensor], torch.Tensor]
+# name -> (activation, its derivative as aten computes it: d(act)(x) * grad)
+ACTIVATIONS = {
+    "silu": (F.silu, lambda grad, x: torch.ops.aten.silu_backward(grad, x)),
+    "gelu": (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward(grad, x)),
+}
 
 
-def ffn_activation(h_RN: torch.Tensor, act_fn: Activation, gated: bool) -> torch.Tensor:
+def ffn_activation(h_RN: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     """gated: act(gate) * up with h = [gate | up]; otherwise act(h)."""
+    act = ACTIVATIONS[activation][0]
     if gated:
         gate_RI, up_RI = h_RN.chunk(2, dim=-1)
-        return act_fn(gate_RI) * up_RI
-    return act_fn(h_RN)
+        return act(gate_RI) * up_RI
+    return act(h_RN)
+
+
+def ffn_activation_backward(grad_a_RI: torch.Tensor, h_RN: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """d(loss)/d(h) from d(loss)/d(a), a = ffn_activation(h)."""
+    act, act_backward = ACTIVATIONS[activation]
+    if not gated:
+        return act_backward(grad_a_RI, h_RN)
+    gate_RI, up_RI = h_RN.chunk(2, dim=-1)
+    grad_h_RN = torch.empty_like(h_RN)
+    grad_gate_RI, grad_up_RI = grad_h_RN.chunk(2, dim=-1)
+    torch.mul(grad_a_RI, act(gate_RI), out=grad_up_RI)
+    grad_gate_RI.copy_(act_backward(grad_a_RI * up_RI, gate_RI))
+    return grad_h_RN
 
 
 def _spans(counts: list[int]):
@@ -41,19 +60,19 @@ class GroupedExpertFFN(torch.autograd.Function):
     """Weights either stacked (`w_in` [E, N, D], `w_down` [E, D, I]) or one tensor per expert (DeepSpeed's layout)."""
 
     @staticmethod
-    def forward(ctx, x_RD, counts: list[int], act_fn: Activation, gated: bool, stacked: bool, *weights):
+    def forward(ctx, x_RD, counts: list[int], activation: str, gated: bool, stacked: bool, *weights):
         E = len(counts)
         w_in, w_down = (weights[0], weights[1]) if stacked else (weights[:E], weights[E:])
         R = x_RD.shape[0]
         h_RN = x_RD.new_empty(R, w_in[0].shape[0])
         for e, a, b in _spans(counts):
             torch.mm(x_RD[a:b], w_in[e].t(), out=h_RN[a:b])
-        a_RI = ffn_activation(h_RN, act_fn, gated)
+        a_RI = ffn_activation(h_RN, activation, gated)
         y_RD = x_RD.new_empty(R, w_down[0].shape[0])
         for e, a, b in _spans(counts):
             torch.mm(a_RI[a:b], w_down[e].t(), out=y_RD[a:b])
         ctx.save_for_backward(x_RD, h_RN, *weights)
-        ctx.counts, ctx.act_fn, ctx.gated, ctx.stacked = counts, act_fn, gated, stacked
+        ctx.counts, ctx.activation, ctx.gated, ctx.stacked = counts, activation, gated, stacked
         return y_RD
 
     @staticmethod
@@ -63,16 +82,15 @@ class GroupedExpertFFN(torch.autograd.Function):
         w_in, w_down = (weights[0], weights[1]) if stacked else (weights[:E], weights[E:])
         spans = list(_spans(ctx.counts))
         grad_y_RD = grad_y_RD.contiguous()
-        with torch.enable_grad():  # recompute the activation and let autograd differentiate it (any act_fn)
-            h_leaf_RN = h_RN.detach().requires_grad_()
-            a_RI = ffn_activation(h_leaf_RN, ctx.act_fn, ctx.gated)
+        a_RI = ffn_activation(h_RN, ctx.activation, ctx.gated)  # recomputed rather than saved
         grad_a_RI = torch.empty_like(a_RI)
         grad_w_down = _weight_grads(w_down, stacked, ctx.counts)
         for e, a, b in spans:
             torch.mm(grad_y_RD[a:b], w_down[e], out=grad_a_RI[a:b])
-            torch.mm(grad_y_RD[a:b].t(), a_RI[a:b].detach(), out=grad_w_down[e])
-        (grad_h_RN,) = torch.autograd.grad(a_RI, h_leaf_RN, grad_a_RI)
-        del a_RI, grad_a_RI
+            torch.mm(grad_y_RD[a:b].t(), a_RI[a:b], out=grad_w_down[e])
+        del a_RI
+        grad_h_RN = ffn_activation_backward(grad_a_RI, h_RN, ctx.activation, ctx.gated)
+        del grad_a_RI
         grad_w_in = _weight_grads(w_in, stacked, ctx.counts)
         grad_x_RD = torch.empty_like(x_RD) if ctx.needs_input_grad[0] else None
         for e, a, b in spans:
@@ -90,14 +108,17 @@ def _weight_grads(w, stacked: bool, counts: list[int]):
     return [torch.zeros_like(w_e) if n == 0 else torch.empty_like(w_e) for w_e, n in zip(w, counts)]
 
 
-def grouped_expert_ffn(x_RD: torch.Tensor, w_in, w_down, counts: list[int], act_fn: Activation,
+def grouped_expert_ffn(x_RD: torch.Tensor, w_in, w_down, counts: list[int], activation: str,
                        gated: bool) -> torch.Tensor:
     """y_RD: row r goes through the FFN of the expert that owns it (see module docstring for the layout).
 
-    `w_in` / `w_down`: stacked tensors [E, N, D] / [E, D, I], or sequences of E tensors [N, D] / [D, I]."""
+    `w_in` / `w_down`: stacked tensors [E, N, D] / [E, D, I], or sequences of E tensors [N, D] / [D, I];
+    `activation`: "silu" or "gelu" (exact, as `F.gelu`)."""
     stacked = isinstance(w_in, torch.Tensor)
     if sum(counts) != x_RD.shape[0] or len(counts) != len(w_in) or len(w_in) != len(w_down):
         raise ValueError(f"counts (sum {sum(counts)}, {len(counts)} experts) do not match rows {x_RD.shape[0]} "
                          f"and experts {len(w_in)} / {len(w_down)}")
     weights = (w_in, w_down) if stacked else (*w_in, *w_down)
-    return GroupedExpertFFN.apply(x_RD, counts, act_fn, gated, stacked, *weights)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return GroupedExpertFFN.apply(x_RD, counts, activation, gated, stacked, *weights)

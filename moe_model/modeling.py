@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -132,7 +131,7 @@ class MoEExperts(nn.Module):
         else:
             self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.hidden_act = config.hidden_act
 
     def forward(self, x_TD, experts_TK, weights_TK, keep_TK=None):
         """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add."""
@@ -147,7 +146,7 @@ class MoEExperts(nn.Module):
         token_R = order_R // K
         x_RD = x_TD[token_R]
         w_in = self.gate_up_proj if self.gated else self.up_proj
-        y_RD = grouped_expert_ffn(x_RD, w_in, self.down_proj, counts, self.act_fn, self.gated)
+        y_RD = grouped_expert_ffn(x_RD, w_in, self.down_proj, counts, self.hidden_act, self.gated)
         y_RD = y_RD * weights_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 

@@ -25,13 +25,13 @@ def test_forward_and_every_gradient_equal_per_expert_autograd(gated):
     torch.manual_seed(0)
     E, D, I = 5, 6, 4
     counts = [3, 0, 7, 1, 0]  # experts without rows must get zero weight gradients
-    act_fn = F.silu if gated else F.gelu
+    activation, act_fn = ("silu", F.silu) if gated else ("gelu", F.gelu)
     x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
     w_in = torch.randn(E, 2 * I if gated else I, D, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(E, D, I, dtype=torch.float64, requires_grad=True)
     grad_y = torch.randn(sum(counts), D, dtype=torch.float64)
 
-    ours = grouped_expert_ffn(x, w_in, w_down, counts, act_fn, gated)
+    ours = grouped_expert_ffn(x, w_in, w_down, counts, activation, gated)
     ours_grads = torch.autograd.grad(ours, (x, w_in, w_down), grad_y)
     ref = reference(x, w_in, w_down, counts, act_fn, gated)
     ref_grads = torch.autograd.grad(ref, (x, w_in, w_down), grad_y)
@@ -48,13 +48,13 @@ def test_gradcheck_gated():
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     w_in = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: grouped_expert_ffn(a, b, c, counts, F.silu, True), (x, w_in, w_down))
+    assert torch.autograd.gradcheck(lambda a, b, c: grouped_expert_ffn(a, b, c, counts, "silu", True), (x, w_in, w_down))
 
 
 def test_counts_that_do_not_match_the_rows_are_refused():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="counts"):
-        grouped_expert_ffn(x, torch.randn(2, 4, 3), torch.randn(2, 3, 2), [1, 2], F.silu, True)
+        grouped_expert_ffn(x, torch.randn(2, 4, 3), torch.randn(2, 3, 2), [1, 2], "silu", True)
 
 
 def test_per_expert_weight_tensors_give_the_stacked_result_and_gradients():
@@ -68,11 +68,16 @@ def test_per_expert_weight_tensors_give_the_stacked_result_and_gradients():
     down_list = [w.detach().clone().requires_grad_() for w in w_down]
     grad_y = torch.randn(7, 5, dtype=torch.float64)
 
-    stacked = grouped_expert_ffn(x, w_in, w_down, counts, F.silu, True)
+    stacked = grouped_expert_ffn(x, w_in, w_down, counts, "silu", True)
     stacked_grads = torch.autograd.grad(stacked, (w_in, w_down), grad_y)
-    listed = grouped_expert_ffn(x, in_list, down_list, counts, F.silu, True)
+    listed = grouped_expert_ffn(x, in_list, down_list, counts, "silu", True)
     listed_grads = torch.autograd.grad(listed, (*in_list, *down_list), grad_y)
 
     torch.testing.assert_close(listed, stacked, rtol=0, atol=0)
     torch.testing.assert_close(torch.stack(listed_grads[:3]), stacked_grads[0], rtol=0, atol=0)
     torch.testing.assert_close(torch.stack(listed_grads[3:]), stacked_grads[1], rtol=0, atol=0)
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="activation"):
+        grouped_expert_ffn(torch.randn(3, 3), torch.randn(1, 4, 3), torch.randn(1, 3, 2), [3], "relu", True)
