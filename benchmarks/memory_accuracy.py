@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moe_model import MoEConfig, MoEForCausalLM  # noqa: E402
+from moe_model.cli import free_port  # noqa: E402
 from moe_model.estimate.activations import MicroBatch, model_saved  # noqa: E402
 from moe_model.estimate.memory import Assumptions  # noqa: E402
 
@@ -357,12 +357,6 @@ def dispatch_depths(model: torch.nn.Module) -> list[int]:
         dist.all_reduce(busiest, op=dist.ReduceOp.MAX)  # over everything: each ep group's max is at most this
         depths.append(int(busiest))
     return depths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_state_measurement(case_set: str, out_path: Path, timeout: int = 900) -> list[dict[str, Any]]:

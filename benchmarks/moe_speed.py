@@ -51,6 +51,7 @@ from moe_model.train.export import to_mixtral  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}  # glibc: never mmap large blocks
 
 
 def seed_layer_shape(layers: int, vocab: int) -> dict:
@@ -259,9 +260,6 @@ def table(rows: list[tuple[str, str]], title: str) -> None:
     for name, value in rows:
         t.add_row(name, value)
     Console().print(t)
-
-
-HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}
 
 
 def main() -> int:

@@ -26,24 +26,26 @@ ACTIVATIONS = {
 }
 
 
-def ffn_activation(h_RN: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """gated: act(gate) * up with h = [gate | up]; otherwise act(h)."""
+def ffn_activation(h_RN: torch.Tensor, activation: str, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a, act(gate)): gated, a = act(gate) * up with h = [gate | up]; otherwise a = act(h) and no act(gate)."""
     act = ACTIVATIONS[activation][0]
     if gated:
         gate_RI, up_RI = h_RN.chunk(2, dim=-1)
-        return act(gate_RI) * up_RI
-    return act(h_RN)
+        act_gate_RI = act(gate_RI)
+        return act_gate_RI * up_RI, act_gate_RI
+    return act(h_RN), None
 
 
-def ffn_activation_backward(grad_a_RI: torch.Tensor, h_RN: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """d(loss)/d(h) from d(loss)/d(a), a = ffn_activation(h)."""
-    act, act_backward = ACTIVATIONS[activation]
+def ffn_activation_backward(grad_a_RI: torch.Tensor, h_RN: torch.Tensor, act_gate_RI: torch.Tensor | None,
+                            activation: str, gated: bool) -> torch.Tensor:
+    """d(loss)/d(h) from d(loss)/d(a), a = ffn_activation(h); `act_gate_RI` is its act(gate) (gated only)."""
+    act_backward = ACTIVATIONS[activation][1]
     if not gated:
         return act_backward(grad_a_RI, h_RN)
     gate_RI, up_RI = h_RN.chunk(2, dim=-1)
     grad_h_RN = torch.empty_like(h_RN)
     grad_gate_RI, grad_up_RI = grad_h_RN.chunk(2, dim=-1)
-    torch.mul(grad_a_RI, act(gate_RI), out=grad_up_RI)
+    torch.mul(grad_a_RI, act_gate_RI, out=grad_up_RI)
     grad_gate_RI.copy_(act_backward(grad_a_RI * up_RI, gate_RI))
     return grad_h_RN
 
@@ -67,7 +69,7 @@ class GroupedExpertFFN(torch.autograd.Function):
         h_RN = x_RD.new_empty(R, w_in[0].shape[0])
         for e, a, b in _spans(counts):
             torch.mm(x_RD[a:b], w_in[e].t(), out=h_RN[a:b])
-        a_RI = ffn_activation(h_RN, activation, gated)
+        a_RI, _ = ffn_activation(h_RN, activation, gated)
         y_RD = x_RD.new_empty(R, w_down[0].shape[0])
         for e, a, b in _spans(counts):
             torch.mm(a_RI[a:b], w_down[e].t(), out=y_RD[a:b])
@@ -82,15 +84,15 @@ class GroupedExpertFFN(torch.autograd.Function):
         w_in, w_down = (weights[0], weights[1]) if stacked else (weights[:E], weights[E:])
         spans = list(_spans(ctx.counts))
         grad_y_RD = grad_y_RD.contiguous()
-        a_RI = ffn_activation(h_RN, ctx.activation, ctx.gated)  # recomputed rather than saved
+        a_RI, act_gate_RI = ffn_activation(h_RN, ctx.activation, ctx.gated)  # recomputed rather than saved
         grad_a_RI = torch.empty_like(a_RI)
         grad_w_down = _weight_grads(w_down, stacked, ctx.counts)
         for e, a, b in spans:
             torch.mm(grad_y_RD[a:b], w_down[e], out=grad_a_RI[a:b])
             torch.mm(grad_y_RD[a:b].t(), a_RI[a:b], out=grad_w_down[e])
         del a_RI
-        grad_h_RN = ffn_activation_backward(grad_a_RI, h_RN, ctx.activation, ctx.gated)
-        del grad_a_RI
+        grad_h_RN = ffn_activation_backward(grad_a_RI, h_RN, act_gate_RI, ctx.activation, ctx.gated)
+        del grad_a_RI, act_gate_RI
         grad_w_in = _weight_grads(w_in, stacked, ctx.counts)
         grad_x_RD = torch.empty_like(x_RD) if ctx.needs_input_grad[0] else None
         for e, a, b in spans:
