@@ -30,18 +30,21 @@ def test_layout_that_breaks_a_rule_at_launch_fails_before_training(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_two_data_parallel_ranks_give_the_one_rank_losses(tmp_path):
-    """Same samples per step (data.py), so DP2 must reproduce the single-process losses step for step."""
+def test_two_data_parallel_ranks_and_zero0_give_the_one_rank_losses(tmp_path):
+    """Same samples per step (data.py), so DP2 must reproduce the single-process losses step for step; so must one
+    rank without ZeRO, whose gradient norm comes from DeepSpeed's fp32 clipping rather than ZeRO's optimizer."""
     runs = {}
-    for ranks in (1, 2):
-        out = tmp_path / f"dp{ranks}"
+    for name, ranks, extra in (("dp1", 1, ()), ("dp2", 2, ()), ("dp1-zero0", 1, ("parallel.zero_stage=0",))):
+        out = tmp_path / name
         result = launch(ranks, *SINGLE_RANK, "train.steps=8", "train.warmup_steps=2", "train.log_every=1",
-                        f"train.output_dir={out}", "tracking.wandb.mode=disabled")
+                        f"train.output_dir={out}", "tracking.wandb.mode=disabled", *extra)
         assert result.returncode == 0, failure(result)
-        runs[ranks] = read_metrics(out)
-    for one, two in zip(runs[1], runs[2], strict=True):
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            assert abs(one[key] - two[key]) <= 1e-5 * abs(one[key]), (one["step"], key, one[key], two[key])
+        runs[name] = read_metrics(out)
+    for name in ("dp2", "dp1-zero0"):
+        for one, other in zip(runs["dp1"], runs[name], strict=True):
+            for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+                assert other[key] is not None, (name, one["step"], key)
+                assert abs(one[key] - other[key]) <= 1e-5 * abs(one[key]), (name, one["step"], key, one[key], other[key])
 
 
 def test_one_rank_engine_skips_the_all_reduce_without_changing_a_step(tmp_path):

@@ -33,6 +33,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, expert_parallel: b
     return [g for g in groups if g["params"]]
 
 
+def keep_clipped_norm(engine) -> None:
+    """DeepSpeed's fp32 path without ZeRO clips the gradients (`clip_fp32_gradients`) but drops the norm its
+    `clip_grad_norm_` returns, so `get_global_grad_norm()` said None; keep it. The ZeRO and fp16/bf16 optimizers
+    record the norm themselves and never call this method."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
 def build_engine(recipe: Recipe, layout: Layout):
     """Returns (engine, step function, run config of DeepSpeed JSON)."""
     import deepspeed
@@ -49,6 +63,7 @@ def build_engine(recipe: Recipe, layout: Layout):
         # one data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into buckets, reduce
         # over a group of one and copy them back (measured: +40% on a 1-rank step at the seed's layer shape)
         engine.enable_backward_allreduce = False
+    keep_clipped_norm(engine)
     L, E = config.num_hidden_layers, config.num_local_experts
     if layout.pp > 1:
         loss = model.project_loss

@@ -265,7 +265,7 @@ def print_summary(recipe: Recipe, history: list[dict[str, Any]], wall_s: float, 
     for column in ("", "first step", "last step"):
         table.add_column(column, justify="right")
     for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "tokens_per_s", "expert_load_max_over_mean"):
-        table.add_row(key, f"{first[key]:.4f}", f"{last[key]:.4f}")
+        table.add_row(key, *(f"{m[key]:.4f}" if m.get(key) is not None else "-" for m in (first, last)))
     console = Console()
     console.print(table)
     drop = 100 * (1 - last["loss"] / first["loss"])
