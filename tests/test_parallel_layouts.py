@@ -1,9 +1,11 @@
 """4D layouts through the real launcher on CPU ranks: same losses as one rank, same logits as the HF model."""
 
 import json
+import os
 
 import pytest
 
+from moe_model.train.distributed import cpu_threads_per_rank
 from moe_model.train.tracking import read_metrics
 from tests.launch import SINGLE_RANK, failure, launch
 
@@ -54,6 +56,8 @@ def test_parallel_logits_equal_the_hf_model(tmp_path, ranks, overrides):
     assert holders, "no rank returned logits"
     for report in holders:
         assert report["max_abs_diff"] < 1e-5 and report["max_abs_logit"] > 0.1, report
+    if "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores rather than each starting one per core
+        assert {r["threads"] for r in reports} == {cpu_threads_per_rank(ranks)}, [r["threads"] for r in reports]
     for report in reports:
         if "gather_shim_max_abs_diff" in report:
             assert report["gather_shim_max_abs_diff"] == 0.0

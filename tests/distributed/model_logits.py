@@ -54,7 +54,7 @@ def main() -> int:
             logits = outputs[0] if engine.is_last_stage() else None  # the last stage returns (logits, carry)
         else:
             logits = engine(input_ids=ids, use_cache=False).logits
-    result = {"rank": rank, "holds_logits": logits is not None}
+    result = {"rank": rank, "holds_logits": logits is not None, "threads": torch.get_num_threads()}
     if logits is not None and args.train_steps:  # the trained engine's logits, for the exported model to match
         torch.save({"ids": ids, "logits": logits.float()}, Path(args.out, f"engine_logits_rank{rank}.pt"))
     elif logits is not None:
