@@ -1,82 +1,106 @@
-"""The performance model against the step times of finished CPU runs: prints a table (run, measured, predicted with
-this machine's measured rates, predicted after a leave-one-out refit) and writes
-benchmarks/results/step_time_accuracy.json.
+"""The performance model against measured CPU runs of the tiny recipes: calibrate, train, compare.
 
-    .venv/bin/python benchmarks/step_time_accuracy.py [RUN_DIR ...]      # default: every runs/*/ with metrics
+    .venv/bin/python benchmarks/step_time_accuracy.py [--steps 40] [--cases tiny-cpu-1rank,tiny-cpu-4ranks]
 
-Measured: the median `step_time_s` of a run's metrics.jsonl (first logged step left out). Predicted (a): the run's
-recipe with this machine's fp32 matmul rate and memory-copy bandwidth (`moe calibrate`, mfu = utilisation = 1).
-Predicted (b): the refit factor of `moe calibrate --from` fitted on the *other* runs (geometric mean), applied to
-this run: what a previous run on the same machine buys. It starts no training itself: runs come from `make smoke`
-and friends, so the runs compared differ in layout and shape only as much as those recipes do.
+For each case, in one go and in this order: (1) `moe calibrate` on the case's recipe (this machine's matmul rate and
+copy bandwidth, one rank's forward + backward timed to fit the efficiency, and the fixed cost of a step measured by
+training a shrunken copy of the layout; see moe_model/estimate/calibrate.py), which gives the predicted step time;
+(2) the real recipe trained for `--steps` steps through the deepspeed launcher with those calibrated hardware figures
+(so its run.json records them); measured = median `step_time_s`, the first 2 steps left out. The run is repeated (a, b):
+`moe calibrate --from` refits the rates from run a, and that prediction is checked against run b (what a finished
+run adds for the next one on the same machine); the two runs also show how much this machine's step times wander. Prints the table and writes
+benchmarks/results/step_time_accuracy.json. Each case takes about a minute here; nothing else should run meanwhile.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
-import math
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_model.estimate.calibrate import (measure_bandwidth_tbps, measure_matmul_tflops,  # noqa: E402
-                                          measured_step_time, refit_factor, run_recipe)
-from moe_model.estimate.perf import shape_of, step_components  # noqa: E402
-from moe_model.recipe import RecipeError  # noqa: E402
+from moe_model.estimate.calibrate import (measure_machine, measured_step_time, predict_step_s,  # noqa: E402
+                                          refit_factor, refit_overrides, run_recipe)
+from moe_model.estimate.perf import shape_of  # noqa: E402
+from moe_model.recipe import load_recipe, recipe_from_dict  # noqa: E402
+
+ONE_RANK = ("parallel.pp=1", "parallel.ep=1", "parallel.dp=null", "parallel.zero_stage=0")
+CASES = {
+    "tiny-cpu-1rank": ("recipes/tiny_cpu.yaml", ONE_RANK),
+    "tiny-cpu-4ranks": ("recipes/tiny_cpu.yaml", ()),  # pp2 x dp2, experts over ep2, ZeRO-1: make smoke's layout
+}
+RESULTS = ROOT / "benchmarks/results/step_time_accuracy.json"
 
 
-def predict(recipe, compute_flops: float, hbm_bytes_s: float) -> float:
-    p = recipe.parallel
-    s = dataclasses.replace(shape_of(recipe), compute_flops=compute_flops, hbm_bytes_s=hbm_bytes_s)
-    return float(step_components(s, p.tp, p.pp, p.ep, p.dp or p.ep, p.zero_stage, p.micro_batch_size,
-                                 p.activation_checkpointing)["step"])
+def train(recipe_path: str, overrides: list[str], steps: int, out: Path) -> None:
+    sets = [*overrides, f"train.steps={steps}", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
+            "train.resume=never", f"train.output_dir={out}", "tracking.wandb.mode=disabled"]
+    command = [sys.executable, "-m", "moe_model.cli", "train", recipe_path]
+    for s in sets:
+        command += ["--set", s]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    if done.returncode != 0:
+        raise SystemExit(f"training {recipe_path} failed:\n{done.stderr[-2000:]}")
 
 
 def main(argv: list[str]) -> int:
-    dirs = [Path(a) for a in argv] or sorted(p.parent for p in (ROOT / "runs").glob("*/metrics.jsonl"))
-    runs = []
-    for d in dirs:
-        try:
-            recipe = run_recipe(d)
-            measured, steps = measured_step_time(d)
-        except RecipeError as err:
-            print(f"skip {d}: {err}")
-            continue
-        runs.append({"run": str(d.relative_to(ROOT) if d.is_absolute() and ROOT in d.parents else d),
-                     "recipe": recipe, "measured_s": measured, "steps": steps,
-                     "factor": refit_factor(recipe, measured)})
-    if not runs:
-        print("no finished runs with metrics.jsonl and run.json: run `make smoke` first")
-        return 1
-    tflops, tbps = measure_matmul_tflops(), measure_bandwidth_tbps()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args(argv)
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        print(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}", file=sys.stderr)
+        return 2
     rows = []
-    print(f"this machine: fp32 matmul {tflops * 1e3:.1f} GFLOP/s, copy {tbps * 1e3:.1f} GB/s")
-    print(f"{'run':<22}{'layout':<22}{'measured s':>12}{'(a) machine':>13}{'err':>8}{'(b) refit':>12}{'err':>8}")
-    for r in runs:
-        recipe, p = r["recipe"], r["recipe"].parallel
-        a = predict(recipe, tflops * 1e12, tbps * 1e12)
-        others = [o["factor"] for o in runs if o is not r]
-        b = None
-        if others:
-            f = math.exp(sum(math.log(x) for x in others) / len(others))
-            s = shape_of(recipe)
-            b = predict(recipe, s.compute_flops * f, s.hbm_bytes_s * f)
-        layout = f"tp{p.tp} pp{p.pp} ep{p.ep} dp{p.dp}"
-        err_a = a / r["measured_s"] - 1
-        err_b = None if b is None else b / r["measured_s"] - 1
-        print(f"{r['run']:<22}{layout:<22}{r['measured_s']:>12.4f}{a:>13.4f}{err_a:>8.0%}"
-              + (f"{b:>12.4f}{err_b:>8.0%}" if b is not None else f"{'-':>12}{'-':>8}"))
-        rows.append({"run": r["run"], "layout": layout, "measured_step_time_s": r["measured_s"],
-                     "predicted_machine_rates_s": a, "error_machine_rates": err_a,
-                     "predicted_leave_one_out_refit_s": b, "error_leave_one_out_refit": err_b,
-                     "refit_factor": r["factor"]})
-    out = ROOT / "benchmarks/results/step_time_accuracy.json"
-    out.write_text(json.dumps({"matmul_tflops_fp32": tflops, "memory_bandwidth_tbps": tbps, "runs": rows},
-                              indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    with tempfile.TemporaryDirectory(prefix="step-time-") as tmp:
+        for name in names:
+            path, overrides = CASES[name]
+            recipe = load_recipe(ROOT / path, list(overrides))
+            print(f"{name}: calibrating", flush=True)
+            calibration = measure_machine(recipe)
+            calibrated = load_recipe(ROOT / path, list(overrides) + calibration["overrides"])
+            s = shape_of(calibrated)
+            predicted = predict_step_s(calibrated, s.compute_flops, s.hbm_bytes_s, s.overhead_s)
+            measured = []
+            for run in ("a", "b"):
+                print(f"{name}: training run {run}, {args.steps} steps", flush=True)
+                run_dir = Path(tmp, f"{name}-{run}")
+                train(path, list(overrides) + calibration["overrides"], args.steps, run_dir)
+                measured.append(measured_step_time(run_dir, skip=2)[0])
+                if run == "a":  # what `moe calibrate --from RUN_DIR` refits from run a, to predict run b
+                    ran = run_recipe(run_dir)
+                    f = refit_factor(ran, measured[0])
+                    refitted = recipe_from_dict(ran.model_dump(), refit_overrides(ran, f))
+                    t = shape_of(refitted)
+                    refit = predict_step_s(refitted, t.compute_flops, t.hbm_bytes_s, t.overhead_s)
+            p = recipe.parallel
+            rows.append({"case": name, "layout": f"tp{p.tp} pp{p.pp} ep{p.ep} dp{p.dp or 1} zero{p.zero_stage}",
+                         "ranks": calibration["ranks"], "measured_run_a_s": measured[0], "measured_run_b_s": measured[1],
+                         "predicted_calibrated_s": predicted, "error_calibrated_a": predicted / measured[0] - 1,
+                         "error_calibrated_b": predicted / measured[1] - 1, "refit_factor_from_a": f,
+                         "predicted_refit_from_a_s": refit, "error_refit_b": refit / measured[1] - 1,
+                         "calibration": calibration})
+    print(f"\n{'case':<17}{'layout':<24}{'run a s':>9}{'run b s':>9}{'calibrated s':>14}{'err a':>7}{'err b':>7}"
+          f"{'refit(a) s':>12}{'err b':>7}")
+    for r in rows:
+        print(f"{r['case']:<17}{r['layout']:<24}{r['measured_run_a_s']:>9.4f}{r['measured_run_b_s']:>9.4f}"
+              f"{r['predicted_calibrated_s']:>14.4f}{r['error_calibrated_a']:>7.0%}{r['error_calibrated_b']:>7.0%}"
+              f"{r['predicted_refit_from_a_s']:>12.4f}{r['error_refit_b']:>7.0%}")
+        c = r["calibration"]
+        print(f"  calibrated: {c['threads_per_rank']} thread(s)/rank, matmul {c['matmul_tflops_fp32'] * 1e3:.1f} "
+              f"GFLOP/s, copy {c['memory_bandwidth_tbps'] * 1e3:.1f} GB/s, mfu {c['mfu']:.3f}, fixed "
+              f"{c['step_overhead_s'] * 1e3:.1f} ms/step")
+    RESULTS.write_text(json.dumps({"steps": args.steps, "cases": rows}, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0
 
 

@@ -111,6 +111,9 @@ class HardwareSection(Section):
     gpus_per_node: PositiveInt = 8
     intra_node_gbps: PositiveFloat = 400.0  # GB/s per GPU per direction inside a node (NVLink-class), ASSUMED
     inter_node_gbps: PositiveFloat = 50.0  # GB/s per GPU per direction across nodes (one 400 Gb/s NIC), ASSUMED
+    # time per step that does not grow with the model: op dispatch, DeepSpeed's engine and pipeline instructions,
+    # collective latencies. 0 = not modelled (negligible next to a GPU-sized step); `moe calibrate` measures it
+    step_overhead_ms: float = Field(0.0, ge=0)
 
 
 class WandbSection(Section):

@@ -1,42 +1,60 @@
-"""`moe calibrate RECIPE`: this machine's fp32 matmul rate and memory bandwidth, measured with torch, as hardware
-figures the performance model can use; `--from RUN_DIR` refits the efficiency from a finished run's step times.
+"""`moe calibrate RECIPE`: this machine's figures for the performance model, measured with torch and the deepspeed
+launcher; `--from RUN_DIR` refits the efficiency from a finished run's step times.
 
-Measurement (no GPU needed): the matmul rate is 2*n^3 FLOPs per [n, n] x [n, n] fp32 product (n = 1024; the median
-of repeated timings after a warm-up), the memory bandwidth is 2 x bytes per `copy_` of a 128 MB fp32 tensor (read +
-write; median). The figures are achieved rates, so they are printed as `peak_tflops` / `hbm_bandwidth_tbps` with
-`mfu` = `bandwidth_utilization` = 1, and as `--set` overrides to pass to `moe estimate` or `moe plan`.
+Measured (no GPU needed), each with the thread count a rank of the recipe gets here (the cores shared by its ranks,
+as `train.distributed.share_cpu_cores` sets them):
+- peak: 2*n^3 FLOPs per [n, n] x [n, n] fp32 product (n = 1024; median of repeated timings after a warm-up), printed
+  as `hardware.peak_tflops`;
+- the recipe's own matrix products: every product of a decoder layer and the LM head at the rank's shapes
+  (`perf.layer_gemms`, `perf.head_gemm`), forward and both backward products, each timed as above and weighted by
+  how often a step runs it; their FLOPs over their time, as a fraction of the peak, is `hardware.mfu` (small
+  products reach a fraction of the big-product rate);
+- memory bandwidth: 2 x bytes per `copy_` of a 128 MB fp32 tensor (read + write; median), `hardware.hbm_bandwidth_tbps`
+  with `bandwidth_utilization` = 1;
+- the fixed cost of a step, `hardware.step_overhead_ms`: the recipe trained through the deepspeed launcher on its own
+  layout (ranks, tp/pp/ep/dp, ZeRO stage, micro-batches, layers, experts, top-k, sequence) with every width shrunk to
+  almost nothing (head_dim 2, expert FFN 2*tp, vocabulary 32*tp), 40 steps, median step time (first 2 left out) less what the model computes for
+  that shrunken model. What remains is what a step costs whatever its size: op dispatch, DeepSpeed's engine and
+  pipeline instructions, collective latencies, the optimizer's per-tensor work. `--no-overhead` skips it (0).
 
-Refit from a run (`--from RUN_DIR`): the run's recipe (run.json) and the median `step_time_s` of metrics.jsonl
-(the first logged step left out: warm-up). One factor f scales both the compute rate (peak x mfu) and the memory rate
-(bandwidth x utilisation) until the model's step time equals the measured one (bisection on f; communication is left
-as it is); the refitted figures are peak_tflops x f and hbm_bandwidth_tbps x f. A single factor cannot separate
-compute from memory or per-kernel launch overheads: on tiny CPU models the overheads dominate, so the refit is what
-makes predictions for the next run of a similar shape on the same machine usable, not a statement about peak rates.
+Refit from a run (`--from RUN_DIR`): the run's recipe (run.json, with the hardware figures it ran under) and the
+median `step_time_s` of metrics.jsonl (the first logged step left out: warm-up). f = predicted / measured; the
+refitted figures are every rate x f (peak, HBM bandwidth, both links) and the fixed overhead / f, which scales every
+term of the model alike and reproduces the run exactly. One run cannot tell which term was off, so none is singled
+out; a run of the same layout on the same machine is what the refit is for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, recipe_from_dict
-from .perf import performance, shape_of, step_components
+from .perf import shape_of, stage_compute_time, stage_shape, step_components
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def measure_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e12
+    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e12
 
 
 def measure_bandwidth_tbps(megabytes: int = 128, repeats: int = 5) -> float:
@@ -44,16 +62,199 @@ def measure_bandwidth_tbps(megabytes: int = 128, repeats: int = 5) -> float:
 
     a = torch.ones(megabytes * 2**20 // 4)
     b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        b.copy_(a)
-        times.append(time.perf_counter() - start)
-    return 2 * a.numel() * 4 / statistics.median(times) / 1e12
+    return 2 * a.numel() * 4 / _median_seconds(lambda: b.copy_(a), repeats) / 1e12
 
 
-def measured_step_time(run_dir: Path) -> tuple[float, int]:
+def rank_count(recipe: Recipe) -> int:
+    from .estimate import resolve_dp
+
+    p = recipe.parallel
+    return p.tp * p.pp * resolve_dp(recipe, None)[0]
+
+
+def stage_layers_timed(recipe: Recipe) -> int:
+    """Decoder layers of the recipe's busiest pipeline stage (the one whose work sets the step time)."""
+    first, last, middle = stage_shape(recipe.model.num_hidden_layers, recipe.parallel.pp)
+    return recipe.model.num_hidden_layers if recipe.parallel.pp == 1 else max(first, last, middle)
+
+
+def rank_model_recipe(recipe: Recipe) -> Recipe:
+    """A one-device model doing one rank's arithmetic: the busiest stage's layers, the E/ep experts that rank holds
+    (they receive its k*T routed rows in all, as DeepSpeed's dispatch gives them), tp's share of the heads."""
+    p, m = recipe.parallel, recipe.model
+    raw = recipe.model_dump()
+    raw["model"].update(num_hidden_layers=stage_layers_timed(recipe), num_local_experts=m.num_local_experts // p.ep,
+                        num_experts_per_tok=min(m.num_experts_per_tok, m.num_local_experts // p.ep),
+                        num_attention_heads=m.num_attention_heads // p.tp, head_dim=recipe.moe_config().head_dim,
+                        num_key_value_heads=max(1, m.num_key_value_heads // p.tp))
+    raw["parallel"] = {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "zero_stage": 0, "micro_batch_size": p.micro_batch_size,
+                       "activation_checkpointing": p.activation_checkpointing}
+    raw["train"].update(global_batch_size=p.micro_batch_size, resume="never")
+    raw["data"] = {"source": "synthetic"}
+    raw.pop("claims", None)
+    return recipe_from_dict(raw)
+
+
+def time_forward_backward(recipe: Recipe, repeats: int = 15) -> float:
+    """Median seconds of one micro-batch's forward + backward through `recipe`'s model (built on this device)."""
+    import torch
+
+    from ..modeling import MoEForCausalLM
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(recipe.moe_config())
+    if recipe.parallel.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    ids = torch.randint(0, recipe.model.vocab_size, (recipe.parallel.micro_batch_size, recipe.train.seq_len))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    return _median_seconds(step, repeats)
+
+
+def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: float) -> float:
+    """The compute efficiency at which the model's time for one rank's stage (`perf.stage_compute_time`) equals the
+    measured `measured_s`; 1 if even the peak rate is slower than measured."""
+    p = recipe.parallel
+    base = dataclasses.replace(shape_of(recipe), hbm_bytes_s=hbm_bytes_s)
+    layers = stage_layers_timed(recipe)
+
+    def model_s(mfu: float) -> float:
+        s = dataclasses.replace(base, compute_flops=peak_flops * mfu)
+        return float(stage_compute_time(s, p.micro_batch_size, p.tp, p.ep, layers, p.activation_checkpointing))
+
+    if model_s(1.0) >= measured_s:
+        return 1.0
+    lo, hi = 1e-6, 1.0
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        if model_s(mid) > measured_s:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
+    """The recipe's layout and depth with every width at its smallest legal value, synthetic data, no side effects."""
+    raw = recipe.model_dump()
+    tp = recipe.parallel.tp
+    m = raw["model"]
+    m.update(head_dim=2, hidden_size=2 * m["num_attention_heads"], intermediate_size=2 * tp, vocab_size=32 * tp,
+             tie_word_embeddings=False)
+    raw["train"].update(steps=steps, log_every=1, save_every=0, eval_every=0, resume="never", output_dir=output_dir,
+                        warmup_steps=1)
+    raw["data"] = {"source": "synthetic"}
+    raw["tracking"] = {"wandb": {"mode": "disabled"}}
+    raw.pop("claims", None)
+    return recipe_from_dict(raw)
+
+
+def measure_step_overhead_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, steps: int = 40) -> dict:
+    """Median step time of the shrunken recipe on the deepspeed launcher, less the model's time for its arithmetic."""
+    import yaml
+
+    ranks = rank_count(recipe)
+    with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
+        small = shrunken(recipe, steps, str(Path(tmp, "run")))
+        path = Path(tmp, "recipe.yaml")
+        path.write_text(yaml.safe_dump(small.model_dump(exclude_none=True)))
+        command = [sys.executable, "-m", "moe_model.cli", "train", str(path), "--num-gpus", str(ranks)]
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RecipeError("calibrate", "the shrunken run of this layout failed: " + " | ".join(tail))
+        measured, used = measured_step_time(Path(tmp, "run"), skip=2)
+    arithmetic = predict_step_s(small, compute_flops, hbm_bytes_s)
+    return {"ranks": ranks, "shrunken_step_time_s": measured, "steps_used": used,
+            "shrunken_arithmetic_s": arithmetic, "step_overhead_s": max(0.0, measured - arithmetic)}
+
+
+def measure_link_gbps(recipe: Recipe) -> dict:
+    """Bandwidth between this machine's ranks for the recipe's own messages (`comm_probe`, launched on as many ranks
+    as the recipe): the bytes the model charges for a pipeline activation + gradient exchange and an expert-parallel
+    all-to-all over a pair, over their measured time less the same calls' time at 4 bytes (latency: already in the
+    fixed overhead). The figure replaces `hardware.intra_node_gbps` (every rank is on this machine)."""
+    from ..cli import free_port
+
+    s, p = shape_of(recipe), recipe.parallel
+    tokens = p.micro_batch_size * s.S
+    act = s.b * tokens * s.D
+    a2a = s.k * tokens * s.D * s.b // p.tp
+    ranks = rank_count(recipe)
+    with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
+        out = Path(tmp, "comm.json")
+        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+                   str(free_port()), "--module", "moe_model.estimate.comm_probe", "--p2p-bytes", str(act),
+                   "--a2a-bytes", str(a2a), "--out", str(out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RecipeError("calibrate", "the communication probe failed: " + " | ".join(tail))
+        figures = json.loads(out.read_text())
+    p2p_s = max(figures["round_trip_p2p_s"] - figures["round_trip_small_s"], 1e-9)
+    a2a_s = max(figures["all_to_all_a2a_s"] - figures["all_to_all_small_s"], 1e-9)
+    use_p2p, use_a2a = (p.pp > 1, p.ep > 1) if (p.pp > 1 or p.ep > 1) else (True, True)
+    moved = use_p2p * 2.0 * act + use_a2a * a2a / 2
+    figures["intra_node_gbps"] = moved / (use_p2p * p2p_s + use_a2a * a2a_s) / 1e9
+    return figures
+
+
+def predict_step_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, overhead_s: float = 0.0) -> float:
+    """The model's step time of `recipe` with these rates (overriding its hardware section's)."""
+    p = recipe.parallel
+    from .estimate import resolve_dp
+
+    s = dataclasses.replace(shape_of(recipe), compute_flops=compute_flops, hbm_bytes_s=hbm_bytes_s,
+                            overhead_s=overhead_s)
+    return float(step_components(s, p.tp, p.pp, p.ep, resolve_dp(recipe, None)[0], p.zero_stage,
+                                 p.micro_batch_size, p.activation_checkpointing)["step"])
+
+
+def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
+    """Every figure of the module docstring for `recipe` on this machine, and the `--set` overrides that apply them."""
+    import torch
+
+    from ..train.distributed import cpu_threads_per_rank
+
+    log = log or (lambda message: None)
+    ranks = rank_count(recipe)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads_per_rank(ranks))
+    try:
+        log(f"timing products, copies and one rank's forward + backward with {torch.get_num_threads()} thread(s)")
+        peak = measure_matmul_tflops()
+        tbps = measure_bandwidth_tbps()
+        work = rank_model_recipe(recipe)
+        full = time_forward_backward(work)
+        small = time_forward_backward(shrunken(work, 1, None))
+    finally:
+        torch.set_num_threads(threads_before)
+    mfu = fit_mfu(recipe, peak * 1e12, tbps * 1e12, max(full - small, 1e-9))
+    out = {"ranks": ranks, "threads_per_rank": cpu_threads_per_rank(ranks), "matmul_tflops_fp32": peak,
+           "memory_bandwidth_tbps": tbps, "rank_forward_backward_s": full, "shrunken_forward_backward_s": small,
+           "mfu": mfu}
+    if ranks > 1:
+        log(f"timing the recipe's messages between {ranks} ranks")
+        out["links"] = measure_link_gbps(recipe)
+    if overhead:
+        log(f"training a shrunken copy of the recipe on its layout ({ranks} rank(s), 40 steps) for the fixed cost "
+            "of a step")
+        out.update(measure_step_overhead_s(recipe, peak * mfu * 1e12, tbps * 1e12))
+    out["overrides"] = [f"hardware.peak_tflops={peak:.6g}", f"hardware.mfu={mfu:.4g}",
+                        f"hardware.hbm_bandwidth_tbps={tbps:.6g}", "hardware.bandwidth_utilization=1",
+                        f"hardware.step_overhead_ms={out.get('step_overhead_s', 0.0) * 1e3:.4g}"]
+    if "links" in out:
+        out["overrides"].append(f"hardware.intra_node_gbps={out['links']['intra_node_gbps']:.4g}")
+    return out
+
+
+def measured_step_time(run_dir: Path, skip: int = 1) -> tuple[float, int]:
+    """Median `step_time_s` of a run's metrics.jsonl, the first `skip` records (warm-up) left out."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise RecipeError("--from", f"{str(path)!r} does not exist; pass the output_dir of a finished run")
@@ -65,9 +266,9 @@ def measured_step_time(run_dir: Path) -> tuple[float, int]:
             continue
         if isinstance(record.get("step_time_s"), (int, float)):
             times.append(float(record["step_time_s"]))
-    if len(times) < 2:
-        raise RecipeError("--from", f"{str(path)!r} has fewer than 2 step_time_s records; run a few more steps")
-    return statistics.median(times[1:]), len(times) - 1
+    if len(times) <= skip:
+        raise RecipeError("--from", f"{str(path)!r} has {len(times)} step_time_s records; run a few more steps")
+    return statistics.median(times[skip:]), len(times) - skip
 
 
 def run_recipe(run_dir: Path) -> Recipe:
@@ -84,70 +285,68 @@ def run_recipe(run_dir: Path) -> Recipe:
 
 
 def refit_factor(recipe: Recipe, measured_s: float) -> float:
-    """f such that the model's step time with compute and memory rates x f equals `measured_s`."""
-    p = recipe.parallel
-    dp = p.dp or p.ep
-    base = shape_of(recipe)
+    """f = the model's step time / the measured one: every rate x f and the fixed overhead / f reproduce the run."""
+    return predict_step_s(recipe, *_rates(recipe)) / measured_s
 
-    def step(f: float) -> float:
-        s = dataclasses.replace(base, compute_flops=base.compute_flops * f, hbm_bytes_s=base.hbm_bytes_s * f)
-        return float(step_components(s, p.tp, p.pp, p.ep, dp, p.zero_stage, p.micro_batch_size,
-                                     p.activation_checkpointing)["step"])
 
-    lo, hi = 1e-9, 1e9
-    if step(hi) > measured_s:
-        raise RecipeError("--from", f"the measured {measured_s:.4g} s is below what communication alone takes in the "
-                                    "model; check the interconnect figures of the run's recipe")
-    for _ in range(200):
-        mid = (lo * hi) ** 0.5
-        if step(mid) > measured_s:
-            lo = mid
-        else:
-            hi = mid
-    return (lo * hi) ** 0.5
+def refit_overrides(recipe: Recipe, f: float) -> list[str]:
+    """The `--set` overrides that scale every time of the model by 1/f (rates x f, fixed overhead / f)."""
+    hw = recipe.hardware
+    return [f"hardware.peak_tflops={hw.peak_tflops * f:.6g}", f"hardware.hbm_bandwidth_tbps={hw.hbm_bandwidth_tbps * f:.6g}",
+            f"hardware.intra_node_gbps={hw.intra_node_gbps * f:.6g}",
+            f"hardware.inter_node_gbps={hw.inter_node_gbps * f:.6g}",
+            f"hardware.step_overhead_ms={hw.step_overhead_ms / f:.6g}"]
 
 
 def cmd_calibrate(recipe: Recipe, args) -> int:
-    import torch
-
     source = getattr(args, "from_run", None)
-    out: dict = {"threads": torch.get_num_threads()}
+    as_json = getattr(args, "json", False)
     if source:
         run_dir = Path(source)
         ran = run_recipe(run_dir)
         measured, steps = measured_step_time(run_dir)
-        before = performance(ran, dp=ran.parallel.dp or ran.parallel.ep).step_time_s
+        before = predict_step_s(ran, *_rates(ran))
         f = refit_factor(ran, measured)
-        hw = ran.hardware
-        overrides = [f"hardware.peak_tflops={hw.peak_tflops * f:.6g}",
-                     f"hardware.hbm_bandwidth_tbps={hw.hbm_bandwidth_tbps * f:.6g}"]
-        out.update({"run": str(run_dir), "measured_step_time_s": measured, "logged_steps_used": steps,
-                    "predicted_before_s": before, "factor": f, "overrides": overrides})
+        overrides = refit_overrides(ran, f)
+        out = {"run": str(run_dir), "measured_step_time_s": measured, "logged_steps_used": steps,
+               "predicted_before_s": before, "factor": f, "overrides": overrides}
     else:
-        tflops, tbps = measure_matmul_tflops(), measure_bandwidth_tbps()
-        overrides = [f"hardware.peak_tflops={tflops:.6g}", "hardware.mfu=1",
-                     f"hardware.hbm_bandwidth_tbps={tbps:.6g}", "hardware.bandwidth_utilization=1"]
-        out.update({"matmul_tflops_fp32": tflops, "memory_bandwidth_tbps": tbps, "overrides": overrides})
+        log = None if as_json else (lambda message: print(f"moe calibrate: {message}", file=sys.stderr, flush=True))
+        out = measure_machine(recipe, overhead=not getattr(args, "no_overhead", False), log=log)
+        overrides = out["overrides"]
     raw = recipe.model_dump()
     calibrated = recipe_from_dict({**raw, "train": {**raw["train"], "resume": "never"},
                                    "data": {"source": "synthetic"}}, overrides)
-    p = calibrated.parallel
     out["recipe"] = recipe.name
-    out["predicted_step_time_s"] = performance(calibrated, dp=p.dp or p.ep).step_time_s
-    if getattr(args, "json", False):
+    out["predicted_step_time_s"] = predict_step_s(calibrated, *_rates(calibrated))
+    if as_json:
         print(json.dumps(out, indent=2))
         return 0
     if source:
         print(f"{out['run']}: measured {measured:.4g} s per step (median of {steps} logged steps), the model said "
-              f"{before:.4g} s; compute and memory rates x {f:.4g}")
+              f"{before:.4g} s; every rate x {f:.4g}, the fixed overhead / {f:.4g}")
     else:
-        print(f"this machine ({out['threads']} threads): fp32 matmul {out['matmul_tflops_fp32'] * 1e3:.1f} GFLOP/s, "
-              f"memory copy {out['memory_bandwidth_tbps'] * 1e3:.1f} GB/s")
+        print(f"this machine, {out['threads_per_rank']} thread(s) per rank for {out['ranks']} rank(s): fp32 matmul "
+              f"{out['matmul_tflops_fp32'] * 1e3:.1f} GFLOP/s (n = 1024), memory copy "
+              f"{out['memory_bandwidth_tbps'] * 1e3:.1f} GB/s; one rank's forward + backward "
+              f"{out['rank_forward_backward_s'] * 1e3:.2f} ms ({out['shrunken_forward_backward_s'] * 1e3:.2f} ms of it "
+              f"at shrunken widths): mfu {out['mfu']:.3f}")
+        if "step_overhead_s" in out:
+            print(f"fixed cost of a step on this layout: {out['step_overhead_s'] * 1e3:.1f} ms (shrunken model: "
+                  f"{out['shrunken_step_time_s'] * 1e3:.1f} ms measured, {out['shrunken_arithmetic_s'] * 1e3:.2f} ms "
+                  "of it arithmetic)")
     print("use: " + " ".join(f"--set {o}" for o in overrides))
     print(f"{recipe.name} with these figures: predicted {out['predicted_step_time_s']:.4g} s per step")
     return 0
 
 
+def _rates(recipe: Recipe) -> tuple[float, float, float]:
+    s = shape_of(recipe)
+    return s.compute_flops, s.hbm_bytes_s, s.overhead_s
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--from", dest="from_run", metavar="RUN_DIR", default=None,
                         help="refit the efficiency from a finished run's metrics.jsonl (and its run.json recipe)")
+    parser.add_argument("--no-overhead", action="store_true",
+                        help="skip the shrunken training run that measures the fixed cost of a step (no launcher)")

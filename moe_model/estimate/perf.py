@@ -40,8 +40,10 @@ rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per no
                           16-bit weights at ZeRO-1/2: the same volume), over the group's span tp*dp
     optimizer step        memory-bound: 28 bytes per partitioned element (fp32 master, m, v read and written, the fp32
                           gradient read) plus writing the b-byte weights
-A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP reduction + optimizer step),
-m = global_batch / (micro_batch * dp) micro-batches per data-parallel rank.
+A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP reduction + optimizer step)
++ `hardware.step_overhead_ms`, m = global_batch / (micro_batch * dp) micro-batches per data-parallel rank. The last
+term is what a step costs whatever the model's size (op dispatch, DeepSpeed's engine, collective latencies): `moe
+calibrate` measures it as the step time of the same layout with every width shrunk to almost nothing.
 
 Overlap assumptions (stated, conservative, DeepSpeed's defaults): nothing overlaps compute. TP all-reduces and EP
 all-to-alls are synchronous inside the layer; pipeline sends are blocking in DeepSpeed's PipelineEngine; gradient
@@ -86,6 +88,7 @@ class Shape:
     intra_bytes_s: float
     inter_bytes_s: float
     peak_flops: float
+    overhead_s: float = 0.0  # fixed per step (hardware.step_overhead_ms)
 
 
 def shape_of(recipe: Recipe) -> Shape:
@@ -98,7 +101,8 @@ def shape_of(recipe: Recipe) -> Shape:
                  b=PRECISION_BYTES[t.precision], compute_flops=hw.peak_tflops * 1e12 * hw.mfu,
                  hbm_bytes_s=hw.hbm_bandwidth_tbps * 1e12 * hw.bandwidth_utilization,
                  gpus_per_node=hw.gpus_per_node, intra_bytes_s=hw.intra_node_gbps * 1e9,
-                 inter_bytes_s=hw.inter_node_gbps * 1e9, peak_flops=hw.peak_tflops * 1e12)
+                 inter_bytes_s=hw.inter_node_gbps * 1e9, peak_flops=hw.peak_tflops * 1e12,
+                 overhead_s=hw.step_overhead_ms * 1e-3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,6 +162,14 @@ def embedding_forward_time(s: Shape, B):
     return 2.0 * s.b * B * s.S * s.D / s.hbm_bytes_s
 
 
+def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False):
+    """Forward + backward (+ recompute) of `layers` decoder layers, the embedding and the LM head on one rank, one
+    micro-batch, no communication: the work `moe calibrate` times on this machine."""
+    passes = 3.0 + float(ckpt)
+    return (layers * passes * sum(layer_forward_times(s, B, tp, ep).values())
+            + 3.0 * (head_forward_time(s, B) + embedding_forward_time(s, B)))
+
+
 def _stage_params(s: Shape, layers, first, last, tp, ep):
     """(dense, expert) parameters one rank of a stage holds (memory.rank_params, array-friendly)."""
     attention = (2 * s.D * s.Dq + 2 * s.D * s.Dkv) // tp
@@ -213,7 +225,7 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     tail_i = np.argmax(np.stack([np.broadcast_to(t[2], np.shape(stage_t)) for t in tails]), axis=0)
     pick = lambda j: np.choose(tail_i, [np.broadcast_to(t[j], np.shape(stage_t)) for t in tails])  # noqa: E731
     dp_reduce, optimizer = pick(0), pick(1)
-    step = pipeline + dp_reduce + optimizer
+    step = pipeline + dp_reduce + optimizer + s.overhead_s
     return {"step": step, "pipeline": pipeline, "stage_t": stage_t, "m": m, "layer_t": layer_t,
             "layer_times": lt, "tp_comm": tp_comm, "ep_comm": ep_comm, "p2p": p2p, "head_t": head_t,
             "emb_t": emb_t, "dp_reduce": dp_reduce, "optimizer": optimizer, "passes": passes}
@@ -281,7 +293,8 @@ def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=No
     stage_t = float(c["stage_t"])
     busy = m * stage_t
     breakdown = {"pipeline_busy (m x slowest stage)": busy, "pipeline_bubble": float(c["pipeline"]) - busy,
-                 "dp_gradient_reduction": float(c["dp_reduce"]), "optimizer_step": float(c["optimizer"])}
+                 "dp_gradient_reduction": float(c["dp_reduce"]), "optimizer_step": float(c["optimizer"]),
+                 "fixed_overhead": s.overhead_s}
     hw = recipe.hardware
     return Performance(
         step_time_s=step, throughput_seq_per_s=s.global_batch / step,
@@ -291,6 +304,6 @@ def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=No
         assumptions={"peak_tflops": hw.peak_tflops, "mfu_on_matmuls": hw.mfu,
                      "hbm_bandwidth_tbps": hw.hbm_bandwidth_tbps, "bandwidth_utilization": hw.bandwidth_utilization,
                      "gpus_per_node (ASSUMED)": hw.gpus_per_node, "intra_node_gbps (ASSUMED)": hw.intra_node_gbps,
-                     "inter_node_gbps (ASSUMED)": hw.inter_node_gbps,
+                     "inter_node_gbps (ASSUMED)": hw.inter_node_gbps, "step_overhead_ms": hw.step_overhead_ms,
                      "overlap": "none: TP/EP collectives, pipeline sends and the gradient reduction are exposed",
                      "routing": "balanced"})

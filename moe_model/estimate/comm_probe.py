@@ -1,0 +1,91 @@
+"""Rank program of `moe calibrate`: how fast this machine's ranks move a recipe's messages to each other.
+
+    deepspeed --num_gpus N -m moe_model.estimate.comm_probe --p2p-bytes A --a2a-bytes B --out F.json
+
+Every rank pairs with rank ^ 1 (all pairs at once, as a run's ranks share the machine) and times, median of 30 after
+a warm-up: a send + receive of A bytes each way (a pipeline stage's activation, then its gradient) and an all-to-all
+of B bytes over the pair (an expert-parallel dispatch), each at B or A bytes and at 4 bytes. The difference is the
+size-dependent part; the 4-byte time is latency, which the calibration's shrunken training run already contains.
+Rank 0 writes the slowest pair's figures to F.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SMALL = 4
+
+
+def _median_s(fn, repeats: int = 30) -> float:
+    import torch.distributed as dist
+
+    for _ in range(3):
+        fn()
+    dist.barrier()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe(p2p_bytes: int, a2a_bytes: int) -> dict:
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pairs = [dist.new_group([i, i + 1]) for i in range(0, world - 1, 2)]
+    peer = rank ^ 1
+    group = pairs[rank // 2] if peer < world else None
+    out = {}
+    for nbytes, name in ((SMALL, "small"), (p2p_bytes, "p2p")):
+        send, recv = torch.ones(max(1, nbytes // 4)), torch.empty(max(1, nbytes // 4))
+
+        def exchange() -> None:
+            if peer >= world:
+                return
+            if rank % 2 == 0:
+                dist.send(send, peer)
+                dist.recv(recv, peer)
+            else:
+                dist.recv(recv, peer)
+                dist.send(send, peer)
+
+        out[f"round_trip_{name}_s"] = _median_s(exchange)
+    for nbytes, name in ((SMALL * 2, "small"), (a2a_bytes, "a2a")):
+        x, y = torch.ones(max(2, nbytes // 8) * 2), torch.empty(max(2, nbytes // 8) * 2)
+        out[f"all_to_all_{name}_s"] = _median_s(
+            lambda: dist.all_to_all_single(y, x, group=group) if group is not None else None)
+    slowest = [torch.tensor(list(out.values()), dtype=torch.float64)]
+    dist.all_reduce(slowest[0], op=dist.ReduceOp.MAX)
+    return dict(zip(out, slowest[0].tolist()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--p2p-bytes", type=int, required=True)
+    parser.add_argument("--a2a-bytes", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    from ..train.distributed import init_distributed
+
+    rank, world = init_distributed()
+    if world < 2:
+        raise SystemExit("the communication probe needs at least 2 ranks")
+    figures = probe(args.p2p_bytes, args.a2a_bytes)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"ranks": world, "p2p_bytes": args.p2p_bytes,
+                                              "a2a_bytes": args.a2a_bytes, **figures}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`moe calibrate`: the shrunken layout run, one rank's arithmetic, the efficiency fit and the link probe."""
+
+import dataclasses
+import json
+
+import pytest
+
+from moe_model.cli import main
+from moe_model.estimate.calibrate import (fit_mfu, measure_link_gbps, rank_model_recipe, shrunken,
+                                          stage_layers_timed)
+from moe_model.estimate.params import count_params
+from moe_model.estimate.perf import layer_forward_flops, performance, shape_of, stage_compute_time
+from moe_model.recipe import load_recipe, recipe_from_dict
+from tests.conftest import ROOT
+
+TINY_CPU = str(ROOT / "recipes/tiny_cpu.yaml")
+ONE_RANK = ["parallel.pp=1", "parallel.ep=1", "parallel.dp=null", "parallel.zero_stage=0"]
+
+
+def test_shrunken_recipe_keeps_the_layout_and_depth_and_drops_the_widths():
+    recipe = load_recipe(TINY_CPU)
+    small = shrunken(recipe, 7, None)
+    assert small.parallel == recipe.parallel
+    for key in ("num_hidden_layers", "num_local_experts", "num_experts_per_tok", "num_attention_heads",
+                "num_key_value_heads", "hidden_act"):
+        assert getattr(small.model, key) == getattr(recipe.model, key), key
+    assert (small.train.seq_len, small.train.global_batch_size) == (recipe.train.seq_len,
+                                                                    recipe.train.global_batch_size)
+    assert small.train.steps == 7 and small.tracking.wandb.mode == "disabled" and small.data.source == "synthetic"
+    assert count_params(small.moe_config()).total < 0.02 * count_params(recipe.moe_config()).total
+
+
+def test_rank_model_does_the_arithmetic_of_one_rank_of_the_layout():
+    recipe = load_recipe(TINY_CPU)  # pp 2, ep 2: a rank holds 2 layers and 4 of the 8 experts
+    work = rank_model_recipe(recipe)
+    assert (work.parallel.tp, work.parallel.pp, work.parallel.ep) == (1, 1, 1)
+    assert work.model.num_hidden_layers == stage_layers_timed(recipe) == 2
+    assert work.model.num_local_experts == 4
+    B = recipe.parallel.micro_batch_size
+    one_device = layer_forward_flops(shape_of(work), B, 1, 1)
+    on_the_rank = layer_forward_flops(shape_of(recipe), B, 1, 2)
+    for op in ("qkv", "o_proj", "sdpa", "experts"):  # the router scores the rank's 4 experts, not all 8
+        assert one_device[op] == on_the_rank[op], op
+
+
+def test_fit_mfu_inverts_the_stage_time_and_stops_at_the_peak():
+    recipe = load_recipe(TINY_CPU)
+    p = recipe.parallel
+    s = dataclasses.replace(shape_of(recipe), compute_flops=1e11 * 0.3, hbm_bytes_s=2e10)
+    measured = float(stage_compute_time(s, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe)))
+    assert fit_mfu(recipe, 1e11, 2e10, measured) == pytest.approx(0.3, rel=1e-6)
+    assert fit_mfu(recipe, 1e11, 2e10, measured / 1e3) == 1.0
+
+
+def test_step_overhead_adds_to_the_step_and_shows_in_the_breakdown():
+    raw = load_recipe(TINY_CPU, ONE_RANK).model_dump()
+    base = performance(recipe_from_dict(raw), dp=1)
+    more = performance(recipe_from_dict(raw, ["hardware.step_overhead_ms=5"]), dp=1)
+    assert more.step_time_s - base.step_time_s == pytest.approx(5e-3, rel=1e-9)
+    assert more.breakdown["fixed_overhead"] == 5e-3 and base.breakdown["fixed_overhead"] == 0.0
+
+
+def test_calibrate_one_rank_measures_the_fixed_cost_and_predicts_with_it(capsys):
+    sets = [x for o in ONE_RANK for x in ("--set", o)]
+    assert main(["calibrate", TINY_CPU, *sets, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ranks"] == 1 and "links" not in out
+    assert out["shrunken_step_time_s"] > out["shrunken_arithmetic_s"] > 0
+    assert out["step_overhead_s"] == pytest.approx(out["shrunken_step_time_s"] - out["shrunken_arithmetic_s"])
+    assert 0 < out["mfu"] <= 1 and out["rank_forward_backward_s"] > 0
+    calibrated = load_recipe(TINY_CPU, ONE_RANK + out["overrides"])
+    perf = performance(calibrated, dp=1)
+    assert perf.step_time_s == pytest.approx(out["predicted_step_time_s"], rel=1e-9)
+    assert perf.breakdown["fixed_overhead"] == pytest.approx(out["step_overhead_s"], rel=1e-3)
+
+
+def test_link_probe_times_the_recipes_messages_between_two_ranks():
+    recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
+    figures = measure_link_gbps(recipe)
+    assert figures["ranks"] == 2
+    assert figures["a2a_bytes"] == 2 * 4 * 64 * 64 * 4  # k * tokens * hidden * fp32 bytes
+    assert figures["intra_node_gbps"] > 0
+    assert all(figures[k] > 0 for k in ("round_trip_small_s", "round_trip_p2p_s", "all_to_all_small_s",
+                                        "all_to_all_a2a_s"))
+
+
+def test_calibrate_refuses_a_missing_run(capsys, tmp_path):
+    assert main(["calibrate", TINY_CPU, "--from", str(tmp_path)]) == 2
+    assert "run.json" in capsys.readouterr().err
