@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 
 CORPUS := data/python_docs.jsonl
 
-.PHONY: install test smoke plan bench bench-gpu configs lint clean
+.PHONY: install test smoke plan bench bench-gpu step-time configs lint clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench: $(STAMP)
 # the same on a GPU machine: bf16, tokens/s and MFU against PEAK_TFLOPS (the card's dense bf16 peak)
 GPUS ?= 1
 PEAK_TFLOPS ?= 989
+# the performance model against measured CPU runs of the tiny recipe, 1 and 4 ranks (moe calibrate, then training)
+step-time: $(STAMP)
+	$(BIN)/python benchmarks/step_time_accuracy.py
+
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/moe_speed.py --device cuda --peak-tflops $(PEAK_TFLOPS)
 	$(BIN)/python benchmarks/ds_moe_layer.py --gpus $(GPUS)

@@ -8,8 +8,9 @@ training a shrunken copy of the layout; see moe_model/estimate/calibrate.py), wh
 (2) the real recipe trained for `--steps` steps through the deepspeed launcher with those calibrated hardware figures
 (so its run.json records them); measured = median `step_time_s`, the first 2 steps left out. The run is repeated (a, b):
 `moe calibrate --from` refits the rates from run a, and that prediction is checked against run b (what a finished
-run adds for the next one on the same machine); the two runs also show how much this machine's step times wander. Prints the table and writes
-benchmarks/results/step_time_accuracy.json. Each case takes about a minute here; nothing else should run meanwhile.
+run adds for the next one on the same machine); the two runs also show how much this machine's step times wander.
+Prints the table and writes benchmarks/results/step_time_accuracy.json. Each case takes about two minutes here;
+nothing else should run meanwhile.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate": (cmd_estimate, "parameters and memory of every rank; exit 1 when the peak rank does not fit"),
         "plan": (cmd_plan, "search the legal parallel strategies that fit; rank them by latency, throughput or cost"),
         "audit": (cmd_audit, "check a recipe's claims against computed figures; exit 1 when any claim is wrong"),
-        "calibrate": (cmd_calibrate, "measure this machine's matmul rates, memory bandwidth and a step's fixed cost (or refit from a run)"),
+        "calibrate": (cmd_calibrate, "measure this machine's rates, links and a step's fixed cost (or refit from a run)"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

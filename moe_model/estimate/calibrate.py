@@ -5,17 +5,20 @@ Measured (no GPU needed), each with the thread count a rank of the recipe gets h
 as `train.distributed.share_cpu_cores` sets them):
 - peak: 2*n^3 FLOPs per [n, n] x [n, n] fp32 product (n = 1024; median of repeated timings after a warm-up), printed
   as `hardware.peak_tflops`;
-- the recipe's own matrix products: every product of a decoder layer and the LM head at the rank's shapes
-  (`perf.layer_gemms`, `perf.head_gemm`), forward and both backward products, each timed as above and weighted by
-  how often a step runs it; their FLOPs over their time, as a fraction of the peak, is `hardware.mfu` (small
-  products reach a fraction of the big-product rate);
 - memory bandwidth: 2 x bytes per `copy_` of a 128 MB fp32 tensor (read + write; median), `hardware.hbm_bandwidth_tbps`
   with `bandwidth_utilization` = 1;
+- efficiency, `hardware.mfu`: one rank's arithmetic (`rank_model_recipe`: its stage's layers, its experts, its
+  heads) as a one-device model, forward + backward of a micro-batch timed (median of 15), less the same at shrunken
+  widths (see below); mfu is the compute efficiency at which the model's time for that work
+  (`perf.stage_compute_time`, with the measured bandwidth) equals the difference. On small shapes it absorbs what
+  the roofline leaves out (SDPA and element-wise kernels far from their peak);
+- links, `hardware.intra_node_gbps` (2 ranks or more): `measure_link_gbps`, the recipe's own messages between ranks;
 - the fixed cost of a step, `hardware.step_overhead_ms`: the recipe trained through the deepspeed launcher on its own
   layout (ranks, tp/pp/ep/dp, ZeRO stage, micro-batches, layers, experts, top-k, sequence) with every width shrunk to
-  almost nothing (head_dim 2, expert FFN 2*tp, vocabulary 32*tp), 40 steps, median step time (first 2 left out) less what the model computes for
-  that shrunken model. What remains is what a step costs whatever its size: op dispatch, DeepSpeed's engine and
-  pipeline instructions, collective latencies, the optimizer's per-tensor work. `--no-overhead` skips it (0).
+  almost nothing (head_dim 2, expert FFN 2*tp, vocabulary 32*tp), 40 steps: the median step time (first 2 left out)
+  less what the model computes for that shrunken model. What remains is what a step costs whatever its size: op
+  dispatch, DeepSpeed's engine and pipeline instructions, collective latencies, the optimizer's per-tensor work.
+  `--no-overhead` skips it (0).
 
 Refit from a run (`--from RUN_DIR`): the run's recipe (run.json, with the hardware figures it ran under) and the
 median `step_time_s` of metrics.jsonl (the first logged step left out: warm-up). f = predicted / measured; the
@@ -176,9 +179,9 @@ def measure_step_overhead_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: f
 
 def measure_link_gbps(recipe: Recipe) -> dict:
     """Bandwidth between this machine's ranks for the recipe's own messages (`comm_probe`, launched on as many ranks
-    as the recipe): the bytes the model charges for a pipeline activation + gradient exchange and an expert-parallel
-    all-to-all over a pair, over their measured time less the same calls' time at 4 bytes (latency: already in the
-    fixed overhead). The figure replaces `hardware.intra_node_gbps` (every rank is on this machine)."""
+    as the recipe): the bytes the model charges for one micro-batch's pipeline exchanges and expert all-to-alls
+    over their measured time, less the same calls' time at 4 bytes (latency: already in the fixed overhead). The
+    figure replaces `hardware.intra_node_gbps` (every rank is on this machine)."""
     from ..cli import free_port
 
     s, p = shape_of(recipe), recipe.parallel
@@ -196,11 +199,14 @@ def measure_link_gbps(recipe: Recipe) -> dict:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise RecipeError("calibrate", "the communication probe failed: " + " | ".join(tail))
         figures = json.loads(out.read_text())
-    p2p_s = max(figures["round_trip_p2p_s"] - figures["round_trip_small_s"], 1e-9)
-    a2a_s = max(figures["all_to_all_a2a_s"] - figures["all_to_all_small_s"], 1e-9)
-    use_p2p, use_a2a = (p.pp > 1, p.ep > 1) if (p.pp > 1 or p.ep > 1) else (True, True)
-    moved = use_p2p * 2.0 * act + use_a2a * a2a / 2
-    figures["intra_node_gbps"] = moved / (use_p2p * p2p_s + use_a2a * a2a_s) / 1e9
+    # weighted as one micro-batch of the busiest stage uses them: one activation + gradient exchange (pp > 1) and
+    # 4 all-to-alls per MoE layer (6 with recompute; ep > 1); a pair's all-to-all sends half its buffer away
+    p2p_n = 1 if p.pp > 1 or p.ep == 1 else 0
+    a2a_n = (4 + 2 * p.activation_checkpointing) * stage_layers_timed(recipe) if p.ep > 1 else 0
+    p2p_s = max(0.0, figures["round_trip_p2p_s"] - figures["round_trip_small_s"])
+    a2a_s = max(0.0, figures["all_to_all_a2a_s"] - figures["all_to_all_small_s"])
+    moved = p2p_n * 2.0 * act + a2a_n * a2a / 2
+    figures["intra_node_gbps"] = moved / max(p2p_n * p2p_s + a2a_n * a2a_s, 1e-7) / 1e9
     return figures
 
 

@@ -12,6 +12,7 @@ Rank 0 writes the slowest pair's figures to F.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -37,6 +38,27 @@ def _median_s(fn, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
+def _exchange(send: torch.Tensor, recv: torch.Tensor, rank: int, peer: int, world: int) -> None:
+    """Send then receive on even ranks, receive then send on odd ones (a rank without a peer does nothing)."""
+    import torch.distributed as dist
+
+    if peer >= world:
+        return
+    if rank % 2 == 0:
+        dist.send(send, peer)
+        dist.recv(recv, peer)
+    else:
+        dist.recv(recv, peer)
+        dist.send(send, peer)
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    if group is not None:
+        dist.all_to_all_single(out, inp, group=group)
+
+
 def probe(p2p_bytes: int, a2a_bytes: int) -> dict:
     import torch.distributed as dist
 
@@ -46,26 +68,16 @@ def probe(p2p_bytes: int, a2a_bytes: int) -> dict:
     group = pairs[rank // 2] if peer < world else None
     out = {}
     for nbytes, name in ((SMALL, "small"), (p2p_bytes, "p2p")):
-        send, recv = torch.ones(max(1, nbytes // 4)), torch.empty(max(1, nbytes // 4))
-
-        def exchange() -> None:
-            if peer >= world:
-                return
-            if rank % 2 == 0:
-                dist.send(send, peer)
-                dist.recv(recv, peer)
-            else:
-                dist.recv(recv, peer)
-                dist.send(send, peer)
-
-        out[f"round_trip_{name}_s"] = _median_s(exchange)
-    for nbytes, name in ((SMALL * 2, "small"), (a2a_bytes, "a2a")):
-        x, y = torch.ones(max(2, nbytes // 8) * 2), torch.empty(max(2, nbytes // 8) * 2)
-        out[f"all_to_all_{name}_s"] = _median_s(
-            lambda: dist.all_to_all_single(y, x, group=group) if group is not None else None)
-    slowest = [torch.tensor(list(out.values()), dtype=torch.float64)]
-    dist.all_reduce(slowest[0], op=dist.ReduceOp.MAX)
-    return dict(zip(out, slowest[0].tolist()))
+        elements = max(1, nbytes // 4)
+        send, recv = torch.ones(elements), torch.empty(elements)
+        out[f"round_trip_{name}_s"] = _median_s(functools.partial(_exchange, send, recv, rank, peer, world))
+    for nbytes, name in ((2 * SMALL, "small"), (a2a_bytes, "a2a")):
+        elements = 2 * max(1, nbytes // 8)  # even: half for each rank of the pair
+        inp, result = torch.ones(elements), torch.empty(elements)
+        out[f"all_to_all_{name}_s"] = _median_s(functools.partial(_all_to_all, result, inp, group))
+    slowest = torch.tensor(list(out.values()), dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return dict(zip(out, slowest.tolist()))
 
 
 def main() -> int:
