@@ -1,6 +1,6 @@
 """The performance model against measured CPU runs of the tiny recipes: calibrate, train, compare.
 
-    .venv/bin/python benchmarks/step_time_accuracy.py [--steps 40] [--cases tiny-cpu-1rank,tiny-cpu-4ranks]
+    .venv/bin/python benchmarks/step_time_accuracy.py [--steps 60] [--cases tiny-cpu-1rank,tiny-cpu-4ranks,...]
 
 For each case, in one go and in this order: (1) `moe calibrate` on the case's recipe (this machine's matmul rate and
 copy bandwidth, one rank's forward + backward timed to fit the efficiency, and the fixed cost of a step measured by
@@ -35,6 +35,7 @@ ONE_RANK = ("parallel.pp=1", "parallel.ep=1", "parallel.dp=null", "parallel.zero
 CASES = {
     "tiny-cpu-1rank": ("recipes/tiny_cpu.yaml", ONE_RANK),
     "tiny-cpu-4ranks": ("recipes/tiny_cpu.yaml", ()),  # pp2 x dp2, experts over ep2, ZeRO-1: make smoke's layout
+    "tiny-text-4ranks": ("recipes/tiny_text.yaml", ()),  # make smoke itself: real text, BPE of 2048, sequences of 128
 }
 RESULTS = ROOT / "benchmarks/results/step_time_accuracy.json"
 
@@ -53,7 +54,7 @@ def train(recipe_path: str, overrides: list[str], steps: int, out: Path) -> None
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args(argv)
     names = args.cases.split(",")
@@ -61,6 +62,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}", file=sys.stderr)
         return 2
+    corpus = ROOT / "data/python_docs.jsonl"
+    if "tiny-text-4ranks" in names and not corpus.is_file():  # what `make smoke` builds first (no download)
+        subprocess.run([sys.executable, str(ROOT / "scripts/build_corpus.py"), "-o", str(corpus)], check=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="step-time-") as tmp:
         for name in names:

@@ -22,12 +22,13 @@ def test_shrunken_recipe_keeps_the_layout_and_depth_and_drops_the_widths():
     small = shrunken(recipe, 7, None)
     assert small.parallel == recipe.parallel
     for key in ("num_hidden_layers", "num_local_experts", "num_experts_per_tok", "num_attention_heads",
-                "num_key_value_heads", "hidden_act"):
+                "num_key_value_heads", "hidden_act", "vocab_size", "tie_word_embeddings"):
         assert getattr(small.model, key) == getattr(recipe.model, key), key
     assert (small.train.seq_len, small.train.global_batch_size) == (recipe.train.seq_len,
                                                                     recipe.train.global_batch_size)
-    assert small.train.steps == 7 and small.tracking.wandb.mode == "disabled" and small.data.source == "synthetic"
-    assert count_params(small.moe_config()).total < 0.02 * count_params(recipe.moe_config()).total
+    assert small.train.steps == 7 and small.tracking.wandb.mode == "disabled" and small.data == recipe.data
+    assert small.model.hidden_size == 2 * recipe.model.num_attention_heads
+    assert count_params(small.moe_config()).expert < 0.01 * count_params(recipe.moe_config()).expert
 
 
 def test_rank_model_does_the_arithmetic_of_one_rank_of_the_layout():
@@ -87,3 +88,10 @@ def test_link_probe_times_the_recipes_messages_between_two_ranks():
 def test_calibrate_refuses_a_missing_run(capsys, tmp_path):
     assert main(["calibrate", TINY_CPU, "--from", str(tmp_path)]) == 2
     assert "run.json" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_layout_with_more_ranks_than_this_machine_starts(capsys):
+    seed_plan = str(ROOT / "recipes/seed_plan.yaml")
+    assert main(["calibrate", seed_plan]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than 8" in err[0] and "--from RUN_DIR" in err[0]

@@ -15,10 +15,11 @@ as `train.distributed.share_cpu_cores` sets them):
 - links, `hardware.intra_node_gbps` (2 ranks or more): `measure_link_gbps`, the recipe's own messages between ranks;
 - the fixed cost of a step, `hardware.step_overhead_ms`: the recipe trained through the deepspeed launcher on its own
   layout (ranks, tp/pp/ep/dp, ZeRO stage, micro-batches, layers, experts, top-k, sequence) with every width shrunk to
-  almost nothing (head_dim 2, expert FFN 2*tp, vocabulary 32*tp), 40 steps: the median step time (first 2 left out)
-  less what the model computes for that shrunken model. What remains is what a step costs whatever its size: op
+  almost nothing (head_dim 2, expert FFN 2*tp; the vocabulary and data kept), 40 steps: the median step time (first
+  2 left out) less what the model computes for that shrunken model. What remains is what a step costs whatever its size: op
   dispatch, DeepSpeed's engine and pipeline instructions, collective latencies, the optimizer's per-tensor work.
-  `--no-overhead` skips it (0).
+  `--no-overhead` skips it (0). The same run's routing skew (busiest expert's load over the mean, `routing_imbalance`)
+  is what the prediction uses for DeepSpeed's capacity-deep expert buffers (ep > 1, dropless).
 
 Refit from a run (`--from RUN_DIR`): the run's recipe (run.json, with the hardware figures it ran under) and the
 median `step_time_s` of metrics.jsonl (the first logged step left out: warm-up). f = predicted / measured; the
@@ -68,11 +69,24 @@ def measure_bandwidth_tbps(megabytes: int = 128, repeats: int = 5) -> float:
     return 2 * a.numel() * 4 / _median_seconds(lambda: b.copy_(a), repeats) / 1e12
 
 
+MAX_LOCAL_RANKS = 8  # CPU ranks of a small model this kind of machine holds at once
+
+
 def rank_count(recipe: Recipe) -> int:
     from .estimate import resolve_dp
 
     p = recipe.parallel
     return p.tp * p.pp * resolve_dp(recipe, None)[0]
+
+
+def check_local_ranks(recipe: Recipe) -> int:
+    """The recipe's rank count, refused (one line) when it is more CPU ranks than this machine can start."""
+    ranks = rank_count(recipe)
+    if ranks > MAX_LOCAL_RANKS:
+        raise RecipeError("parallel", f"calibrating starts the layout's {ranks} ranks on this machine's CPU, more than "
+                                      f"{MAX_LOCAL_RANKS}; calibrate a layout of at most {MAX_LOCAL_RANKS} ranks, or "
+                                      "refit from a finished run on the cluster: moe calibrate RECIPE --from RUN_DIR")
+    return ranks
 
 
 def stage_layers_timed(recipe: Recipe) -> int:
@@ -142,15 +156,13 @@ def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: f
 
 
 def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
-    """The recipe's layout and depth with every width at its smallest legal value, synthetic data, no side effects."""
+    """The recipe's layout, depth, vocabulary, data and schedule with every width at its smallest legal value (heads
+    of width 2, expert FFN of 2*tp), no checkpoints, validation or tracking."""
     raw = recipe.model_dump()
-    tp = recipe.parallel.tp
     m = raw["model"]
-    m.update(head_dim=2, hidden_size=2 * m["num_attention_heads"], intermediate_size=2 * tp, vocab_size=32 * tp,
-             tie_word_embeddings=False)
+    m.update(head_dim=2, hidden_size=2 * m["num_attention_heads"], intermediate_size=2 * recipe.parallel.tp)
     raw["train"].update(steps=steps, log_every=1, save_every=0, eval_every=0, resume="never", output_dir=output_dir,
-                        warmup_steps=1)
-    raw["data"] = {"source": "synthetic"}
+                        warmup_steps=min(recipe.train.warmup_steps, steps - 1))
     raw["tracking"] = {"wandb": {"mode": "disabled"}}
     raw.pop("claims", None)
     return recipe_from_dict(raw)
@@ -172,9 +184,11 @@ def measure_step_overhead_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: f
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise RecipeError("calibrate", "the shrunken run of this layout failed: " + " | ".join(tail))
         measured, used = measured_step_time(Path(tmp, "run"), skip=2)
-    arithmetic = predict_step_s(small, compute_flops, hbm_bytes_s)
+        imbalance = measured_imbalance(Path(tmp, "run"), skip=2)
+    arithmetic = predict_step_s(small, compute_flops, hbm_bytes_s, imbalance=imbalance or 1.0)
     return {"ranks": ranks, "shrunken_step_time_s": measured, "steps_used": used,
-            "shrunken_arithmetic_s": arithmetic, "step_overhead_s": max(0.0, measured - arithmetic)}
+            "shrunken_arithmetic_s": arithmetic, "step_overhead_s": max(0.0, measured - arithmetic),
+            "routing_imbalance": imbalance}
 
 
 def measure_link_gbps(recipe: Recipe) -> dict:
@@ -210,12 +224,13 @@ def measure_link_gbps(recipe: Recipe) -> dict:
     return figures
 
 
-def predict_step_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, overhead_s: float = 0.0) -> float:
-    """The model's step time of `recipe` with these rates (overriding its hardware section's)."""
+def predict_step_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, overhead_s: float = 0.0,
+                   imbalance: float = 1.0) -> float:
+    """The model's step time of `recipe` with these rates (overriding its hardware section's) and routing imbalance."""
     p = recipe.parallel
     from .estimate import resolve_dp
 
-    s = dataclasses.replace(shape_of(recipe), compute_flops=compute_flops, hbm_bytes_s=hbm_bytes_s,
+    s = dataclasses.replace(shape_of(recipe, imbalance), compute_flops=compute_flops, hbm_bytes_s=hbm_bytes_s,
                             overhead_s=overhead_s)
     return float(step_components(s, p.tp, p.pp, p.ep, resolve_dp(recipe, None)[0], p.zero_stage,
                                  p.micro_batch_size, p.activation_checkpointing)["step"])
@@ -228,7 +243,7 @@ def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
     from ..train.distributed import cpu_threads_per_rank
 
     log = log or (lambda message: None)
-    ranks = rank_count(recipe)
+    ranks = check_local_ranks(recipe)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cpu_threads_per_rank(ranks))
     try:
@@ -277,6 +292,21 @@ def measured_step_time(run_dir: Path, skip: int = 1) -> tuple[float, int]:
     return statistics.median(times[skip:]), len(times) - skip
 
 
+def measured_imbalance(run_dir: Path, skip: int = 1) -> float | None:
+    """Median over logged steps of the layers' mean busiest-expert load over the mean load (metrics.jsonl's
+    `expert_load_max_over_mean_per_layer`); None without such records. It is the step's load over all micro-batches
+    and ranks: a single micro-batch's, which sizes DeepSpeed's buffers, is at least as skewed."""
+    values = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            layers = json.loads(line).get("expert_load_max_over_mean_per_layer")
+        except json.JSONDecodeError:
+            continue
+        if layers:
+            values.append(sum(layers) / len(layers))
+    return statistics.median(values[skip:]) if len(values) > skip else None
+
+
 def run_recipe(run_dir: Path) -> Recipe:
     path = run_dir / "run.json"
     if not path.is_file():
@@ -290,9 +320,9 @@ def run_recipe(run_dir: Path) -> Recipe:
     return recipe_from_dict(raw)
 
 
-def refit_factor(recipe: Recipe, measured_s: float) -> float:
+def refit_factor(recipe: Recipe, measured_s: float, imbalance: float = 1.0) -> float:
     """f = the model's step time / the measured one: every rate x f and the fixed overhead / f reproduce the run."""
-    return predict_step_s(recipe, *_rates(recipe)) / measured_s
+    return predict_step_s(recipe, *_rates(recipe), imbalance=imbalance) / measured_s
 
 
 def refit_overrides(recipe: Recipe, f: float) -> list[str]:
@@ -311,11 +341,12 @@ def cmd_calibrate(recipe: Recipe, args) -> int:
         run_dir = Path(source)
         ran = run_recipe(run_dir)
         measured, steps = measured_step_time(run_dir)
-        before = predict_step_s(ran, *_rates(ran))
-        f = refit_factor(ran, measured)
+        imbalance = measured_imbalance(run_dir) or 1.0
+        before = predict_step_s(ran, *_rates(ran), imbalance=imbalance)
+        f = refit_factor(ran, measured, imbalance)
         overrides = refit_overrides(ran, f)
         out = {"run": str(run_dir), "measured_step_time_s": measured, "logged_steps_used": steps,
-               "predicted_before_s": before, "factor": f, "overrides": overrides}
+               "routing_imbalance": imbalance, "predicted_before_s": before, "factor": f, "overrides": overrides}
     else:
         log = None if as_json else (lambda message: print(f"moe calibrate: {message}", file=sys.stderr, flush=True))
         out = measure_machine(recipe, overhead=not getattr(args, "no_overhead", False), log=log)
@@ -324,7 +355,8 @@ def cmd_calibrate(recipe: Recipe, args) -> int:
     calibrated = recipe_from_dict({**raw, "train": {**raw["train"], "resume": "never"},
                                    "data": {"source": "synthetic"}}, overrides)
     out["recipe"] = recipe.name
-    out["predicted_step_time_s"] = predict_step_s(calibrated, *_rates(calibrated))
+    imbalance = out.get("routing_imbalance") or 1.0
+    out["predicted_step_time_s"] = predict_step_s(calibrated, *_rates(calibrated), imbalance=imbalance)
     if as_json:
         print(json.dumps(out, indent=2))
         return 0
@@ -341,12 +373,14 @@ def cmd_calibrate(recipe: Recipe, args) -> int:
             print(f"fixed cost of a step on this layout: {out['step_overhead_s'] * 1e3:.1f} ms (shrunken model: "
                   f"{out['shrunken_step_time_s'] * 1e3:.1f} ms measured, {out['shrunken_arithmetic_s'] * 1e3:.2f} ms "
                   "of it arithmetic)")
-    print("use: " + " ".join(f"--set {o}" for o in overrides))
+    print("use: " + " ".join(f"--set {o}" for o in overrides)
+          + (f" (moe estimate: --imbalance {imbalance:.3g}, the routing skew seen)" if recipe.parallel.ep > 1 else ""))
     print(f"{recipe.name} with these figures: predicted {out['predicted_step_time_s']:.4g} s per step")
     return 0
 
 
 def _rates(recipe: Recipe) -> tuple[float, float, float]:
+    """(compute FLOP/s, memory B/s, fixed overhead s) of the recipe's hardware section."""
     s = shape_of(recipe)
     return s.compute_flops, s.hbm_bytes_s, s.overhead_s
 

@@ -92,10 +92,14 @@ def main() -> int:
     rank, world = init_distributed()
     if world < 2:
         raise SystemExit("the communication probe needs at least 2 ranks")
+    import torch.distributed as dist
+
     figures = probe(args.p2p_bytes, args.a2a_bytes)
     if rank == 0:
         Path(args.out).write_text(json.dumps({"ranks": world, "p2p_bytes": args.p2p_bytes,
                                               "a2a_bytes": args.a2a_bytes, **figures}))
+    dist.barrier()  # no rank leaves while a peer's gloo threads still talk to it
+    dist.destroy_process_group()
     return 0
 
 

@@ -188,7 +188,7 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
     return Estimate(recipe=recipe.name, counts=count_params(cfg), tp=p.tp, pp=p.pp, ep=p.ep, dp=dp,
                     dp_assumed=dp_assumed, micro_steps=micro_steps, precision=t.precision, zero_stage=p.zero_stage,
                     stages=stages, budget_bytes=int(recipe.hardware.gpu_memory_gb * 1e9), assumptions=assumptions,
-                    performance=performance(recipe, dp=dp))
+                    performance=performance(recipe, dp=dp, imbalance=assumptions.imbalance))
 
 
 def stage_estimate(stage: int, ranks: int, layers: int, in_flight: int, params: RankParams, states: ModelStates,

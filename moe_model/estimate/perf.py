@@ -15,9 +15,10 @@ compute dtype, t = tp, e = ep. Per decoder layer, per micro-batch, per rank (FLO
     o projection          2*T*Dq*D / t
     SDPA (causal)         scores Q K^T 2*B*S^2*Dq/t and values P V 2*B*S^2*Dq/t, each halved for causality
     router                2*T*D*E (replicated on the tp ranks, as the gate is)
-    experts               2*R*D*I*g with R = T*k routed rows (balanced routing); with ep > 1 DeepSpeed's MoE layer
-                          splits the rows over the tp ranks (R = T*k/t); with ep = 1 the model's own block runs on
-                          every tp rank (R = T*k): redundant work, modelled as it really runs
+    experts               2*R*D*I*g, R rows (`routed_rows`): with ep = 1 the model's own block runs the T*k routed
+                          copies on every tp rank (redundant work, modelled as it really runs); with ep > 1
+                          DeepSpeed's MoE layer runs every expert's buffer at its full depth C (the busiest expert's
+                          load, dropless, or the capacity), R = E*C/t: equal to T*k/t only when routing is balanced
     LM head (last stage)  2*T*D*V (not vocabulary-parallel: each tp rank computes all of it)
 Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N); SDPA (fused): read q, k, v and write the output.
 Memory-bound element-wise work per layer (bytes only): two RMSNorms and two residual adds (10*b*T*D), RoPE on q and
@@ -29,8 +30,8 @@ Communication (per micro-batch unless said), `link(span)`: the links a group use
 rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per node:
     TP all-reduce         2 forward + 2 backward per layer (+2 with recompute) of b*T*D, 2(t-1)/t of it over
                           intra-node links (tp stays inside a node: a layout rule)
-    EP all-to-all         dispatch + combine, forward and backward: 4 per MoE layer (+2 with recompute) of
-                          k*T*D*b/t per rank (the tp peers split the tokens), (e-1)/e of it leaving the rank.
+    EP all-to-all         dispatch + combine, forward and backward: 4 per MoE layer (+2 with recompute) of the
+                          buffers, R*D*b per rank (R = E*C/t as above), (e-1)/e of it leaving the rank.
                           DeepSpeed's expert groups are e consecutive ranks: q = min(e, gpus_per_node) share a node;
                           time = max(bytes*(q-1)/e / intra, bytes*(e-q)/e / inter)
     PP point-to-point     one activation forward and one gradient backward of b*T*D per stage boundary; inter-node
@@ -47,9 +48,11 @@ calibrate` measures it as the step time of the same layout with every width shru
 
 Overlap assumptions (stated, conservative, DeepSpeed's defaults): nothing overlaps compute. TP all-reduces and EP
 all-to-alls are synchronous inside the layer; pipeline sends are blocking in DeepSpeed's PipelineEngine; gradient
-reduction runs after the last backward (`overlap_comm` false). Routing is balanced (imbalance slows the busiest
-expert; not modelled). MFU = model FLOPs (3x the forward of every token, no recompute, no redundant tp work) /
-(step time * GPUs * peak).
+reduction runs after the last backward (`overlap_comm` false). Routing: with ep > 1 and dropless routing the experts
+and all-to-alls run buffers as deep as the busiest expert's load, `imbalance` times the mean (the estimator's
+assumption, 3 early in training, `--imbalance`; `moe calibrate` reports what a short run of the layout showed); with
+ep = 1 imbalance costs nothing here (the sort-based block runs exactly the routed rows). MFU = model FLOPs (3x the
+forward of every token, no recompute, no redundant tp work) / (step time * GPUs * peak).
 """
 
 from __future__ import annotations
@@ -89,9 +92,12 @@ class Shape:
     inter_bytes_s: float
     peak_flops: float
     overhead_s: float = 0.0  # fixed per step (hardware.step_overhead_ms)
+    capacity_factor: float = 0.0  # 0: dropless
+    min_capacity: int = 4
+    imbalance: float = 1.0  # busiest expert's load over the mean (dropless DeepSpeed buffers are that deep)
 
 
-def shape_of(recipe: Recipe) -> Shape:
+def shape_of(recipe: Recipe, imbalance: float = 1.0) -> Shape:
     m, hw, t = recipe.model, recipe.hardware, recipe.train
     cfg = recipe.moe_config()
     return Shape(D=cfg.hidden_size, Dq=cfg.num_attention_heads * cfg.head_dim,
@@ -102,7 +108,8 @@ def shape_of(recipe: Recipe) -> Shape:
                  hbm_bytes_s=hw.hbm_bandwidth_tbps * 1e12 * hw.bandwidth_utilization,
                  gpus_per_node=hw.gpus_per_node, intra_bytes_s=hw.intra_node_gbps * 1e9,
                  inter_bytes_s=hw.inter_node_gbps * 1e9, peak_flops=hw.peak_tflops * 1e12,
-                 overhead_s=hw.step_overhead_ms * 1e-3)
+                 overhead_s=hw.step_overhead_ms * 1e-3, capacity_factor=m.capacity_factor or 0.0,
+                 min_capacity=m.min_capacity, imbalance=imbalance)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,10 +121,26 @@ def stage_shape(num_layers: int, pp: int) -> tuple[int, int, int]:
     return layers[0], layers[-1], max(layers[1:-1], default=0)
 
 
+def routed_rows(s: Shape, B, tp, ep):
+    """Rows the experts of one rank compute per layer and micro-batch (numbers or numpy arrays).
+
+    ep = 1, the model's sort-based block: the T*k routed copies, on every tp rank. ep > 1, DeepSpeed's MoE layer: each
+    expert's buffer is C rows deep on each of the ep ranks whatever its load, so a rank's E/ep experts run E*C rows,
+    split over the tp ranks; C = min(ceil(f*T*k/E), T) dropless, f = the busiest expert's load over the mean
+    (`Shape.imbalance`; 1 = balanced, where E*C = T*k), or max(ceil(k*cf*T/E), min_capacity) with a capacity factor.
+    """
+    T = B * s.S
+    if s.capacity_factor:
+        depth = np.maximum(np.ceil(s.k * s.capacity_factor * T / s.E), s.min_capacity)
+    else:
+        depth = np.minimum(np.ceil(s.imbalance * T * s.k / s.E), T)
+    return np.where(ep > 1, s.E * depth / tp, T * s.k)
+
+
 def layer_forward_flops(s: Shape, B, tp, ep):
     """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike)."""
     T = B * s.S
-    R = np.where(ep > 1, T * s.k / tp, T * s.k)
+    R = routed_rows(s, B, tp, ep)
     return {
         "qkv": 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp,
         "o_proj": 2.0 * T * s.Dq * s.D / tp,
@@ -134,7 +157,7 @@ def _roofline(flops, nbytes, s: Shape):
 def layer_forward_times(s: Shape, B, tp, ep):
     """Forward seconds of one decoder layer on one rank, by op class (roofline per op)."""
     T = B * s.S
-    R = np.where(ep > 1, T * s.k / tp, T * s.k)
+    R = routed_rows(s, B, tp, ep)
     f = layer_forward_flops(s, B, tp, ep)
     b = s.b
     qkv_w = s.Dq + 2 * s.Dkv
@@ -197,7 +220,7 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     # communication per layer per micro-batch
     act = s.b * T * s.D
     tp_comm = (4.0 + 2 * ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
-    a2a = s.k * T * s.D * s.b / tp
+    a2a = routed_rows(s, B, tp, ep) * s.D * s.b  # ep > 1: DeepSpeed sends whole capacity-deep buffers
     q = np.minimum(ep, s.gpus_per_node)
     ep_comm = np.where(ep > 1, (4.0 + 2 * ckpt) * np.maximum(a2a * (q - 1) / ep / s.intra_bytes_s,
                                                              a2a * (ep - q) / ep / s.inter_bytes_s), 0.0)
@@ -233,7 +256,7 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
 
 def model_flops_per_step(s: Shape) -> float:
     """Useful FLOPs of a step: 3x the forward of every token (no recompute, no redundant tp work)."""
-    per_layer = sum(layer_forward_flops(s, 1, 1, 2).values())  # ep > 1 form with tp 1: R = S*k
+    per_layer = sum(layer_forward_flops(s, 1, 1, 1).values())  # the routed copies only: R = S*k
     forward = s.L * float(per_layer) + 2.0 * s.S * s.D * s.V
     return 3.0 * s.global_batch * forward
 
@@ -260,8 +283,11 @@ class Performance:
 
 
 def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=None, ep=None, dp=None,
-                zero_stage=None, micro_batch_size=None, activation_checkpointing=None) -> Performance:
-    """Step time of `recipe`'s strategy (or of the strategy the keyword arguments override)."""
+                zero_stage=None, micro_batch_size=None, activation_checkpointing=None,
+                imbalance: float | None = None) -> Performance:
+    """Step time of `recipe`'s strategy (or of the strategy the keyword arguments override); `imbalance`: the
+    busiest expert's load over the mean (default: the estimator's assumption)."""
+    from .memory import Assumptions
     from .estimate import resolve_dp
 
     p = recipe.parallel
@@ -277,7 +303,8 @@ def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=No
     if recipe.train.global_batch_size % (B * dp):
         raise RecipeError("train.global_batch_size", f"{recipe.train.global_batch_size} is not a multiple of "
                                                      f"micro_batch_size x dp = {B} x {dp}")
-    s = shape_of(recipe)
+    imbalance = Assumptions().imbalance if imbalance is None else imbalance
+    s = shape_of(recipe, imbalance)
     c = step_components(s, tp, pp, ep, dp, zero, B, ckpt)
     step = float(c["step"])
     gpus = tp * pp * dp
@@ -306,4 +333,4 @@ def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=No
                      "gpus_per_node (ASSUMED)": hw.gpus_per_node, "intra_node_gbps (ASSUMED)": hw.intra_node_gbps,
                      "inter_node_gbps (ASSUMED)": hw.inter_node_gbps, "step_overhead_ms": hw.step_overhead_ms,
                      "overlap": "none: TP/EP collectives, pipeline sends and the gradient reduction are exposed",
-                     "routing": "balanced"})
+                     "routing_imbalance (busiest expert over mean; ep > 1, dropless)": imbalance})

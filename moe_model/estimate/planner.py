@@ -202,7 +202,7 @@ def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assump
     """Peak bytes and step time of every row of `grid` (fast path)."""
     fast = FastMemory(recipe, assumptions)
     peak = fast.peak_bytes_many(grid)
-    s = shape_of(recipe)
+    s = shape_of(recipe, assumptions.imbalance)
     max_pp = int(grid[:, 1].max()) if len(grid) else 1
     table = np.zeros((3, max_pp + 1), dtype=np.int64)
     for pp in range(1, max_pp + 1):
