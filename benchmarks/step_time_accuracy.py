@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_model.estimate.calibrate import (measure_machine, measured_step_time, predict_step_s,  # noqa: E402
-                                          refit_factor, refit_overrides, run_recipe)
+from moe_model.estimate.calibrate import (measure_machine, measured_imbalance, measured_step_time,  # noqa: E402
+                                          predict_step_s, refit_factor, refit_overrides, run_recipe)
 from moe_model.estimate.perf import shape_of  # noqa: E402
 from moe_model.recipe import load_recipe, recipe_from_dict  # noqa: E402
 
@@ -74,7 +74,8 @@ def main(argv: list[str]) -> int:
             calibration = measure_machine(recipe)
             calibrated = load_recipe(ROOT / path, list(overrides) + calibration["overrides"])
             s = shape_of(calibrated)
-            predicted = predict_step_s(calibrated, s.compute_flops, s.hbm_bytes_s, s.overhead_s)
+            skew = calibration["routing_imbalance"]  # what the timed rank work routed like (per micro-batch)
+            predicted = predict_step_s(calibrated, s.compute_flops, s.hbm_bytes_s, s.overhead_s, skew)
             measured = []
             for run in ("a", "b"):
                 print(f"{name}: training run {run}, {args.steps} steps", flush=True)
@@ -83,16 +84,18 @@ def main(argv: list[str]) -> int:
                 measured.append(measured_step_time(run_dir, skip=2)[0])
                 if run == "a":  # what `moe calibrate --from RUN_DIR` refits from run a, to predict run b
                     ran = run_recipe(run_dir)
-                    f = refit_factor(ran, measured[0])
+                    run_skew = measured_imbalance(run_dir) or 1.0
+                    f = refit_factor(ran, measured[0], run_skew)
                     refitted = recipe_from_dict(ran.model_dump(), refit_overrides(ran, f))
                     t = shape_of(refitted)
-                    refit = predict_step_s(refitted, t.compute_flops, t.hbm_bytes_s, t.overhead_s)
+                    refit = predict_step_s(refitted, t.compute_flops, t.hbm_bytes_s, t.overhead_s, run_skew)
             p = recipe.parallel
             rows.append({"case": name, "layout": f"tp{p.tp} pp{p.pp} ep{p.ep} dp{p.dp or 1} zero{p.zero_stage}",
                          "ranks": calibration["ranks"], "measured_run_a_s": measured[0], "measured_run_b_s": measured[1],
                          "predicted_calibrated_s": predicted, "error_calibrated_a": predicted / measured[0] - 1,
                          "error_calibrated_b": predicted / measured[1] - 1, "refit_factor_from_a": f,
                          "predicted_refit_from_a_s": refit, "error_refit_b": refit / measured[1] - 1,
+                         "routing_imbalance_calibrated": skew, "routing_imbalance_logged_run_a": run_skew,
                          "calibration": calibration})
     print(f"\n{'case':<17}{'layout':<24}{'run a s':>9}{'run b s':>9}{'calibrated s':>14}{'err a':>7}{'err b':>7}"
           f"{'refit(a) s':>12}{'err b':>7}")
@@ -103,7 +106,8 @@ def main(argv: list[str]) -> int:
         c = r["calibration"]
         print(f"  calibrated: {c['threads_per_rank']} thread(s)/rank, matmul {c['matmul_tflops_fp32'] * 1e3:.1f} "
               f"GFLOP/s, copy {c['memory_bandwidth_tbps'] * 1e3:.1f} GB/s, mfu {c['mfu']:.3f}, fixed "
-              f"{c['step_overhead_s'] * 1e3:.1f} ms/step")
+              f"{c['step_overhead_s'] * 1e3:.1f} ms/step, routing skew {r['routing_imbalance_calibrated']:.2f} "
+              f"(run a logged, step-aggregated: {r['routing_imbalance_logged_run_a']:.2f})")
     RESULTS.write_text(json.dumps({"steps": args.steps, "cases": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0

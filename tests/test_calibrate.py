@@ -6,8 +6,8 @@ import json
 import pytest
 
 from moe_model.cli import main
-from moe_model.estimate.calibrate import (fit_mfu, measure_link_gbps, rank_model_recipe, shrunken,
-                                          stage_layers_timed)
+from moe_model.estimate.calibrate import fit_mfu, measure_link_gbps, measure_work, shrunken
+from moe_model.estimate.work_probe import rank_model_recipe, stage_layers_timed
 from moe_model.estimate.params import count_params
 from moe_model.estimate.perf import layer_forward_flops, performance, shape_of, stage_compute_time
 from moe_model.recipe import load_recipe, recipe_from_dict
@@ -42,6 +42,14 @@ def test_rank_model_does_the_arithmetic_of_one_rank_of_the_layout():
     on_the_rank = layer_forward_flops(shape_of(recipe), B, 1, 2)
     for op in ("qkv", "o_proj", "sdpa", "experts"):  # the router scores the rank's 4 experts, not all 8
         assert one_device[op] == on_the_rank[op], op
+
+
+def test_rank_work_through_deepspeeds_moe_layer_on_two_ranks():
+    recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
+    work = measure_work(recipe, threads=1)
+    assert work["where"] == "DeepSpeed's MoE layer on 2 ranks"
+    assert work["full_s"] > 0 and work["shrunken_s"] > 0
+    assert work["routing_imbalance"] >= 1.0  # the busiest expert's load over the mean
 
 
 def test_fit_mfu_inverts_the_stage_time_and_stops_at_the_peak():

@@ -7,19 +7,21 @@ as `train.distributed.share_cpu_cores` sets them):
   as `hardware.peak_tflops`;
 - memory bandwidth: 2 x bytes per `copy_` of a 128 MB fp32 tensor (read + write; median), `hardware.hbm_bandwidth_tbps`
   with `bandwidth_utilization` = 1;
-- efficiency, `hardware.mfu`: one rank's arithmetic (`rank_model_recipe`: its stage's layers, its experts, its
-  heads) as a one-device model, forward + backward of a micro-batch timed (median of 15), less the same at shrunken
-  widths (see below); mfu is the compute efficiency at which the model's time for that work
-  (`perf.stage_compute_time`, with the measured bandwidth) equals the difference. On small shapes it absorbs what
-  the roofline leaves out (SDPA and element-wise kernels far from their peak);
+- efficiency, `hardware.mfu`: one rank's work (`work_probe`: its stage's layers, its heads and experts; with ep > 1
+  through DeepSpeed's MoE layer on ep launched ranks, else as a one-device model), forward + backward of a micro-batch
+  timed (median of 15) less the same at shrunken widths (below) and less the all-to-alls' measured size-dependent
+  time; mfu is the compute efficiency at which the model's time for that work (`perf.stage_compute_time`, with the
+  measured bandwidth) equals the difference. On small shapes it absorbs what the roofline leaves out (SDPA and
+  element-wise kernels far from their peak, DeepSpeed's dispatch and combine);
 - links, `hardware.intra_node_gbps` (2 ranks or more): `measure_link_gbps`, the recipe's own messages between ranks;
 - the fixed cost of a step, `hardware.step_overhead_ms`: the recipe trained through the deepspeed launcher on its own
   layout (ranks, tp/pp/ep/dp, ZeRO stage, micro-batches, layers, experts, top-k, sequence) with every width shrunk to
   almost nothing (head_dim 2, expert FFN 2*tp; the vocabulary and data kept), 40 steps: the median step time (first
   2 left out) less what the model computes for that shrunken model. What remains is what a step costs whatever its size: op
   dispatch, DeepSpeed's engine and pipeline instructions, collective latencies, the optimizer's per-tensor work.
-  `--no-overhead` skips it (0). The same run's routing skew (busiest expert's load over the mean, `routing_imbalance`)
-  is what the prediction uses for DeepSpeed's capacity-deep expert buffers (ep > 1, dropless).
+  `--no-overhead` skips it (0).
+The routing skew the timed rank work showed (busiest expert's load over the mean per micro-batch, `routing_imbalance`)
+is what the fit and the prediction use for DeepSpeed's capacity-deep expert buffers (ep > 1, dropless).
 
 Refit from a run (`--from RUN_DIR`): the run's recipe (run.json, with the hardware figures it ran under) and the
 median `step_time_s` of metrics.jsonl (the first logged step left out: warm-up). f = predicted / measured; the
@@ -41,7 +43,8 @@ import time
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, recipe_from_dict
-from .perf import shape_of, stage_compute_time, stage_shape, step_components
+from .perf import shape_of, stage_compute_time, step_components
+from .work_probe import rank_model_recipe, shrunken_widths, stage_layers_timed, time_work
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -89,54 +92,11 @@ def check_local_ranks(recipe: Recipe) -> int:
     return ranks
 
 
-def stage_layers_timed(recipe: Recipe) -> int:
-    """Decoder layers of the recipe's busiest pipeline stage (the one whose work sets the step time)."""
-    first, last, middle = stage_shape(recipe.model.num_hidden_layers, recipe.parallel.pp)
-    return recipe.model.num_hidden_layers if recipe.parallel.pp == 1 else max(first, last, middle)
-
-
-def rank_model_recipe(recipe: Recipe) -> Recipe:
-    """A one-device model doing one rank's arithmetic: the busiest stage's layers, the E/ep experts that rank holds
-    (they receive its k*T routed rows in all, as DeepSpeed's dispatch gives them), tp's share of the heads."""
-    p, m = recipe.parallel, recipe.model
-    raw = recipe.model_dump()
-    raw["model"].update(num_hidden_layers=stage_layers_timed(recipe), num_local_experts=m.num_local_experts // p.ep,
-                        num_experts_per_tok=min(m.num_experts_per_tok, m.num_local_experts // p.ep),
-                        num_attention_heads=m.num_attention_heads // p.tp, head_dim=recipe.moe_config().head_dim,
-                        num_key_value_heads=max(1, m.num_key_value_heads // p.tp))
-    raw["parallel"] = {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "zero_stage": 0, "micro_batch_size": p.micro_batch_size,
-                       "activation_checkpointing": p.activation_checkpointing}
-    raw["train"].update(global_batch_size=p.micro_batch_size, resume="never")
-    raw["data"] = {"source": "synthetic"}
-    raw.pop("claims", None)
-    return recipe_from_dict(raw)
-
-
-def time_forward_backward(recipe: Recipe, repeats: int = 15) -> float:
-    """Median seconds of one micro-batch's forward + backward through `recipe`'s model (built on this device)."""
-    import torch
-
-    from ..modeling import MoEForCausalLM
-
-    torch.manual_seed(0)
-    model = MoEForCausalLM(recipe.moe_config())
-    if recipe.parallel.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-    ids = torch.randint(0, recipe.model.vocab_size, (recipe.parallel.micro_batch_size, recipe.train.seq_len))
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    step()
-    return _median_seconds(step, repeats)
-
-
-def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: float) -> float:
-    """The compute efficiency at which the model's time for one rank's stage (`perf.stage_compute_time`) equals the
-    measured `measured_s`; 1 if even the peak rate is slower than measured."""
+def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: float, imbalance: float = 1.0) -> float:
+    """The compute efficiency at which the model's time for one rank's stage (`perf.stage_compute_time`, routing
+    skewed by `imbalance`) equals the measured `measured_s`; 1 if even the peak rate is slower than measured."""
     p = recipe.parallel
-    base = dataclasses.replace(shape_of(recipe), hbm_bytes_s=hbm_bytes_s)
+    base = dataclasses.replace(shape_of(recipe, imbalance), hbm_bytes_s=hbm_bytes_s)
     layers = stage_layers_timed(recipe)
 
     def model_s(mfu: float) -> float:
@@ -156,11 +116,9 @@ def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: f
 
 
 def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
-    """The recipe's layout, depth, vocabulary, data and schedule with every width at its smallest legal value (heads
-    of width 2, expert FFN of 2*tp), no checkpoints, validation or tracking."""
-    raw = recipe.model_dump()
-    m = raw["model"]
-    m.update(head_dim=2, hidden_size=2 * m["num_attention_heads"], intermediate_size=2 * recipe.parallel.tp)
+    """The recipe's layout, depth, vocabulary, data and schedule at shrunken widths (`work_probe.shrunken_widths`),
+    no checkpoints, validation or tracking."""
+    raw = shrunken_widths(recipe).model_dump()
     raw["train"].update(steps=steps, log_every=1, save_every=0, eval_every=0, resume="never", output_dir=output_dir,
                         warmup_steps=min(recipe.train.warmup_steps, steps - 1))
     raw["tracking"] = {"wandb": {"mode": "disabled"}}
@@ -168,27 +126,67 @@ def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
     return recipe_from_dict(raw)
 
 
-def measure_step_overhead_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, steps: int = 40) -> dict:
-    """Median step time of the shrunken recipe on the deepspeed launcher, less the model's time for its arithmetic."""
+def _launch(ranks: int, module_args: list[str], what: str, threads: int | None = None) -> None:
+    """`deepspeed --num_gpus RANKS --module ...` on this machine; one-line RecipeError with its last words on failure."""
+    from ..cli import free_port
+
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), "--module", *module_args]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RecipeError("calibrate", f"{what} failed: " + " | ".join(tail))
+
+
+def _recipe_file(recipe: Recipe, folder: str) -> str:
     import yaml
 
+    path = Path(folder, "recipe.yaml")
+    path.write_text(yaml.safe_dump(recipe.model_dump(exclude_none=True)))
+    return str(path)
+
+
+def measure_work(recipe: Recipe, threads: int) -> dict:
+    """`work_probe` for the recipe: one rank's work at full and shrunken widths, and its routing skew."""
+    p = recipe.parallel
+    if p.ep > 1 and p.tp == 1:  # DeepSpeed's MoE layer, on a stage's ep ranks
+        with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
+            out = Path(tmp, "work.json")
+            _launch(p.ep, ["moe_model.estimate.work_probe", "--recipe", _recipe_file(recipe, tmp), "--out", str(out)],
+                    "timing one rank's work on the expert-parallel ranks", threads)
+            return {**json.loads(out.read_text()), "where": f"DeepSpeed's MoE layer on {p.ep} ranks"}
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        work = rank_model_recipe(recipe)
+        full, skew = time_work(work)
+        small, _ = time_work(shrunken_widths(work))
+    finally:
+        torch.set_num_threads(before)
+    return {"full_s": full, "shrunken_s": small, "routing_imbalance": skew, "where": "one device"}
+
+
+def measure_step_overhead_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, imbalance: float = 1.0,
+                            steps: int = 40) -> dict:
+    """Median step time of the shrunken recipe on the deepspeed launcher, less the model's time for its arithmetic."""
     ranks = rank_count(recipe)
     with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
         small = shrunken(recipe, steps, str(Path(tmp, "run")))
-        path = Path(tmp, "recipe.yaml")
-        path.write_text(yaml.safe_dump(small.model_dump(exclude_none=True)))
-        command = [sys.executable, "-m", "moe_model.cli", "train", str(path), "--num-gpus", str(ranks)]
+        command = [sys.executable, "-m", "moe_model.cli", "train", _recipe_file(small, tmp), "--num-gpus", str(ranks)]
         env = {**os.environ, "WANDB_MODE": "disabled"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise RecipeError("calibrate", "the shrunken run of this layout failed: " + " | ".join(tail))
         measured, used = measured_step_time(Path(tmp, "run"), skip=2)
-        imbalance = measured_imbalance(Path(tmp, "run"), skip=2)
-    arithmetic = predict_step_s(small, compute_flops, hbm_bytes_s, imbalance=imbalance or 1.0)
+    arithmetic = predict_step_s(small, compute_flops, hbm_bytes_s, imbalance=imbalance)
     return {"ranks": ranks, "shrunken_step_time_s": measured, "steps_used": used,
-            "shrunken_arithmetic_s": arithmetic, "step_overhead_s": max(0.0, measured - arithmetic),
-            "routing_imbalance": imbalance}
+            "shrunken_arithmetic_s": arithmetic, "step_overhead_s": max(0.0, measured - arithmetic)}
 
 
 def measure_link_gbps(recipe: Recipe) -> dict:
@@ -196,22 +194,14 @@ def measure_link_gbps(recipe: Recipe) -> dict:
     as the recipe): the bytes the model charges for one micro-batch's pipeline exchanges and expert all-to-alls
     over their measured time, less the same calls' time at 4 bytes (latency: already in the fixed overhead). The
     figure replaces `hardware.intra_node_gbps` (every rank is on this machine)."""
-    from ..cli import free_port
-
     s, p = shape_of(recipe), recipe.parallel
     tokens = p.micro_batch_size * s.S
     act = s.b * tokens * s.D
     a2a = s.k * tokens * s.D * s.b // p.tp
-    ranks = rank_count(recipe)
     with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
         out = Path(tmp, "comm.json")
-        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-                   str(free_port()), "--module", "moe_model.estimate.comm_probe", "--p2p-bytes", str(act),
-                   "--a2a-bytes", str(a2a), "--out", str(out)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0 or not out.is_file():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise RecipeError("calibrate", "the communication probe failed: " + " | ".join(tail))
+        _launch(rank_count(recipe), ["moe_model.estimate.comm_probe", "--p2p-bytes", str(act), "--a2a-bytes", str(a2a),
+                                     "--out", str(out)], "the communication probe")
         figures = json.loads(out.read_text())
     # weighted as one micro-batch of the busiest stage uses them: one activation + gradient exchange (pp > 1) and
     # 4 all-to-alls per MoE layer (6 with recompute; ep > 1); a pair's all-to-all sends half its buffer away
@@ -221,6 +211,7 @@ def measure_link_gbps(recipe: Recipe) -> dict:
     a2a_s = max(0.0, figures["all_to_all_a2a_s"] - figures["all_to_all_small_s"])
     moved = p2p_n * 2.0 * act + a2a_n * a2a / 2
     figures["intra_node_gbps"] = moved / max(p2p_n * p2p_s + a2a_n * a2a_s, 1e-7) / 1e9
+    figures["all_to_all_s_per_micro_batch"] = a2a_n * a2a_s  # inside one rank's work on DeepSpeed's MoE layer
     return figures
 
 
@@ -244,28 +235,31 @@ def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
 
     log = log or (lambda message: None)
     ranks = check_local_ranks(recipe)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads_per_rank(ranks))
+    threads = cpu_threads_per_rank(ranks)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        log(f"timing products, copies and one rank's forward + backward with {torch.get_num_threads()} thread(s)")
+        log(f"timing products and copies with {threads} thread(s)")
         peak = measure_matmul_tflops()
         tbps = measure_bandwidth_tbps()
-        work = rank_model_recipe(recipe)
-        full = time_forward_backward(work)
-        small = time_forward_backward(shrunken(work, 1, None))
     finally:
-        torch.set_num_threads(threads_before)
-    mfu = fit_mfu(recipe, peak * 1e12, tbps * 1e12, max(full - small, 1e-9))
-    out = {"ranks": ranks, "threads_per_rank": cpu_threads_per_rank(ranks), "matmul_tflops_fp32": peak,
-           "memory_bandwidth_tbps": tbps, "rank_forward_backward_s": full, "shrunken_forward_backward_s": small,
-           "mfu": mfu}
+        torch.set_num_threads(before)
+    out = {"ranks": ranks, "threads_per_rank": threads, "matmul_tflops_fp32": peak, "memory_bandwidth_tbps": tbps}
     if ranks > 1:
         log(f"timing the recipe's messages between {ranks} ranks")
         out["links"] = measure_link_gbps(recipe)
+    log("timing one rank's forward + backward at the recipe's widths and at shrunken ones")
+    work = measure_work(recipe, threads)
+    grown = work["full_s"] - work["shrunken_s"]
+    if work["where"] != "one device":  # the all-to-alls' size-dependent time is the links' term, not arithmetic
+        grown -= out["links"]["all_to_all_s_per_micro_batch"]
+    mfu = fit_mfu(recipe, peak * 1e12, tbps * 1e12, max(grown, 1e-9), work["routing_imbalance"])
+    out.update({"rank_forward_backward_s": work["full_s"], "shrunken_forward_backward_s": work["shrunken_s"],
+                "work_timed_on": work["where"], "routing_imbalance": work["routing_imbalance"], "mfu": mfu})
     if overhead:
         log(f"training a shrunken copy of the recipe on its layout ({ranks} rank(s), 40 steps) for the fixed cost "
             "of a step")
-        out.update(measure_step_overhead_s(recipe, peak * mfu * 1e12, tbps * 1e12))
+        out.update(measure_step_overhead_s(recipe, peak * mfu * 1e12, tbps * 1e12, work["routing_imbalance"]))
     out["overrides"] = [f"hardware.peak_tflops={peak:.6g}", f"hardware.mfu={mfu:.4g}",
                         f"hardware.hbm_bandwidth_tbps={tbps:.6g}", "hardware.bandwidth_utilization=1",
                         f"hardware.step_overhead_ms={out.get('step_overhead_s', 0.0) * 1e3:.4g}"]
