@@ -98,3 +98,11 @@ def test_cli_json_keys_and_bad_input(capsys):
     assert main(["plan", TINY, "--max-gpus", "4"]) == 0
     text = capsys.readouterr().out
     assert "searched" in text and "Pareto" in text and "recipe's own" in text
+
+
+def test_plan_plot_writes_the_pareto_png_with_the_recipes_own_strategy(tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main(["plan", TINY, "--max-gpus", "8", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plan", TINY, "--max-gpus", "8", "--plot", str(tmp_path / "missing" / "plan.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err

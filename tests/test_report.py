@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from moe_model.cli import main as moe
-from moe_model.report import pareto_front, plot_memory, plot_pareto
+from moe_model.estimate.planner import pareto_indices
+from moe_model.report import plot_memory, plot_pareto
 from tests.conftest import ROOT
 
 
@@ -69,7 +70,7 @@ def test_pareto_front_matches_brute_force():
     points = [(rng.choice([1, 2, 4, 8, 16, 32]), rng.uniform(0.1, 10)) for _ in range(200)]
     dominated = {i for i, (g, t) in enumerate(points)
                  if any(g2 <= g and t2 <= t and (g2, t2) != (g, t) for g2, t2 in points)}
-    assert set(pareto_front(points)) == set(range(len(points))) - dominated
+    assert set(pareto_indices(points)) == set(range(len(points))) - dominated
 
 
 def test_pareto_and_memory_plots_from_plan_and_estimate_shaped_data(tmp_path):

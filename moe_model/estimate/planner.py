@@ -232,18 +232,21 @@ def full_candidate(recipe: Recipe, parallel: dict, assumptions: Assumptions = As
             "fits": est.fits, "mfu": perf.mfu}
 
 
+def pareto_indices(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (both minimised), sorted by the first; of
+    equal points, the first listed."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
 def pareto_front(candidates: list[dict]) -> list[dict]:
     """Fitting strategies not beaten on both GPUs and step time, by GPUs ascending."""
-    best: dict[int, dict] = {}
-    for c in candidates:
-        if c["gpus"] not in best or c["step_time_s"] < best[c["gpus"]]["step_time_s"]:
-            best[c["gpus"]] = c
-    front, fastest = [], float("inf")
-    for gpus in sorted(best):
-        if best[gpus]["step_time_s"] < fastest:
-            front.append(best[gpus])
-            fastest = best[gpus]["step_time_s"]
-    return front
+    return [candidates[i] for i in pareto_indices([(c["gpus"], c["step_time_s"]) for c in candidates])]
 
 
 def plan(recipe: Recipe, max_gpus: int | None = None, objective: str = "latency",
@@ -346,30 +349,11 @@ def cmd_plan(recipe: Recipe, args) -> int:
 def _plot(result: Plan, path: str) -> None:
     from pathlib import Path
 
+    from ..report import plot_pareto
+
     if not Path(path).resolve().parent.is_dir():
         raise RecipeError("--plot", f"folder {str(Path(path).parent)!r} does not exist; create it first")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([c["gpus"] for c in result.candidates], [c["step_time_s"] for c in result.candidates], s=4,
-               alpha=0.3, label="fitting strategies")
-    ax.plot([c["gpus"] for c in result.pareto], [c["step_time_s"] for c in result.pareto], "o-", color="C1",
-            label="Pareto front")
-    if result.own and "gpus" in result.own:
-        ax.scatter([result.own["gpus"]], [result.own["step_time_s"]], marker="*", s=150, color="C3",
-                   label="recipe's own" + ("" if result.own["fits"] else " (does not fit)"))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("GPUs")
-    ax.set_ylabel("predicted step time, s")
-    ax.set_title(f"{result.recipe}: latency versus GPUs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_pareto(result.candidates, Path(path), f"{result.recipe}: latency versus GPUs", own=result.own)
 
 
 def add_arguments(parser) -> None:

@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..estimate.planner import pareto_indices
+
 MEMORY_PARTS = (("params_bytes", "parameters"), ("grads_bytes", "gradients"), ("optimizer_bytes", "optimizer"),
                 ("activations_bytes", "activations"), ("imbalance_headroom_bytes", "imbalance headroom"),
                 ("other_bytes", "other"))
@@ -112,20 +114,10 @@ def plot_memory(stages: list[dict[str, Any]], budget_bytes: float, path: Path, t
     return _save(fig, path)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (both minimised), sorted by the first."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def plot_pareto(candidates: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+def plot_pareto(candidates: list[dict[str, Any]], path: Path, title: str = "", own: dict | None = None) -> Path:
     """GPUs against step time for the candidates of `moe plan --json`; the Pareto front (fewer GPUs or a shorter
-    step, not both beaten) is joined and labelled with its layouts. Candidates without a step time are left out."""
+    step, not both beaten) is joined and labelled with its layouts. Candidates without a step time are left out.
+    `own`: the recipe's own strategy (`moe plan`'s), marked with a star."""
     timed = [c for c in candidates if c.get("step_time_s") is not None and c.get("gpus")]
     if not timed:
         raise ValueError("no candidate has both gpus and step_time_s")
@@ -136,7 +128,10 @@ def plot_pareto(candidates: list[dict[str, Any]], path: Path, title: str = "") -
             ax.scatter([c["gpus"] for c in group], [c["step_time_s"] for c in group], c=color, s=18, label=label,
                        alpha=0.7)
     fitting = [c for c in timed if c.get("fits", True)]
-    front = [fitting[i] for i in pareto_front([(c["gpus"], c["step_time_s"]) for c in fitting])]
+    front = [fitting[i] for i in pareto_indices([(c["gpus"], c["step_time_s"]) for c in fitting])]
+    if own and own.get("gpus") and own.get("step_time_s") is not None:
+        ax.scatter([own["gpus"]], [own["step_time_s"]], marker="*", s=160, color="tab:orange", zorder=3,
+                   label="recipe's own" + ("" if own.get("fits", True) else " (does not fit)"))
     if front:
         ax.plot([c["gpus"] for c in front], [c["step_time_s"] for c in front], "o-", color="tab:red",
                 label="Pareto front")
