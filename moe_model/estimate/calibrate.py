@@ -39,29 +39,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, recipe_from_dict
 from .perf import shape_of, stage_compute_time, step_components
+from .timing import median_seconds
 from .work_probe import rank_model_recipe, shrunken_widths, stage_layers_timed, time_work
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+@contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads set to `threads` for the block, then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e12
+    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeats) / 1e12
 
 
 def measure_bandwidth_tbps(megabytes: int = 128, repeats: int = 5) -> float:
@@ -69,7 +73,7 @@ def measure_bandwidth_tbps(megabytes: int = 128, repeats: int = 5) -> float:
 
     a = torch.ones(megabytes * 2**20 // 4)
     b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / _median_seconds(lambda: b.copy_(a), repeats) / 1e12
+    return 2 * a.numel() * 4 / median_seconds(lambda: b.copy_(a), repeats) / 1e12
 
 
 MAX_LOCAL_RANKS = 8  # CPU ranks of a small model this kind of machine holds at once
@@ -126,12 +130,8 @@ def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
     return recipe_from_dict(raw)
 
 
-def _launch(ranks: int, module_args: list[str], what: str, threads: int | None = None) -> None:
-    """`deepspeed --num_gpus RANKS --module ...` on this machine; one-line RecipeError with its last words on failure."""
-    from ..cli import free_port
-
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), "--module", *module_args]
+def _run(command: list[str], what: str, threads: int | None = None) -> None:
+    """Run `command` on this machine (wandb off); one-line RecipeError with its last words on failure."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -139,6 +139,14 @@ def _launch(ranks: int, module_args: list[str], what: str, threads: int | None =
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise RecipeError("calibrate", f"{what} failed: " + " | ".join(tail))
+
+
+def _launch(ranks: int, module_args: list[str], what: str, threads: int | None = None) -> None:
+    """`deepspeed --num_gpus RANKS --module ...` on this machine."""
+    from ..cli import free_port
+
+    _run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+          str(free_port()), "--module", *module_args], what, threads)
 
 
 def _recipe_file(recipe: Recipe, folder: str) -> str:
@@ -158,16 +166,10 @@ def measure_work(recipe: Recipe, threads: int) -> dict:
             _launch(p.ep, ["moe_model.estimate.work_probe", "--recipe", _recipe_file(recipe, tmp), "--out", str(out)],
                     "timing one rank's work on the expert-parallel ranks", threads)
             return {**json.loads(out.read_text()), "where": f"DeepSpeed's MoE layer on {p.ep} ranks"}
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         work = rank_model_recipe(recipe)
         full, skew = time_work(work)
         small, _ = time_work(shrunken_widths(work))
-    finally:
-        torch.set_num_threads(before)
     return {"full_s": full, "shrunken_s": small, "routing_imbalance": skew, "where": "one device"}
 
 
@@ -177,12 +179,8 @@ def measure_step_overhead_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: f
     ranks = rank_count(recipe)
     with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
         small = shrunken(recipe, steps, str(Path(tmp, "run")))
-        command = [sys.executable, "-m", "moe_model.cli", "train", _recipe_file(small, tmp), "--num-gpus", str(ranks)]
-        env = {**os.environ, "WANDB_MODE": "disabled"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise RecipeError("calibrate", "the shrunken run of this layout failed: " + " | ".join(tail))
+        _run([sys.executable, "-m", "moe_model.cli", "train", _recipe_file(small, tmp), "--num-gpus", str(ranks)],
+             "the shrunken run of this layout")
         measured, used = measured_step_time(Path(tmp, "run"), skip=2)
     arithmetic = predict_step_s(small, compute_flops, hbm_bytes_s, imbalance=imbalance)
     return {"ranks": ranks, "shrunken_step_time_s": measured, "steps_used": used,
@@ -229,21 +227,15 @@ def predict_step_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, ove
 
 def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
     """Every figure of the module docstring for `recipe` on this machine, and the `--set` overrides that apply them."""
-    import torch
-
     from ..train.distributed import cpu_threads_per_rank
 
     log = log or (lambda message: None)
     ranks = check_local_ranks(recipe)
     threads = cpu_threads_per_rank(ranks)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         log(f"timing products and copies with {threads} thread(s)")
         peak = measure_matmul_tflops()
         tbps = measure_bandwidth_tbps()
-    finally:
-        torch.set_num_threads(before)
     out = {"ranks": ranks, "threads_per_rank": threads, "matmul_tflops_fp32": peak, "memory_bandwidth_tbps": tbps}
     if ranks > 1:
         log(f"timing the recipe's messages between {ranks} ranks")

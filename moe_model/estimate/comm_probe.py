@@ -14,28 +14,24 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from .timing import median_seconds
+
 SMALL = 4
 
 
-def _median_s(fn, repeats: int = 30) -> float:
+def _median_s(fn) -> float:
+    """Median of 30 timed calls after 3 warm-up ones, every rank starting together."""
     import torch.distributed as dist
 
     for _ in range(3):
         fn()
     dist.barrier()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, 30, warmup=0)
 
 
 def _exchange(send: torch.Tensor, recv: torch.Tensor, rank: int, peer: int, world: int) -> None:

@@ -16,13 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from ..recipe import Recipe, load_recipe, recipe_from_dict
 from .perf import stage_shape
+from .timing import median_seconds
 
 REPEATS = 15
 
@@ -89,13 +89,8 @@ def time_work(recipe: Recipe, data_rank: int = 0) -> tuple[float, float]:
             load = block.tokens_per_expert.float()
             skews.append(float(load.max() / load.mean()))
 
-    step()
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), statistics.mean(skews)
+    seconds = median_seconds(step, REPEATS)
+    return seconds, statistics.mean(skews)
 
 
 def main() -> int:
