@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 
 CORPUS := data/python_docs.jsonl
 
-.PHONY: install test smoke plan bench bench-gpu step-time configs lint clean
+.PHONY: install test test-fast smoke plan bench bench-gpu step-time configs lint clean
 
 install: $(STAMP)
 
@@ -29,8 +29,13 @@ $(STAMP): pyproject.toml
 $(CORPUS): scripts/build_corpus.py | $(STAMP)
 	$(BIN)/python scripts/build_corpus.py -o $@
 
+# the full suite (CI); test-fast leaves out every test that starts deepspeed ranks (marked multirank; tests/conftest.py
+# refuses a launch from an unmarked test), for the edit-test loop
 test: $(STAMP) $(CORPUS)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) $(CORPUS)
+	$(BIN)/python -m pytest -q -m "not multirank"
 
 # 4 CPU ranks (pipeline 2 x data 2, experts split over 2) on the corpus, then the report's PNGs
 smoke: $(STAMP) $(CORPUS)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+class _UnmarkedLaunch(subprocess.Popen):
+    """A Popen that refuses to start the deepspeed launcher: installed for tests without the `multirank` mark, so
+    `make test-fast` (`-m "not multirank"`) can never start ranks by accident."""
+
+    def __init__(self, args, *rest, **kwargs):
+        words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+        if any(Path(w).name == "deepspeed" for w in words[:1]):
+            raise AssertionError("this test starts deepspeed ranks: mark it @pytest.mark.multirank")
+        super().__init__(args, *rest, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _ranks_only_in_multirank_tests(request, monkeypatch):
+    if request.node.get_closest_marker("multirank") is None:
+        monkeypatch.setattr(subprocess, "Popen", _UnmarkedLaunch)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ def test_rank_model_does_the_arithmetic_of_one_rank_of_the_layout():
         assert one_device[op] == on_the_rank[op], op
 
 
+@pytest.mark.multirank
 def test_rank_work_through_deepspeeds_moe_layer_on_two_ranks():
     recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
     work = measure_work(recipe, threads=1)
@@ -69,6 +70,7 @@ def test_step_overhead_adds_to_the_step_and_shows_in_the_breakdown():
     assert more.breakdown["fixed_overhead"] == 5e-3 and base.breakdown["fixed_overhead"] == 0.0
 
 
+@pytest.mark.multirank
 def test_calibrate_one_rank_measures_the_fixed_cost_and_predicts_with_it(capsys):
     sets = [x for o in ONE_RANK for x in ("--set", o)]
     assert main(["calibrate", TINY_CPU, *sets, "--json"]) == 0
@@ -83,6 +85,7 @@ def test_calibrate_one_rank_measures_the_fixed_cost_and_predicts_with_it(capsys)
     assert perf.breakdown["fixed_overhead"] == pytest.approx(out["step_overhead_s"], rel=1e-3)
 
 
+@pytest.mark.multirank
 def test_link_probe_times_the_recipes_messages_between_two_ranks():
     recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
     figures = measure_link_gbps(recipe)

@@ -85,6 +85,7 @@ def test_wandb_mode_env_wins_over_the_recipe(tmp_path, monkeypatch):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
 
 
+@pytest.mark.multirank
 def test_two_ranks_train_a_jsonl_corpus_with_its_own_tokenizer_and_validation(tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_docs(300, seed=5), field="text")
     out = tmp_path / "run"

@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 from moe_model.train.tracking import read_metrics
 from tests.launch import SINGLE_RANK, failure, launch
+
+pytestmark = pytest.mark.multirank  # every test here starts deepspeed ranks
 
 METRIC_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
                "expert_load_max_over_mean", "expert_load_max_over_mean_per_layer", "experts_without_tokens"}
