@@ -8,17 +8,21 @@ before validation, so they are validated exactly like the file.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .configuration import MoEConfig
+from .errors import UserError
+from .strategy import Strategy
+
+DEFAULT_WARMUP_STEPS = 10
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot run. `str()` is the one line shown to the user."""
 
     def __init__(self, field: str, message: str):
@@ -73,7 +77,7 @@ class TrainSection(Section):
     steps: PositiveInt = 100
     lr: PositiveFloat = 3e-4
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, validate_default=True)  # None: min(10, steps), see below
     weight_decay: float = Field(0.1, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 1234
@@ -85,6 +89,16 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every: int = Field(0, ge=0)  # validation loss every N steps and at the last step (0: never)
     eval_batches: PositiveInt = 2  # global batches of validation sequences per evaluation
+    eval_at_start: bool = False  # with eval_every: also before the first step of a fresh run (a metrics line, step 0)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _default_warmup(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """Unset: `DEFAULT_WARMUP_STEPS`, or the whole run when it is shorter (a default never makes a valid recipe
+        invalid); a written warmup longer than the run stays an error (`Recipe`)."""
+        if value is None and "steps" in info.data:
+            return min(DEFAULT_WARMUP_STEPS, info.data["steps"])
+        return value
 
 
 class DataSection(Section):
@@ -138,58 +152,6 @@ class ClaimsSection(Section):
     throughput_seq_per_s: PositiveFloat | None = None
 
 
-def layout_problem(model: ModelSection, tp: int, pp: int, ep: int, dp: int | None, zero_stage: int,
-                   gpus_per_node: int) -> tuple[str, str] | None:
-    """The first rule of DeepSpeed's (and this project's) parallel layout that (tp, pp, ep, dp, zero) breaks.
-
-    Returns (field, message with the fix), or None when the layout is legal. Shared by the recipe check and by the
-    launcher, which knows dp only once the world size is known.
-    """
-    heads = model.num_attention_heads
-    kv_heads = model.num_key_value_heads or heads
-    experts = model.num_local_experts
-
-    def divisors(n: int) -> str:
-        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-    if heads % tp or kv_heads % tp:
-        return "parallel.tp", (f"tp={tp} must divide num_attention_heads ({heads}) and num_key_value_heads "
-                               f"({kv_heads}); choose tp from {divisors(kv_heads)}")
-    if tp > gpus_per_node or gpus_per_node % tp:
-        return "parallel.tp", (f"tp={tp} must stay inside one node of {gpus_per_node} GPUs; choose tp from "
-                               f"{divisors(gpus_per_node)} (or raise hardware.gpus_per_node)")
-    if pp > model.num_hidden_layers:
-        return "parallel.pp", (f"pp={pp} leaves a pipeline stage without an MoE layer ({model.num_hidden_layers} "
-                               f"layers); use pp <= {model.num_hidden_layers}")
-    if pp > 1 and model.tie_word_embeddings:
-        return "parallel.pp", ("tie_word_embeddings with pp > 1 is not supported yet (embedding and head sit on "
-                               "different stages); set model.tie_word_embeddings false or pp 1")
-    if experts % ep:
-        return "parallel.ep", f"ep={ep} must divide num_local_experts ({experts}); choose ep from {divisors(experts)}"
-    if dp is not None and dp % ep:
-        return "parallel.ep", (f"ep={ep} must divide dp={dp}: expert-parallel groups are carved out of the "
-                               f"data-parallel ranks; choose ep from {divisors(math.gcd(dp, experts))} or raise dp")
-    if zero_stage == 3:
-        return "parallel.zero_stage", "DeepSpeed's MoE does not support ZeRO-3; use zero_stage 0, 1 or 2"
-    if pp > 1 and zero_stage > 1:
-        return "parallel.zero_stage", (f"DeepSpeed's pipeline engine accepts ZeRO 0 or 1 only (pp={pp}); "
-                                       "use zero_stage 1 or set pp 1")
-    return None
-
-
-def training_problem(tp: int, ep: int) -> tuple[str, str] | None:
-    """What DeepSpeed accepts but this project cannot train correctly (checked before launch and by the planner).
-
-    DeepSpeed's expert groups are consecutive ranks: with tp > 1 and ep not a multiple of tp, two tensor-parallel
-    peers hold the same experts, and DeepSpeed's global grad norm (which counts a parameter once per tp rank or on tp
-    rank 0 only) cannot count them exactly once, so gradient clipping would use a wrong norm.
-    """
-    if tp > 1 and ep > 1 and ep % tp:
-        return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
-                               "tensor-parallel peers hold different experts; raise ep or lower tp")
-    return None
-
-
 class Recipe(Section):
     name: str = "unnamed"
     model: ModelSection
@@ -206,19 +168,12 @@ class Recipe(Section):
             self.model.to_config()
         except ValueError as err:
             raise RecipeError("model", f"{err}") from None
-        p = self.parallel
-        problem = layout_problem(self.model, p.tp, p.pp, p.ep, p.dp, p.zero_stage, self.hardware.gpus_per_node)
-        if problem:
-            raise RecipeError(*problem)
+        self.check_strategy(Strategy.of(self.parallel))  # dp unset: its rules wait for the world size
         t = self.train
-        if p.dp is not None and t.global_batch_size % (p.micro_batch_size * p.dp):
-            raise RecipeError("train.global_batch_size", (
-                f"{t.global_batch_size} is not a multiple of micro_batch_size x dp = {p.micro_batch_size} x {p.dp}; "
-                f"use a multiple of {p.micro_batch_size * p.dp}"))
         if t.seq_len > self.model.max_position_embeddings:
             raise RecipeError("train.seq_len", (f"{t.seq_len} exceeds model.max_position_embeddings "
                                                 f"({self.model.max_position_embeddings}); lower it or raise that"))
-        if t.warmup_steps > t.steps:
+        if t.warmup_steps > t.steps:  # only a written warmup can: the default never exceeds the run
             raise RecipeError("train.warmup_steps", f"{t.warmup_steps} exceeds train.steps ({t.steps})")
         if t.resume not in ("auto", "never") and not Path(t.resume).exists():
             raise RecipeError("train.resume", f"checkpoint path {t.resume!r} does not exist; use auto, never or "
@@ -246,6 +201,25 @@ class Recipe(Section):
         if d.vocab_size is not None and d.vocab_size > self.model.vocab_size:
             raise RecipeError("data.vocab_size", (f"{d.vocab_size} exceeds model.vocab_size "
                                                   f"({self.model.vocab_size}); the embedding would be too small"))
+
+    def strategy(self, world_size: int | None = None) -> tuple[Strategy, bool]:
+        """(this recipe's strategy with dp resolved, whether dp was assumed) on `world_size` ranks (None: before
+        launch; see `Strategy.resolved`). A broken layout rule is a `RecipeError`."""
+        stated = Strategy.of(self.parallel)
+        problem = stated.world_problem(world_size)
+        if problem:
+            raise RecipeError(*problem)
+        strategy, dp_assumed = stated.resolved(world_size)
+        self.check_strategy(strategy, dp_assumed=dp_assumed)
+        return strategy, dp_assumed
+
+    def check_strategy(self, strategy: Strategy, *, dp_assumed: bool = False) -> None:
+        """`strategy` (this recipe's or another, e.g. a planner candidate) against every rule of `Strategy.problem`
+        for this model, hardware and global batch; the first broken one is a `RecipeError`."""
+        problem = strategy.problem(self.model, self.hardware.gpus_per_node, self.train.global_batch_size,
+                                   dp_assumed=dp_assumed)
+        if problem:
+            raise RecipeError(*problem)
 
     @property
     def output_dir(self) -> Path:

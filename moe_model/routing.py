@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -56,9 +57,15 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
-    """Routed tokens one expert may take: `max(ceil(k * cf * T / E), min_capacity)` (DeepSpeed's rule)."""
-    return max(math.ceil(top_k * capacity_factor * num_tokens / num_experts), min_capacity)
+def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int):
+    """Routed tokens one expert may take: `max(ceil(k * cf * T / E), min_capacity)` (DeepSpeed's rule).
+
+    The one home of this rule: the model drops by it, the estimator sizes buffers by it. A number of tokens gives an
+    int; a numpy array of them (the planner's grid) an array."""
+    share = top_k * capacity_factor * num_tokens / num_experts
+    if np.ndim(share) == 0:
+        return max(math.ceil(share), min_capacity)
+    return np.maximum(np.ceil(share), min_capacity)
 
 
 def expert_positions(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

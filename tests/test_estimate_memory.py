@@ -6,9 +6,9 @@ import pytest
 
 from benchmarks.memory_accuracy import launch_state_measurement, state_rows
 from moe_model import MoEConfig
-from moe_model.estimate.memory import (Assumptions, partition_balanced, rank_params, stage_layers,
-                                       model_states)
+from moe_model.estimate.memory import Assumptions, model_states, partition_balanced, stage_layers
 from moe_model.estimate.params import count_params
+from moe_model.estimate.shapes import rank_params
 
 
 @pytest.mark.parametrize("layers,pp", [(16, 4), (16, 3), (5, 2), (7, 4), (4, 4), (3, 2)])

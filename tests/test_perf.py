@@ -9,7 +9,7 @@ from moe_model.cli import main
 from moe_model.estimate.estimate import estimate
 from moe_model.estimate.perf import (Shape, layer_forward_flops, model_flops_per_step, performance, shape_of,
                                      step_components)
-from moe_model.recipe import training_problem
+from moe_model.strategy import training_problem
 from moe_model.recipe import RecipeError, load_recipe, recipe_from_dict
 from tests.conftest import ROOT
 
@@ -167,7 +167,7 @@ def test_estimate_and_performance_agree_on_layout():
 
 
 def test_calibrate_refit_reproduces_a_runs_step_time(tmp_path):
-    from moe_model.estimate.calibrate import measured_step_time, refit_factor, refit_overrides, run_recipe
+    from moe_model.calibrate.refit import measured_step_time, refit_factor, refit_overrides, run_recipe
 
     recipe = tiny(parallel={"dp": 1})
     (tmp_path / "run.json").write_text(json.dumps({"recipe": recipe.model_dump()}))

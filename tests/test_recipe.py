@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from moe_model.cli import main as moe
-from moe_model.recipe import load_recipe
+from moe_model.recipe import RecipeError, load_recipe, recipe_from_dict
 from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -32,6 +32,22 @@ def test_overrides_are_parsed_as_yaml_and_validated():
                           "tracking.wandb.mode=disabled", "model.capacity_factor=null"])
     assert recipe.train.lr == 1e-4 and recipe.model.capacity_factor is None
     assert recipe.parallel.activation_checkpointing is True and recipe.tracking.wandb.mode == "disabled"
+
+
+def test_default_warmup_never_makes_a_short_run_invalid():
+    raw = {k: v for k, v in TINY.items()}
+    raw["train"] = {k: v for k, v in TINY["train"].items() if k != "warmup_steps"}
+    short = recipe_from_dict(raw, ["train.steps=6"])
+    assert short.train.warmup_steps == 6  # the default 10, cut to the run
+    assert recipe_from_dict(raw).train.warmup_steps == 10
+    from moe_model.train.ds_config import deepspeed_config
+
+    assert deepspeed_config(short)["scheduler"]["params"]["warmup_num_steps"] == 6
+
+
+def test_a_written_warmup_longer_than_the_run_stays_an_error():
+    with pytest.raises(RecipeError, match=r"train.warmup_steps: 8 exceeds train.steps \(6\)"):
+        recipe_from_dict(TINY, ["train.steps=6", "train.warmup_steps=8"])
 
 
 def write(tmp_path, raw, name="bad.yaml"):

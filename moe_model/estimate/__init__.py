@@ -4,9 +4,10 @@
 from .activations import MicroBatch, StageActivations, model_saved, stage_activations
 from .estimate import Estimate, StageEstimate, estimate
 from .guard import launch_refusal
-from .memory import Assumptions, ModelStates, RankParams, model_states, rank_params, stage_layers
+from .memory import Assumptions, ModelStates, model_states, stage_layers
 from .params import ParamCounts, count_params
 from .perf import Performance, performance
+from .shapes import RankParams, rank_params
 
 __all__ = [
     "Assumptions", "Estimate", "MicroBatch", "ModelStates", "ParamCounts", "Performance", "RankParams",

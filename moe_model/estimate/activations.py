@@ -60,9 +60,10 @@ import math
 from dataclasses import dataclass, field
 
 from ..configuration import MoEConfig
+from ..units import FP32
+from .shapes import expert_depth, routed_rows
 
 INDEX_BYTES = 8  # int64 ids, sort orders, dispatch indices
-FP32 = 4
 
 
 @dataclass(frozen=True)
@@ -133,19 +134,10 @@ def ffn_width_factor(cfg: MoEConfig, grouped: bool) -> int:
     return 4 if cfg.hidden_act == "silu" else 2
 
 
-def routed_rows(cfg: MoEConfig, tokens: int) -> int:
-    """Routed copies the sort-based block runs under balanced routing: T*K, or what the capacity lets through."""
-    E, K = cfg.num_local_experts, cfg.num_experts_per_tok
-    if cfg.capacity_factor is None:
-        return tokens * K
-    capacity = max(math.ceil(K * cfg.capacity_factor * tokens / E), cfg.min_capacity)
-    return min(tokens * K, E * min(capacity, tokens))
-
-
 def experts_sorted(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     """The model's own MoE block (ep = 1): sort, gather, per-expert FFN, weight, index_add."""
     T, b, D, K = mb.tokens, mb.dtype_bytes, cfg.hidden_size, cfg.num_experts_per_tok
-    R = routed_rows(cfg, T)
+    R = routed_rows(cfg, T)  # ep = 1: the routed copies the capacity (if any) keeps
     return (Terms().add("experts.sort_order", INDEX_BYTES * T * K)
             .add("experts.token_index", INDEX_BYTES * R)
             .add("experts.input", b * R * D)
@@ -156,16 +148,10 @@ def experts_sorted(cfg: MoEConfig, mb: MicroBatch) -> Terms:
 
 
 def dispatch_depth(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0) -> int:
-    """C, the rows of every expert's buffer in DeepSpeed's MoE layer (`ProjectGate`), rounded up to a multiple of tp.
-
-    Dropless: the busiest expert's load over the ep group; `imbalance` = max/mean expert load (1 = balanced).
-    An expert takes at most one copy of each of the T tokens. With a capacity factor: the fixed capacity.
-    """
-    T, E, K, t = mb.tokens, cfg.num_local_experts, cfg.num_experts_per_tok, mb.tp
-    if cfg.capacity_factor is None:
-        depth = min(math.ceil(imbalance * T * K / E), T)
-    else:
-        depth = max(math.ceil(K * cfg.capacity_factor * T / E), cfg.min_capacity)
+    """C, the rows of every expert's buffer in DeepSpeed's MoE layer (`ProjectGate`): `shapes.expert_depth` (the
+    busiest expert's load over the ep group, dropless, with `imbalance` = max/mean expert load; else the capacity),
+    rounded up to a multiple of tp."""
+    depth, t = expert_depth(cfg, mb.tokens, imbalance), mb.tp
     return max(math.ceil(depth / t) * t, t)
 
 
@@ -264,6 +250,12 @@ class StageActivations:
     @property
     def activations_bytes(self) -> int:
         return self.saved_bytes + self.held_bytes
+
+    @property
+    def backward_peak_bytes(self) -> int:
+        """What the stage's activations cost at the backward peak: activations, imbalance headroom, loss-head
+        gradients (the estimate adds the gradient bucket)."""
+        return self.activations_bytes + self.imbalance_headroom_bytes + self.head_transient_bytes
 
 
 def stage_activations(cfg: MoEConfig, mb: MicroBatch, *, layers: int, first: bool, last: bool, pp: int,

@@ -12,7 +12,8 @@ the loss-head gradient buffers (or the step transients where the step is the pea
 
 The budget is `hardware.gpu_memory_gb * 1e9` bytes (decimal GB: a little below what a "64 GB" GPU reports, on
 the safe side). dp comes from, in order: the world size at launch, `parallel.dp`, else the smallest legal dp
-(= ep) and the report says it was assumed.
+(= ep) and the report says it was assumed (`Strategy.resolved`). `peak_total` is the one formula of a rank's
+total at its peak; the planner's fast path calls it on arrays.
 
 Step time, throughput and MFU come from the performance model (perf.py) for the same layout.
 """
@@ -21,10 +22,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..recipe import Recipe, RecipeError, layout_problem
+import numpy as np
+
+from ..recipe import Recipe
+from ..strategy import Strategy
+from ..units import GB
 from .activations import MicroBatch, StageActivations, stage_activations
-from .memory import PRECISION_BYTES, Assumptions, ModelStates, RankParams, model_states, rank_params, stage_layers
+from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_layers
 from .params import ParamCounts, count_params
+from .shapes import RankParams, rank_params
 
 
 @dataclass(frozen=True)
@@ -95,22 +101,24 @@ class StageEstimate:
 class Estimate:
     recipe: str
     counts: ParamCounts
-    tp: int
-    pp: int
-    ep: int
-    dp: int
+    strategy: Strategy  # dp resolved
     dp_assumed: bool
     micro_steps: int  # micro-batches per optimizer step on each data-parallel rank
     precision: str
-    zero_stage: int
     stages: list[StageEstimate]
     budget_bytes: int
     assumptions: Assumptions
     performance: object = None  # perf.Performance of the same layout
 
+    tp = property(lambda self: self.strategy.tp)
+    pp = property(lambda self: self.strategy.pp)
+    ep = property(lambda self: self.strategy.ep)
+    dp = property(lambda self: self.strategy.dp)
+    zero_stage = property(lambda self: self.strategy.zero_stage)
+
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.strategy.gpus
 
     @property
     def peak(self) -> StageEstimate:
@@ -144,63 +152,64 @@ class Estimate:
         }
 
 
-def resolve_dp(recipe: Recipe, world_size: int | None) -> tuple[int, bool]:
-    """(dp, assumed): from the world size, else the recipe, else the smallest legal value (ep)."""
-    p = recipe.parallel
-    if world_size is not None:
-        if world_size <= 0 or world_size % (p.tp * p.pp):
-            raise RecipeError("parallel", f"{world_size} GPUs is not a multiple of tp x pp = {p.tp} x {p.pp}")
-        dp = world_size // (p.tp * p.pp)
-        if p.dp is not None and p.dp != dp:
-            raise RecipeError("parallel.dp", f"the recipe says dp={p.dp} but {world_size} GPUs give dp={dp}")
-        return dp, False
-    if p.dp is not None:
-        return p.dp, False
-    return p.ep, True
-
-
-def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumptions = Assumptions()) -> Estimate:
-    """The memory of every pipeline stage's rank for `recipe` on `world_size` GPUs (default: see `resolve_dp`)."""
-    p, t = recipe.parallel, recipe.train
-    dp, dp_assumed = resolve_dp(recipe, world_size)
-    problem = layout_problem(recipe.model, p.tp, p.pp, p.ep, dp, p.zero_stage, recipe.hardware.gpus_per_node)
-    if problem:
-        raise RecipeError(*problem)
-    if t.global_batch_size % (p.micro_batch_size * dp):
-        raise RecipeError("train.global_batch_size", (
-            f"{t.global_batch_size} is not a multiple of micro_batch_size x dp = {p.micro_batch_size} x {dp}"
-            + (" (dp assumed = ep; set parallel.dp)" if dp_assumed else "")))
-    micro_steps = t.global_batch_size // (p.micro_batch_size * dp)
+def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumptions = Assumptions(),
+             strategy: Strategy | None = None) -> Estimate:
+    """The memory of every pipeline stage's rank for `recipe` on `world_size` GPUs (dp: `Strategy.resolved`), or for
+    another `strategy` of the same model (dp set). A strategy that breaks a layout rule is a `RecipeError`."""
+    if strategy is None:
+        strategy, dp_assumed = recipe.strategy(world_size)
+    else:
+        recipe.check_strategy(strategy)
+        dp_assumed = False
+    t, tp, pp, ep, dp = recipe.train, strategy.tp, strategy.pp, strategy.ep, strategy.dp
+    micro_steps = strategy.micro_batches(t.global_batch_size)
     cfg = recipe.moe_config()
-    mb = MicroBatch(p.micro_batch_size, t.seq_len, PRECISION_BYTES[t.precision], tp=p.tp, ep=p.ep)
+    mb = MicroBatch(strategy.micro_batch_size, t.seq_len, PRECISION_BYTES[t.precision], tp=tp, ep=ep)
     stages = []
-    for s, layers in enumerate(stage_layers(cfg.num_hidden_layers, p.pp)):
-        first, last = s == 0, s == p.pp - 1
-        params = rank_params(cfg, layers=layers, first=first, last=last, tp=p.tp, ep=p.ep)
-        states = model_states(params, precision=t.precision, zero_stage=p.zero_stage, dp=dp, ep=p.ep, pp=p.pp,
+    for s, layers in enumerate(stage_layers(cfg.num_hidden_layers, pp)):
+        first, last = s == 0, s == pp - 1
+        params = rank_params(cfg, layers=layers, first=first, last=last, tp=tp, ep=ep)
+        states = model_states(params, precision=t.precision, zero_stage=strategy.zero_stage, dp=dp, ep=ep, pp=pp,
                               assumptions=assumptions)
-        in_flight = min(micro_steps, p.pp - s)
-        acts = stage_activations(cfg, mb, layers=layers, first=first, last=last, pp=p.pp, in_flight=in_flight,
-                                 checkpointing=p.activation_checkpointing, imbalance=assumptions.imbalance)
-        stages.append(stage_estimate(s, dp * p.tp, layers, in_flight, params, states, acts, assumptions))
+        in_flight = min(micro_steps, pp - s)
+        acts = stage_activations(cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=in_flight,
+                                 checkpointing=strategy.activation_checkpointing, imbalance=assumptions.imbalance)
+        stages.append(stage_estimate(s, dp * tp, layers, in_flight, params, states, acts, assumptions))
     from .perf import performance
 
-    return Estimate(recipe=recipe.name, counts=count_params(cfg), tp=p.tp, pp=p.pp, ep=p.ep, dp=dp,
-                    dp_assumed=dp_assumed, micro_steps=micro_steps, precision=t.precision, zero_stage=p.zero_stage,
-                    stages=stages, budget_bytes=int(recipe.hardware.gpu_memory_gb * 1e9), assumptions=assumptions,
-                    performance=performance(recipe, dp=dp, imbalance=assumptions.imbalance))
+    return Estimate(recipe=recipe.name, counts=count_params(cfg), strategy=strategy, dp_assumed=dp_assumed,
+                    micro_steps=micro_steps, precision=t.precision, stages=stages,
+                    budget_bytes=budget_bytes(recipe), assumptions=assumptions,
+                    performance=performance(recipe, strategy=strategy, imbalance=assumptions.imbalance))
+
+
+def budget_bytes(recipe: Recipe) -> int:
+    """The memory a rank may use: `hardware.gpu_memory_gb` in decimal GB."""
+    return int(recipe.hardware.gpu_memory_gb * GB)
+
+
+def peak_total(model_states_bytes, bucket_bytes, step_transient_bytes, activation_peak_bytes,
+               assumptions: Assumptions):
+    """(allocated, fragmentation, total) bytes of a rank at its peak, the larger of the backward pass (activations,
+    headroom and loss-head buffers: `activation_peak_bytes`, plus the gradient bucket) and the optimizer step; on
+    numbers or numpy arrays (the planner). `model_states_bytes` = params + grads + optimizer."""
+    allocated = model_states_bytes + np.maximum(activation_peak_bytes + bucket_bytes, step_transient_bytes)
+    if np.ndim(allocated) == 0:
+        allocated = int(allocated)
+        fragmentation = int(allocated * assumptions.fragmentation)
+    else:
+        fragmentation = (allocated * assumptions.fragmentation).astype(np.int64)
+    return allocated, fragmentation, allocated + fragmentation + assumptions.reserve_bytes
 
 
 def stage_estimate(stage: int, ranks: int, layers: int, in_flight: int, params: RankParams, states: ModelStates,
                    acts: StageActivations, assumptions: Assumptions) -> StageEstimate:
-    at_backward = (acts.activations_bytes + acts.imbalance_headroom_bytes + states.bucket_bytes
-                   + acts.head_transient_bytes)
-    at_step = states.step_transient_bytes
-    allocated = states.params_bytes + states.grads_bytes + states.optimizer_bytes + max(at_backward, at_step)
-    fragmentation = int(allocated * assumptions.fragmentation)
+    at_backward = acts.backward_peak_bytes
+    _, fragmentation, total = peak_total(states.params_bytes + states.grads_bytes + states.optimizer_bytes,
+                                         states.bucket_bytes, states.step_transient_bytes, at_backward, assumptions)
     return StageEstimate(
         stage=stage, first_rank=stage * ranks, ranks=ranks, layers=layers, in_flight=in_flight, params=params,
         states=states, activations=acts, fragmentation_bytes=fragmentation, reserve_bytes=assumptions.reserve_bytes,
-        peak_at="backward" if at_backward >= at_step else "optimizer step",
-        total_bytes=allocated + fragmentation + assumptions.reserve_bytes,
+        peak_at="backward" if at_backward + states.bucket_bytes >= states.step_transient_bytes else "optimizer step",
+        total_bytes=total,
     )

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from ..recipe import Recipe, RecipeError, recipe_from_dict
 from .estimate import Estimate, estimate
+from ..units import GB, divisors
 from .memory import Assumptions
-
-GB = 1e9
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,6 @@ class Change:
         return f"{sets}{gpus}: peak {self.peak_bytes / GB:.1f} GB, saves {saved / GB:.1f} GB"
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def candidate_overrides(recipe: Recipe, base: Estimate) -> list[dict[str, object]]:
     """Single changes worth trying: each is a dict of recipe fields (dotted) to new values."""
     p, m, t = recipe.parallel, recipe.model, recipe.train
@@ -47,17 +42,16 @@ def candidate_overrides(recipe: Recipe, base: Estimate) -> list[dict[str, object
     while micro >= 1:
         out.append({"parallel.micro_batch_size": micro})
         micro //= 2
-    if p.zero_stage == 0 or (p.zero_stage == 1 and p.pp == 1):
+    # illegal changes are left to `Strategy`'s rules: `_try` drops what the recipe check refuses
+    if p.zero_stage < 2:
         out.append({"parallel.zero_stage": p.zero_stage + 1})
-    for ep in _divisors(m.num_local_experts):
-        if ep > p.ep and base.dp % ep == 0:
+    for ep in divisors(m.num_local_experts):
+        if ep > p.ep and base.dp % ep == 0:  # on the same dp (an unset dp would otherwise follow ep)
             out.append({"parallel.ep": ep})
     for factor in (2, 4):
         out.append({"parallel.dp": base.dp * factor})
-        if m.num_hidden_layers >= p.pp * factor and p.zero_stage <= 1 and not m.tie_word_embeddings:
-            out.append({"parallel.pp": p.pp * factor})
-        if p.tp * factor <= recipe.hardware.gpus_per_node:
-            out.append({"parallel.tp": p.tp * factor})
+        out.append({"parallel.pp": p.pp * factor})
+        out.append({"parallel.tp": p.tp * factor})
     seq = t.seq_len // 2
     if seq >= 128:
         out.append({"train.seq_len": seq})

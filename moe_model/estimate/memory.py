@@ -1,9 +1,7 @@
 """Model states per rank: parameters, gradients, optimizer states, as DeepSpeed 0.19 holds them for this project.
 
 Which parameters a rank holds (stage s of pp, one of tp tensor-parallel and ep expert-parallel ranks):
-    dense   attention / tp (q, k, v by heads, o by columns) + 2*D norms + D*E router per layer of the stage, the
-            embedding V*D on the first stage, the final norm D and the LM head V*D on the last (tied: none)
-    expert  (E / ep) * (2 or 3)*I*D per layer of the stage
+`shapes.rank_params` (attention split over tp, everything else dense replicated, E/ep experts per layer).
 Layers are spread over stages by DeepSpeed's `partition_balanced` on the decoder layers (`type:DecoderLayerPipe`),
 re-implemented here without importing DeepSpeed (a test checks the two agree).
 
@@ -42,9 +40,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..configuration import MoEConfig
+from ..units import FP32
+from .shapes import RankParams
 
-FP32 = 4
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -58,18 +56,6 @@ class Assumptions:
     fragmentation: float = 0.05  # caching-allocator overhead, a fraction of the allocated peak
     imbalance: float = 3.0  # busiest expert's load over the mean, early in training (dropless, ep > 1)
     foreach_adam_temporary: bool = True  # torch AdamW's foreach path on GPUs allocates one partition-sized temp
-
-
-@dataclass(frozen=True)
-class RankParams:
-    """Parameters one rank of a stage holds, split by how ZeRO partitions them."""
-
-    dense: int
-    expert: int
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.expert
 
 
 def partition_balanced(weights: list[int], parts: int) -> list[int]:
@@ -109,20 +95,6 @@ def stage_layers(num_layers: int, pp: int) -> list[int]:
     weights = [0] + [1] * num_layers + [0]
     bounds = partition_balanced(weights, pp)
     return [sum(weights[bounds[s]:bounds[s + 1]]) for s in range(pp)]
-
-
-def rank_params(cfg: MoEConfig, *, layers: int, first: bool, last: bool, tp: int, ep: int) -> RankParams:
-    D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
-    q_width, kv_width = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    attention = (2 * D * q_width + 2 * D * kv_width) // tp
-    dense = layers * (attention + 2 * D + D * E)
-    if first:
-        dense += cfg.vocab_size * D
-    if last:
-        dense += D + (0 if cfg.tie_word_embeddings else cfg.vocab_size * D)
-    matrices = 3 if cfg.hidden_act == "silu" else 2
-    expert = layers * (E // ep) * matrices * I * D
-    return RankParams(dense=dense, expert=expert)
 
 
 @dataclass(frozen=True)

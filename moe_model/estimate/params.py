@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..configuration import MoEConfig
+from .shapes import dims, expert_params, layer_dense_params, rank_params
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,16 @@ class ParamCounts:
 
 
 def count_params(config: MoEConfig) -> ParamCounts:
-    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    E, k, I = config.num_local_experts, config.num_experts_per_tok, config.intermediate_size
-    q_width, kv_width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    matrices = 3 if config.hidden_act == "silu" else 2
-    per_expert = matrices * I * D
-    attention = 2 * D * q_width + 2 * D * kv_width
-    per_layer = attention + 2 * D + D * E + E * per_expert
-    embedding = V * D * (1 if config.tie_word_embeddings else 2)
-    total = L * per_layer + D + embedding
-    expert = L * E * per_expert
+    """The counts of the module docstring: the whole model is one rank holding every layer (`shapes.rank_params`)."""
+    m = dims(config)
+    whole = rank_params(m, layers=m.L, first=True, last=True, tp=1, ep=1)
+    per_expert = expert_params(m)
     return ParamCounts(
-        total=total,
-        active_per_token=total - L * (E - k) * per_expert,
-        expert=expert,
-        non_expert=total - expert,
-        embedding=embedding,
-        per_layer=per_layer,
+        total=whole.total,
+        active_per_token=whole.total - m.L * (m.E - m.k) * per_expert,
+        expert=whole.expert,
+        non_expert=whole.dense,
+        embedding=m.V * m.D * (1 if m.tied else 2),
+        per_layer=layer_dense_params(m) + m.E * per_expert,
         per_expert=per_expert,
     )

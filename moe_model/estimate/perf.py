@@ -15,10 +15,11 @@ compute dtype, t = tp, e = ep. Per decoder layer, per micro-batch, per rank (FLO
     o projection          2*T*Dq*D / t
     SDPA (causal)         scores Q K^T 2*B*S^2*Dq/t and values P V 2*B*S^2*Dq/t, each halved for causality
     router                2*T*D*E (replicated on the tp ranks, as the gate is)
-    experts               2*R*D*I*g, R rows (`routed_rows`): with ep = 1 the model's own block runs the T*k routed
-                          copies on every tp rank (redundant work, modelled as it really runs); with ep > 1
-                          DeepSpeed's MoE layer runs every expert's buffer at its full depth C (the busiest expert's
-                          load, dropless, or the capacity), R = E*C/t: equal to T*k/t only when routing is balanced
+    experts               2*R*D*I*g, R rows (`shapes.routed_rows`): with ep = 1 the model's own block runs the T*k
+                          routed copies (or what the capacity keeps) on every tp rank (redundant work, modelled as it
+                          really runs); with ep > 1 DeepSpeed's MoE layer runs every expert's buffer at its full
+                          depth C (the busiest expert's load, dropless, or the capacity), R = E*C/t: equal to T*k/t
+                          only when routing is balanced
     LM head (last stage)  2*T*D*V (not vocabulary-parallel: each tp rank computes all of it)
 Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N); SDPA (fused): read q, k, v and write the output.
 Memory-bound element-wise work per layer (bytes only): two RMSNorms and two residual adds (10*b*T*D), RoPE on q and
@@ -62,10 +63,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..recipe import Recipe, RecipeError, layout_problem
+from ..recipe import Recipe, RecipeError
+from ..strategy import Strategy
+from ..units import FP32
 from .memory import PRECISION_BYTES, stage_layers
-
-FP32 = 4
+from .shapes import rank_params, routed_rows
 
 
 @dataclass(frozen=True)
@@ -121,26 +123,10 @@ def stage_shape(num_layers: int, pp: int) -> tuple[int, int, int]:
     return layers[0], layers[-1], max(layers[1:-1], default=0)
 
 
-def routed_rows(s: Shape, B, tp, ep):
-    """Rows the experts of one rank compute per layer and micro-batch (numbers or numpy arrays).
-
-    ep = 1, the model's sort-based block: the T*k routed copies, on every tp rank. ep > 1, DeepSpeed's MoE layer: each
-    expert's buffer is C rows deep on each of the ep ranks whatever its load, so a rank's E/ep experts run E*C rows,
-    split over the tp ranks; C = min(ceil(f*T*k/E), T) dropless, f = the busiest expert's load over the mean
-    (`Shape.imbalance`; 1 = balanced, where E*C = T*k), or max(ceil(k*cf*T/E), min_capacity) with a capacity factor.
-    """
-    T = B * s.S
-    if s.capacity_factor:
-        depth = np.maximum(np.ceil(s.k * s.capacity_factor * T / s.E), s.min_capacity)
-    else:
-        depth = np.minimum(np.ceil(s.imbalance * T * s.k / s.E), T)
-    return np.where(ep > 1, s.E * depth / tp, T * s.k)
-
-
 def layer_forward_flops(s: Shape, B, tp, ep):
     """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike)."""
     T = B * s.S
-    R = routed_rows(s, B, tp, ep)
+    R = routed_rows(s, B * s.S, tp, ep, s.imbalance)
     return {
         "qkv": 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp,
         "o_proj": 2.0 * T * s.Dq * s.D / tp,
@@ -157,7 +143,7 @@ def _roofline(flops, nbytes, s: Shape):
 def layer_forward_times(s: Shape, B, tp, ep):
     """Forward seconds of one decoder layer on one rank, by op class (roofline per op)."""
     T = B * s.S
-    R = routed_rows(s, B, tp, ep)
+    R = routed_rows(s, B * s.S, tp, ep, s.imbalance)
     f = layer_forward_flops(s, B, tp, ep)
     b = s.b
     qkv_w = s.Dq + 2 * s.Dkv
@@ -193,15 +179,6 @@ def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False):
             + 3.0 * (head_forward_time(s, B) + embedding_forward_time(s, B)))
 
 
-def _stage_params(s: Shape, layers, first, last, tp, ep):
-    """(dense, expert) parameters one rank of a stage holds (memory.rank_params, array-friendly)."""
-    attention = (2 * s.D * s.Dq + 2 * s.D * s.Dkv) // tp
-    dense = layers * (attention + 2 * s.D + s.D * s.E) + first * s.V * s.D
-    dense = dense + last * (s.D + (0 if s.tied else s.V * s.D))
-    expert = layers * (s.E // ep) * s.g * s.I * s.D
-    return dense, expert
-
-
 def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     """Every term of the step time (seconds), for scalars or equal-length numpy arrays of strategies.
 
@@ -220,7 +197,7 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     # communication per layer per micro-batch
     act = s.b * T * s.D
     tp_comm = (4.0 + 2 * ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
-    a2a = routed_rows(s, B, tp, ep) * s.D * s.b  # ep > 1: DeepSpeed sends whole capacity-deep buffers
+    a2a = routed_rows(s, T, tp, ep, s.imbalance) * s.D * s.b  # ep > 1: DeepSpeed sends whole capacity-deep buffers
     q = np.minimum(ep, s.gpus_per_node)
     ep_comm = np.where(ep > 1, (4.0 + 2 * ckpt) * np.maximum(a2a * (q - 1) / ep / s.intra_bytes_s,
                                                              a2a * (ep - q) / ep / s.inter_bytes_s), 0.0)
@@ -240,7 +217,7 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     tails = []
     for layers, first, last in ((np.where(single, s.L, first_l), 1, np.where(single, 1, 0)), (last_l, 0, 1),
                                 (mid_l, 0, 0)):
-        dense, expert = _stage_params(s, layers, first, last, tp, ep)
+        dense, expert = rank_params(s, layers=layers, first=first, last=last, tp=tp, ep=ep)
         reduce = (2.0 * (dp - 1) / dp * s.b * dense + 2.0 * (ne - 1) / ne * s.b * expert) / dp_bw
         part = np.where(zero >= 1, dense / dp + expert / ne, dense + expert)
         opt = (28.0 * part + s.b * (dense + expert)) / s.hbm_bytes_s
@@ -259,6 +236,19 @@ def model_flops_per_step(s: Shape) -> float:
     per_layer = sum(layer_forward_flops(s, 1, 1, 1).values())  # the routed copies only: R = S*k
     forward = s.L * float(per_layer) + 2.0 * s.S * s.D * s.V
     return 3.0 * s.global_batch * forward
+
+
+def _changed(recipe: Recipe, world_size: int | None, changes: dict) -> Strategy:
+    stated = Strategy.of(recipe.parallel)
+    strategy = stated.replace(**changes)
+    if "dp" in changes:
+        return strategy
+    if (strategy.tp, strategy.pp) != (stated.tp, stated.pp):
+        return strategy.replace(dp=strategy.ep)
+    problem = stated.world_problem(world_size)
+    if problem:
+        raise RecipeError(*problem)
+    return strategy.replace(dp=stated.resolved(world_size)[0].dp)
 
 
 @dataclass(frozen=True)
@@ -282,27 +272,18 @@ class Performance:
                 "assumptions": self.assumptions}
 
 
-def performance(recipe: Recipe, world_size: int | None = None, *, tp=None, pp=None, ep=None, dp=None,
-                zero_stage=None, micro_batch_size=None, activation_checkpointing=None,
-                imbalance: float | None = None) -> Performance:
-    """Step time of `recipe`'s strategy (or of the strategy the keyword arguments override); `imbalance`: the
-    busiest expert's load over the mean (default: the estimator's assumption)."""
+def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Strategy | None = None,
+                imbalance: float | None = None, **changes) -> Performance:
+    """Step time of `recipe`'s strategy on `world_size` GPUs, of another `strategy` (dp set), or of the recipe's with
+    `changes` to `Strategy` fields (dp then defaults to ep where tp or pp change). `imbalance`: the busiest expert's
+    load over the mean (default: the estimator's assumption). A strategy breaking a layout rule is a `RecipeError`."""
     from .memory import Assumptions
-    from .estimate import resolve_dp
 
-    p = recipe.parallel
-    tp, pp, ep = tp or p.tp, pp or p.pp, ep or p.ep
-    zero = p.zero_stage if zero_stage is None else zero_stage
-    B = micro_batch_size or p.micro_batch_size
-    ckpt = p.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
-    if dp is None:
-        dp = resolve_dp(recipe, world_size)[0] if (tp, pp) == (p.tp, p.pp) else ep
-    problem = layout_problem(recipe.model, tp, pp, ep, dp, zero, recipe.hardware.gpus_per_node)
-    if problem:
-        raise RecipeError(*problem)
-    if recipe.train.global_batch_size % (B * dp):
-        raise RecipeError("train.global_batch_size", f"{recipe.train.global_batch_size} is not a multiple of "
-                                                     f"micro_batch_size x dp = {B} x {dp}")
+    if strategy is None:
+        strategy = _changed(recipe, world_size, {name: v for name, v in changes.items() if v is not None})
+    recipe.check_strategy(strategy)
+    tp, pp, ep, dp = strategy.tp, strategy.pp, strategy.ep, strategy.dp
+    zero, B, ckpt = strategy.zero_stage, strategy.micro_batch_size, strategy.activation_checkpointing
     imbalance = Assumptions().imbalance if imbalance is None else imbalance
     s = shape_of(recipe, imbalance)
     c = step_components(s, tp, pp, ep, dp, zero, B, ckpt)

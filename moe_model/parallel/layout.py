@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..strategy import Strategy
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -16,6 +18,11 @@ class Layout:
     pp: int
     ep: int
     dp: int
+
+    @classmethod
+    def of(cls, strategy: Strategy) -> Layout:
+        """The rank layout of a resolved strategy (dp known: `Strategy.resolved`)."""
+        return cls(tp=strategy.tp, pp=strategy.pp, ep=strategy.ep, dp=strategy.dp)
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,124 @@
+"""Shape arithmetic of the model, the one home shared by the parameter counts, the memory estimate, the performance
+model and the planner: parameters a rank holds, rows its experts run, the depth of DeepSpeed's expert buffers.
+
+Every function takes the model's widths as a `Dims` (or anything with its attribute names, e.g. `perf.Shape`; a
+`MoEConfig` is converted by `dims`) and works on plain numbers and on numpy arrays of strategies alike (the planner
+evaluates whole grids at once). Symbols: D hidden, Dq = Hq*d, Dkv = Hkv*d, E experts, k top-k, I expert FFN width,
+g = 2 (two-matrix gelu FFN) or 3 (gated silu), V vocabulary, L layers, T tokens of a micro-batch.
+
+    parameters, one rank of a stage (tp tensor-parallel, ep expert-parallel ranks)
+        dense   layers * ((2*D*Dq + 2*D*Dkv) / tp + 2*D + D*E), + V*D on the first stage, + D + V*D (none when tied)
+                on the last
+        expert  layers * (E / ep) * g*I*D
+    expert buffer depth C (DeepSpeed's MoE layer, ep > 1)
+        dropless    min(ceil(f*T*k/E), T), f = the busiest expert's load over the mean (1: balanced)
+        capacity    max(ceil(k*cf*T/E), min_capacity): `routing.expert_capacity`, the rule the model itself drops by
+    routed rows, per layer and micro-batch on one rank
+        ep = 1      the model's sort-based block: the T*k routed copies, or what the capacity lets through,
+                    min(T*k, E*min(C, T)), on every tp rank
+        ep > 1      every expert's buffer at its full depth: E*C/tp
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..routing import expert_capacity
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model's widths the shape arithmetic reads (hashable; attribute names as in `perf.Shape`)."""
+
+    D: int
+    Dq: int
+    Dkv: int
+    E: int
+    k: int
+    I: int  # noqa: E741
+    g: int
+    V: int
+    L: int
+    tied: bool
+    capacity_factor: float | None = None  # None (or 0): dropless
+    min_capacity: int = 4
+
+
+def dims(model: Any) -> Any:
+    """`Dims` of a `MoEConfig` (or any object with its attribute names); a `Dims` or `perf.Shape` passes through."""
+    if hasattr(model, "D"):
+        return model
+    return Dims(D=model.hidden_size, Dq=model.num_attention_heads * model.head_dim,
+                Dkv=model.num_key_value_heads * model.head_dim, E=model.num_local_experts, k=model.num_experts_per_tok,
+                I=model.intermediate_size, g=3 if model.hidden_act == "silu" else 2, V=model.vocab_size,
+                L=model.num_hidden_layers, tied=model.tie_word_embeddings, capacity_factor=model.capacity_factor,
+                min_capacity=model.min_capacity)
+
+
+class RankParams(NamedTuple):
+    """Parameters one rank of a stage holds, split by how ZeRO partitions them (numbers or numpy arrays)."""
+
+    dense: Any
+    expert: Any
+
+    @property
+    def total(self):
+        return self.dense + self.expert
+
+
+def expert_params(model: Any) -> int:
+    """Parameters of one expert: g*I*D."""
+    m = dims(model)
+    return m.g * m.I * m.D
+
+
+def layer_dense_params(model: Any, tp=1):
+    """Dense parameters of one decoder layer on one of tp ranks: attention / tp, two norms, the router."""
+    m = dims(model)
+    return (2 * m.D * m.Dq + 2 * m.D * m.Dkv) // tp + 2 * m.D + m.D * m.E
+
+
+def rank_params(model: Any, *, layers, first, last, tp, ep) -> RankParams:
+    """Parameters one rank of a stage with `layers` decoder layers holds (`first`/`last`: it holds the embedding /
+    the final norm and LM head)."""
+    m = dims(model)
+    dense = layers * layer_dense_params(m, tp) + first * m.V * m.D
+    dense = dense + last * (m.D + (0 if m.tied else m.V * m.D))
+    expert = layers * (m.E // ep) * expert_params(m)
+    return RankParams(dense=dense, expert=expert)
+
+
+def expert_depth(model: Any, tokens, imbalance: float = 1.0):
+    """C, the rows of every expert's buffer in DeepSpeed's MoE layer for `tokens` tokens (before any rounding):
+    the busiest expert's load when dropless (an expert takes each token at most once), else the capacity."""
+    m = dims(model)
+    if m.capacity_factor:
+        return expert_capacity(tokens, m.E, m.k, m.capacity_factor, m.min_capacity)
+    return _minimum(_ceil(imbalance * tokens * m.k / m.E), tokens)
+
+
+def routed_rows(model: Any, tokens, tp=1, ep=1, imbalance: float = 1.0):
+    """Rows the experts of one rank compute per layer and micro-batch (see the module docstring)."""
+    m = dims(model)
+    if m.capacity_factor:
+        kept = _minimum(tokens * m.k, m.E * _minimum(expert_depth(m, tokens), tokens))
+    else:
+        kept = tokens * m.k
+    if np.ndim(ep) == 0 and ep <= 1:
+        return kept
+    dispatched = m.E * expert_depth(m, tokens, imbalance) / tp
+    return dispatched if np.ndim(ep) == 0 else np.where(ep > 1, dispatched, kept)
+
+
+# numpy's ufuncs where an argument is an array (the planner's grid), Python's exact integer ones on numbers (an
+# order of magnitude faster on scalars, and ints stay ints for the byte counts)
+def _ceil(x):
+    return math.ceil(x) if np.ndim(x) == 0 else np.ceil(x)
+
+
+def _minimum(a, b):
+    return min(a, b) if np.ndim(a) == 0 and np.ndim(b) == 0 else np.minimum(a, b)

@@ -1,0 +1,174 @@
+"""The parallel strategy of a run, and every rule that says whether it is legal.
+
+`Strategy` is what travels between the recipe, the estimator, the performance model, the planner and the launcher
+instead of loose integers. It owns every layout rule (DeepSpeed's and this project's) and the resolution of dp:
+    dp     the world size / (tp * pp) at launch, else the recipe's `parallel.dp`, else the smallest legal value, ep
+           (the estimate then says dp was assumed)
+    rules  `layout_problem`: what DeepSpeed 0.19 accepts (tp | heads and inside a node, a stage per MoE layer,
+           untied embeddings with pp, ep | experts and ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp);
+           `training_problem`: what DeepSpeed accepts but this project cannot train correctly;
+           `batch_problem`: micro_batch_size * dp divides the global batch.
+A rule answers `(field, message with the fix)` or None; `moe_model.recipe` turns an answer into the `RecipeError`
+the user sees (`Recipe.strategy`, `Recipe.check_strategy`), so this module needs nothing of the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .units import divisors
+
+Problem = tuple[str, str]  # (recipe field, one-line message naming the fix)
+FIELDS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_checkpointing")  # `moe plan` JSON
+
+
+class ModelShape(Protocol):
+    """What the rules read of the model: the recipe's `ModelSection` or a `MoEConfig`."""
+
+    num_attention_heads: int
+    num_key_value_heads: int | None
+    num_local_experts: int
+    num_hidden_layers: int
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class Strategy:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int | None = None  # None: not known before launch (world size / (tp * pp)); see `resolved`
+    zero_stage: int = 1
+    micro_batch_size: int = 1
+    activation_checkpointing: bool = False
+    moe_backend: str = "legacy"  # the expert-parallel engine path (room for the next issue's AutoEP)
+
+    @classmethod
+    def of(cls, parallel: Any) -> Strategy:
+        """From a recipe's `parallel` section, or a mapping with `FIELDS` (a plan candidate's `parallel`)."""
+        given = parallel if isinstance(parallel, dict) else vars(parallel)
+        values = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+        return cls(**values).replace(activation_checkpointing=bool(values.get("activation_checkpointing")))
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, world_size: int | None = None) -> tuple[Strategy, bool]:
+        """(the recipe's strategy with dp resolved, whether dp was assumed). Check `world_problem` first."""
+        return cls.of(recipe.parallel).resolved(world_size)
+
+    def replace(self, **changes: Any) -> Strategy:
+        return dataclasses.replace(self, **changes)
+
+    def world_problem(self, world_size: int | None) -> Problem | None:
+        """Whether `world_size` ranks can run this strategy: a multiple of tp * pp that agrees with a stated dp."""
+        if world_size is None:
+            return None
+        if world_size <= 0 or world_size % (self.tp * self.pp):
+            return "parallel", (f"world size {world_size} is not a multiple of tp x pp = {self.tp} x {self.pp}; "
+                                f"start a multiple of {self.tp * self.pp} ranks")
+        dp = world_size // (self.tp * self.pp)
+        if self.dp is not None and self.dp != dp:
+            return "parallel.dp", (f"the recipe says dp={self.dp} but {world_size} ranks give dp={dp}; start "
+                                   f"{self.tp * self.pp * self.dp} ranks")
+        return None
+
+    def resolved(self, world_size: int | None = None) -> tuple[Strategy, bool]:
+        """(this strategy with dp set, whether dp was assumed): dp from `world_size` (which must pass
+        `world_problem`), else the stated dp, else ep, the smallest dp the layout rules allow."""
+        if world_size is not None:
+            return self.replace(dp=world_size // (self.tp * self.pp)), False
+        if self.dp is not None:
+            return self, False
+        return self.replace(dp=self.ep), True
+
+    @property
+    def gpus(self) -> int:
+        """tp * pp * dp: the world size (dp must be resolved)."""
+        return self.tp * self.pp * self.dp
+
+    def micro_batches(self, global_batch: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank (`batch_problem` must pass)."""
+        return global_batch // (self.micro_batch_size * self.dp)
+
+    def as_parallel(self) -> dict[str, Any]:
+        """The `parallel` mapping of `moe plan`'s JSON (`FIELDS`)."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def layout_problem(self, model: ModelShape, gpus_per_node: int) -> Problem | None:
+        """The first rule of DeepSpeed's (and this project's) parallel layout this strategy breaks; the dp rule only
+        once dp is known."""
+        tp, pp, ep, dp = self.tp, self.pp, self.ep, self.dp
+        heads = model.num_attention_heads
+        kv_heads = model.num_key_value_heads or heads
+        experts = model.num_local_experts
+        listed = lambda n: ", ".join(str(d) for d in divisors(n))  # noqa: E731
+        if heads % tp or kv_heads % tp:
+            return "parallel.tp", (f"tp={tp} must divide num_attention_heads ({heads}) and num_key_value_heads "
+                                   f"({kv_heads}); choose tp from {listed(kv_heads)}")
+        if tp > gpus_per_node or gpus_per_node % tp:
+            return "parallel.tp", (f"tp={tp} must stay inside one node of {gpus_per_node} GPUs; choose tp from "
+                                   f"{listed(gpus_per_node)} (or raise hardware.gpus_per_node)")
+        if pp > model.num_hidden_layers:
+            return "parallel.pp", (f"pp={pp} leaves a pipeline stage without an MoE layer "
+                                   f"({model.num_hidden_layers} layers); use pp <= {model.num_hidden_layers}")
+        if pp > 1 and model.tie_word_embeddings:
+            return "parallel.pp", ("tie_word_embeddings with pp > 1 is not supported yet (embedding and head sit on "
+                                   "different stages); set model.tie_word_embeddings false or pp 1")
+        if experts % ep:
+            return "parallel.ep", f"ep={ep} must divide num_local_experts ({experts}); choose ep from {listed(experts)}"
+        if dp is not None and dp % ep:
+            return "parallel.ep", (f"ep={ep} must divide dp={dp}: expert-parallel groups are carved out of the "
+                                   f"data-parallel ranks; choose ep from {listed(math.gcd(dp, experts))} or raise dp")
+        if self.zero_stage == 3:
+            return "parallel.zero_stage", "DeepSpeed's MoE does not support ZeRO-3; use zero_stage 0, 1 or 2"
+        if pp > 1 and self.zero_stage > 1:
+            return "parallel.zero_stage", (f"DeepSpeed's pipeline engine accepts ZeRO 0 or 1 only (pp={pp}); "
+                                           "use zero_stage 1 or set pp 1")
+        return None
+
+    def training_problem(self) -> Problem | None:
+        """What DeepSpeed accepts but this project cannot train correctly (checked before launch and by the planner).
+
+        DeepSpeed's expert groups are consecutive ranks: with tp > 1 and ep not a multiple of tp, two tensor-parallel
+        peers hold the same experts, and DeepSpeed's global grad norm (which counts a parameter once per tp rank or on
+        tp rank 0 only) cannot count them exactly once, so gradient clipping would use a wrong norm.
+        """
+        tp, ep = self.tp, self.ep
+        if tp > 1 and ep > 1 and ep % tp:
+            return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
+                                   "tensor-parallel peers hold different experts; raise ep or lower tp")
+        return None
+
+    def batch_problem(self, global_batch: int, dp_assumed: bool = False) -> Problem | None:
+        """micro_batch_size * dp must divide the global batch (nothing to check while dp is unknown)."""
+        if self.dp is None or batch_divides(global_batch, self.micro_batch_size, self.dp):
+            return None
+        per_step = self.micro_batch_size * self.dp
+        return "train.global_batch_size", (
+            f"{global_batch} is not a multiple of micro_batch_size x dp = {self.micro_batch_size} x {self.dp}"
+            + (" (dp assumed = ep; set parallel.dp)" if dp_assumed else "") + f"; use a multiple of {per_step}")
+
+    def problem(self, model: ModelShape, gpus_per_node: int, global_batch: int, *, dp_assumed: bool = False,
+                trainable: bool = False) -> Problem | None:
+        """The first rule this strategy breaks: the training rule (only with `trainable`), the layout rules, then the
+        global batch; None when every rule holds."""
+        return ((self.training_problem() if trainable else None) or self.layout_problem(model, gpus_per_node)
+                or self.batch_problem(global_batch, dp_assumed))
+
+
+def batch_divides(global_batch, micro_batch_size, dp):
+    """Whether micro_batch_size * dp divides the global batch (numbers or numpy arrays: the planner's grid)."""
+    return global_batch % (micro_batch_size * dp) == 0
+
+
+def layout_problem(model: ModelShape, tp: int, pp: int, ep: int, dp: int | None, zero_stage: int,
+                   gpus_per_node: int) -> Problem | None:
+    """`Strategy.layout_problem` for callers holding loose integers (scripts written before `Strategy`)."""
+    return Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero_stage).layout_problem(model, gpus_per_node)
+
+
+def training_problem(tp: int, ep: int) -> Problem | None:
+    """`Strategy.training_problem` for callers holding loose integers."""
+    return Strategy(tp=tp, ep=ep).training_problem()
