@@ -44,7 +44,7 @@ smoke: $(STAMP) $(CORPUS)
 
 # the seed plan's review (docs/seed_plan_review.md, generated and committed) and its audit (exit 1: wrong claims)
 plan: $(STAMP)
-	$(BIN)/python -m moe_model.estimate.review
+	$(BIN)/python -m moe_model.report.seed_review
 	$(BIN)/moe audit recipes/seed_plan.yaml || test $$? -eq 1
 
 # speed tables (and JSON in benchmarks/results/): the model against transformers' Mixtral and the machine's GEMM rate,
@@ -66,8 +66,10 @@ bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/moe_speed.py --device cuda --peak-tflops $(PEAK_TFLOPS)
 	$(BIN)/python benchmarks/ds_moe_layer.py --gpus $(GPUS)
 
+# style (ruff) and which way the imports run (import-linter: the contracts in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check moe_model scripts tests benchmarks
+	$(BIN)/lint-imports
 
 configs: $(STAMP)
 	@for recipe in recipes/*.yaml; do \

@@ -74,11 +74,10 @@ def on_rank(args) -> None:
 
     from moe_model import MoEConfig
     from moe_model.modeling import MoESparseBlock
-    from moe_model.parallel.moe_layer import DeepSpeedMoEBlock, ExpertFFN, install_gloo_gather_shim
+    from moe_model.parallel.moe_layer import DeepSpeedMoEBlock, ExpertFFN
     from moe_model.train.distributed import init_distributed
 
     rank, world = init_distributed()
-    install_gloo_gather_shim()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.gpu else torch.device("cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
     config = MoEConfig(**shape(args.experts))
@@ -144,15 +143,15 @@ def on_rank(args) -> None:
 
 
 def launch(args) -> int:
-    from moe_model.cli import free_port
+    from moe_model.launch import deepspeed_command, rank_env
 
     out = RESULTS / f"ds_moe_layer_{'cuda' if args.gpus else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     ranks = args.gpus or args.ranks
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           __file__, "--on-rank", "--out", str(out), "--tokens", str(args.tokens), "--experts", str(args.experts),
-           "--steps", str(args.steps)] + (["--gpu"] if args.gpus else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))} if not args.gpus else None
+    cmd = deepspeed_command(ranks, __file__, ["--on-rank", "--out", str(out), "--tokens", str(args.tokens),
+                                              "--experts", str(args.experts), "--steps", str(args.steps)]
+                            + (["--gpu"] if args.gpus else []))
+    env = rank_env(threads=max(1, (os.cpu_count() or 2) // ranks)) if not args.gpus else None
     done = subprocess.run(cmd, env=env)
     if done.returncode:
         print(f"ds_moe_layer: the ranks failed (exit {done.returncode})", file=sys.stderr)

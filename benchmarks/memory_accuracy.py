@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -45,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from moe_model import MoEConfig, MoEForCausalLM  # noqa: E402
-from moe_model.cli import free_port  # noqa: E402
+from moe_model.launch import deepspeed_command, rank_env  # noqa: E402
 from moe_model.estimate.activations import MicroBatch, model_saved  # noqa: E402
 from moe_model.estimate.memory import Assumptions  # noqa: E402
 
@@ -58,6 +57,11 @@ RESULTS = ROOT / "benchmarks/results/memory_accuracy.json"
 
 def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves for backward in one training forward (parameters excluded)."""
+    return saved_tensor_bytes_and_output(model, input_ids)[0]
+
+
+def saved_tensor_bytes_and_output(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[int, Any]:
+    """`saved_tensor_bytes` and the forward's output (its `expert_counts_LE` among others)."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -72,7 +76,7 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
     assert out.loss.requires_grad  # a training graph (its backward is not run: DeepSpeed owns that on ranks)
-    return sum(seen.values())
+    return sum(seen.values()), out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +125,8 @@ def measure_activation_case(case: ActivationCase, precision: str = "fp32") -> di
     model = build_model(case, ACTIVATION_DTYPES[precision])
     ids = torch.randint(0, case.model["vocab_size"], (case.micro_batch, case.seq_len),
                         generator=torch.Generator().manual_seed(1))
-    measured = saved_tensor_bytes(model, ids)
-    busiest = max(int(layer.mlp.tokens_per_expert.max()) for layer in model.model.layers)
+    measured, out = saved_tensor_bytes_and_output(model, ids)
+    busiest = int(out.expert_counts_LE.max())
     if case.skew:
         assert busiest == case.micro_batch * case.seq_len, "the skewed router did not send every token to one expert"
     mb = MicroBatch(case.micro_batch, case.seq_len, dtype_bytes=torch.finfo(ACTIVATION_DTYPES[precision]).bits // 8)
@@ -304,8 +308,8 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
                   **peak, "optimizer_class": type(engine.optimizer).__name__}
         if case.pp == 1:  # the engine's own module (DeepSpeed's MoE layer where ep > 1): what autograd saves
             ids = torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
-            result["activations"] = saved_tensor_bytes(engine.module, ids)
-            result["depths"] = dispatch_depths(engine.module)
+            result["activations"], out = saved_tensor_bytes_and_output(engine.module, ids)
+            result["depths"] = dispatch_depths(out.expert_counts_LE)
         elif case.ep == 1:  # what one forward pass of this pipeline stage saves, per micro-batch (largest seen)
             result["activations"] = pipeline_forward_saved_bytes(engine, step, case, generator)
         results.append(result)
@@ -346,14 +350,14 @@ def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, genera
     return largest
 
 
-def dispatch_depths(model: torch.nn.Module) -> list[int]:
-    """Each MoE layer's buffer depth C in the last forward: the busiest expert's load over the expert-parallel
-    group (what DeepSpeed's layer pads every expert to, dropless), from the routes each rank counted."""
+def dispatch_depths(expert_counts_LE: torch.Tensor) -> list[int]:
+    """Each MoE layer's buffer depth C in a forward: the busiest expert's load over the expert-parallel group (what
+    DeepSpeed's layer pads every expert to, dropless), from the routes each rank counted (the forward's output)."""
     import torch.distributed as dist
 
     depths = []
-    for layer in model.model.layers:
-        busiest = layer.mlp.tokens_per_expert.max().reshape(1).clone()
+    for counts_E in expert_counts_LE:
+        busiest = counts_E.max().reshape(1).clone()
         dist.all_reduce(busiest, op=dist.ReduceOp.MAX)  # over everything: each ep group's max is at most this
         depths.append(int(busiest))
     return depths
@@ -362,9 +366,8 @@ def dispatch_depths(model: torch.nn.Module) -> list[int]:
 def launch_state_measurement(case_set: str, out_path: Path, timeout: int = 900) -> list[dict[str, Any]]:
     """Run one of `CASE_SETS` through the real deepspeed launcher (a free port) and return every rank's peaks."""
     ranks = CASE_SETS[case_set][0]
-    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(Path(__file__).resolve()), "--measure-states", str(out_path), "--cases", case_set]
-    env = {**os.environ, "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    command = deepspeed_command(ranks, Path(__file__).resolve(), ["--measure-states", str(out_path), "--cases", case_set])
+    env = rank_env(WANDB_MODE="disabled", WANDB_SILENT="true")
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"state measurement on {ranks} rank(s) failed:\n{result.stdout[-3000:]}\n"
@@ -516,9 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         if torch.cuda.is_available():
             out = RESULTS.parent / "gpu.json"
-            command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-                       str(Path(__file__).resolve()), "--measure-gpu", str(out)]
-            subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+            command = deepspeed_command(1, Path(__file__).resolve(), ["--measure-gpu", str(out)])
+            subprocess.run(command, check=True, cwd=ROOT, env=rank_env(WANDB_MODE="disabled"))
             rows += json.loads(out.read_text())
         else:
             print("GPU mode skipped: torch.cuda.is_available() is False on this machine", file=sys.stderr)

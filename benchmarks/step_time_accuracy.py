@@ -4,7 +4,7 @@
 
 For each case, in one go and in this order: (1) `moe calibrate` on the case's recipe (this machine's matmul rate and
 copy bandwidth, one rank's forward + backward timed to fit the efficiency, and the fixed cost of a step measured by
-training a shrunken copy of the layout; see moe_model/estimate/calibrate.py), which gives the predicted step time;
+training a shrunken copy of the layout; see moe_model/calibrate/machine.py), which gives the predicted step time;
 (2) the real recipe trained for `--steps` steps through the deepspeed launcher with those calibrated hardware figures
 (so its run.json records them); measured = median `step_time_s`, the first 2 steps left out. The run is repeated (a, b):
 `moe calibrate --from` refits the rates from run a, and that prediction is checked against run b (what a finished
@@ -26,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_model.estimate.calibrate import (measure_machine, measured_imbalance, measured_step_time,  # noqa: E402
-                                          predict_step_s, refit_factor, refit_overrides, run_recipe)
-from moe_model.estimate.perf import shape_of  # noqa: E402
+from moe_model.calibrate import (hardware_rates, measure_machine, measured_imbalance, measured_step_time,  # noqa: E402
+                                 predict_step_s, refit_factor, refit_overrides, run_recipe)
 from moe_model.recipe import load_recipe, recipe_from_dict  # noqa: E402
 
 ONE_RANK = ("parallel.pp=1", "parallel.ep=1", "parallel.dp=null", "parallel.zero_stage=0")
@@ -73,9 +72,8 @@ def main(argv: list[str]) -> int:
             print(f"{name}: calibrating", flush=True)
             calibration = measure_machine(recipe)
             calibrated = load_recipe(ROOT / path, list(overrides) + calibration["overrides"])
-            s = shape_of(calibrated)
             skew = calibration["routing_imbalance"]  # what the timed rank work routed like (per micro-batch)
-            predicted = predict_step_s(calibrated, s.compute_flops, s.hbm_bytes_s, s.overhead_s, skew)
+            predicted = predict_step_s(calibrated, *hardware_rates(calibrated), imbalance=skew)
             measured = []
             for run in ("a", "b"):
                 print(f"{name}: training run {run}, {args.steps} steps", flush=True)
@@ -87,8 +85,7 @@ def main(argv: list[str]) -> int:
                     run_skew = measured_imbalance(run_dir) or 1.0
                     f = refit_factor(ran, measured[0], run_skew)
                     refitted = recipe_from_dict(ran.model_dump(), refit_overrides(ran, f))
-                    t = shape_of(refitted)
-                    refit = predict_step_s(refitted, t.compute_flops, t.hbm_bytes_s, t.overhead_s, run_skew)
+                    refit = predict_step_s(refitted, *hardware_rates(refitted), imbalance=run_skew)
             p = recipe.parallel
             rows.append({"case": name, "layout": f"tp{p.tp} pp{p.pp} ep{p.ep} dp{p.dp or 1} zero{p.zero_stage}",
                          "ranks": calibration["ranks"], "measured_run_a_s": measured[0], "measured_run_b_s": measured[1],

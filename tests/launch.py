@@ -6,7 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from moe_model.cli import free_port
+from moe_model.launch import deepspeed_command, free_port, rank_env
+
+__all__ = ["ROOT", "SINGLE_RANK", "failure", "free_port", "launch"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE_RANK = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=null")
@@ -14,11 +16,9 @@ SINGLE_RANK = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=n
 
 def launch(num_ranks: int, *overrides: str, script: str = "scripts/train.py", recipe: str = "recipes/tiny_cpu.yaml",
            extra_args: tuple[str, ...] = (), timeout: int = 400) -> subprocess.CompletedProcess:
-    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-               str(ROOT / script), "--recipe", str(ROOT / recipe), *extra_args]
-    for o in overrides:
-        command += ["--set", o]
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true"}
+    command = deepspeed_command(num_ranks, ROOT / script, ["--recipe", str(ROOT / recipe), *extra_args],
+                                overrides=overrides)
+    env = rank_env(WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true")
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from moe_model.cli import main
-from moe_model.estimate.calibrate import fit_mfu, measure_link_gbps, measure_work, shrunken
-from moe_model.estimate.work_probe import rank_model_recipe, stage_layers_timed
+from moe_model.calibrate.machine import fit_mfu, measure_link_gbps, measure_work, shrunken
+from moe_model.calibrate.work_probe import rank_model_recipe, stage_layers_timed
 from moe_model.estimate.params import count_params
 from moe_model.estimate.perf import layer_forward_flops, performance, shape_of, stage_compute_time
 from moe_model.recipe import load_recipe, recipe_from_dict

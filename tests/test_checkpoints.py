@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from moe_model.cli import main as moe
+from moe_model.launch import deepspeed_command
 from moe_model.recipe import RecipeError
 from moe_model.train import checkpoint
 from moe_model.train.tracking import read_metrics
-from tests.launch import ROOT, failure, free_port, launch
+from tests.launch import ROOT, failure, launch
 
 LAYOUT = {"tp": 1, "pp": 2, "ep": 2, "dp": 2}
 RUN = ("train.steps=8", "train.warmup_steps=2", "train.log_every=1", "train.save_every=2",
@@ -71,10 +72,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     result = launch(4, *RUN, f"train.output_dir={full}")
     assert result.returncode == 0, failure(result)
-    command = [str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "4", "--master_port", str(free_port()),
-               str(ROOT / "scripts/train.py"), "--recipe", str(ROOT / "recipes/tiny_cpu.yaml")]
-    for o in (*RUN, f"train.output_dir={killed}"):
-        command += ["--set", o]
+    command = deepspeed_command(4, ROOT / "scripts/train.py", ["--recipe", str(ROOT / "recipes/tiny_cpu.yaml")],
+                                overrides=(*RUN, f"train.output_dir={killed}"))
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled"})
     deadline = time.time() + 300
@@ -142,7 +141,7 @@ class FakeEngine:
     (2.5, False, True, False),
 ])
 def test_non_finite_loss_stops_the_run_beyond_fp16_skips(loss, fp16, applied, fault):
-    from moe_model.train.main import is_fault
+    from moe_model.train.trainer import is_fault
 
     assert is_fault(loss, FakeEngine(fp16, applied)) is fault
 

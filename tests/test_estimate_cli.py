@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moe_model.cli import main
-from moe_model.estimate.command import add_arguments, cmd_estimate
+from moe_model.cli.estimate import add_arguments, cmd_estimate
 from moe_model.estimate.estimate import estimate
 from moe_model.estimate.guard import launch_refusal, suggest_changes
 from moe_model.estimate.memory import Assumptions

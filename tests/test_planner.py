@@ -7,9 +7,10 @@ import random
 import pytest
 
 from moe_model.cli import main
-from moe_model.recipe import training_problem
+from moe_model.strategy import training_problem
 from moe_model.estimate.planner import enumerate_legal, evaluate, full_candidate, pareto_front, plan
-from moe_model.recipe import layout_problem, load_recipe
+from moe_model.recipe import load_recipe
+from moe_model.strategy import layout_problem
 from tests.conftest import ROOT
 
 SEED = str(ROOT / "recipes/seed_4b.yaml")

@@ -15,9 +15,8 @@ finding says it was assumed). Exit 1 when any claim is wrong.
 
 from __future__ import annotations
 
-import json
-
 from ..recipe import Recipe
+from ..units import GB
 from .estimate import estimate
 from .params import count_params
 
@@ -30,8 +29,8 @@ def _close(stated: float, computed: float, tol: float) -> bool:
 
 def audit(recipe: Recipe) -> list[dict]:
     claims = recipe.claims
-    p, m = recipe.parallel, recipe.model
     est = estimate(recipe)
+    p, m = est.strategy, recipe.model
     perf = est.performance
     findings = []
 
@@ -67,10 +66,10 @@ def audit(recipe: Recipe) -> list[dict]:
             f"{m.num_local_experts} experts per layer split over ep={p.ep} leave {per:g} on each rank"
             + ("." if ok else f", not {claims.experts_per_gpu:g}."))
     fit_note = "." if est.fits else (f"; but the layout does not fit: its peak rank needs "
-                                     f"{est.peak.total_bytes / 1e9:.1f} GB of {est.budget_bytes / 1e9:g} GB, so the "
+                                     f"{est.peak.total_bytes / GB:.1f} GB of {est.budget_bytes / GB:g} GB, so the "
                                      "plan cannot run at all.")
     if claims.memory_per_gpu_gb is not None:
-        peak_gb = est.peak.total_bytes / 1e9
+        peak_gb = est.peak.total_bytes / GB
         ok = _close(claims.memory_per_gpu_gb, peak_gb, TOLERANCE["memory_per_gpu_gb"])
         add("memory_per_gpu_gb", claims.memory_per_gpu_gb, peak_gb, ok,
             f"the estimator's peak rank (stage {est.peak.stage}, {est.peak.in_flight} micro-batches in flight) needs "
@@ -89,22 +88,3 @@ def audit(recipe: Recipe) -> list[dict]:
             f"a global batch of {recipe.train.global_batch_size} sequences every {perf.step_time_s:.3f} s is "
             f"{perf.throughput_seq_per_s:.1f} sequences/s at {perf.mfu:.1%} MFU" + fit_note)
     return findings
-
-
-def _number(value: float) -> str:
-    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
-
-
-def cmd_audit(recipe: Recipe, args) -> int:
-    findings = audit(recipe)
-    wrong = [f for f in findings if not f["ok"]]
-    if getattr(args, "json", False):
-        print(json.dumps({"recipe": recipe.name, "findings": findings, "wrong": len(wrong)}, indent=2))
-    else:
-        if not findings:
-            print(f"{recipe.name}: no claims to audit (the recipe has no `claims` section)")
-        for f in findings:
-            mark = "ok   " if f["ok"] else "WRONG"
-            print(f"{mark} {f['claim']}: stated {_number(f['stated'])}, computed {_number(f['computed'])}: {f['why']}")
-        print(f"{len(wrong)} of {len(findings)} claims wrong")
-    return 1 if wrong else 0

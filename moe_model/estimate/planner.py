@@ -3,16 +3,16 @@
 The space: tp among the divisors of `gpus_per_node` (tp stays inside a node), pp from 1 to the number of layers (each
 stage then holds at least one MoE layer: every layer is one), ep among the divisors of the expert count, dp and the
 micro-batch among the divisors of the global batch (micro_batch * dp must divide it), ZeRO 0-3, activation
-checkpointing off/on, and tp*pp*dp <= --max-gpus. A combination is legal when the recipe's `layout_problem`
-(DeepSpeed's rules: tp | heads, ep | experts, ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp > 1) and the training
-rule `recipe.training_problem` (ep a multiple of tp when both exceed 1) accept it.
+checkpointing off/on, and tp*pp*dp <= --max-gpus. A combination is legal when `Strategy`'s rules accept it
+(`layout_problem`, DeepSpeed's: tp | heads, ep | experts, ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp > 1;
+`training_problem`: ep a multiple of tp when both exceed 1; `batch_divides`).
 
 Fit: the memory estimator's peak rank (estimate.py) against `hardware.gpu_memory_gb`. The estimator takes ~1 ms per
-layout; the search uses `fast_peak_bytes`, the same formulas with every stage's parts cached by the arguments they
-depend on, and only the earliest stage of each (layers, first, last) kind evaluated: a stage's total grows with its
-in-flight micro-batches and earlier stages hold more (1F1B: min(m, pp - s)). tests/test_planner.py checks it
-equals `estimate(...).peak.total_bytes` on a sample. The step time is `perf.step_components` on numpy arrays (the
-very function the full path calls on scalars).
+layout; the search uses `FastMemory.peak_bytes_many`, the same formulas with every stage's parts cached by the
+arguments they depend on, and only the earliest stage of each (layers, first, last) kind evaluated: a stage's total
+grows with its in-flight micro-batches and earlier stages hold more (1F1B: min(m, pp - s)); the parts are added up by
+the estimator's own `peak_total`. tests/test_planner.py checks it equals `estimate(...).peak.total_bytes` on a
+sample. The step time is `perf.step_components` on numpy arrays (the very function the full path calls on scalars).
 
 Objectives: latency = shortest step (ties: fewer GPUs); throughput = most sequences per second (with a fixed global
 batch this is 1 / step time, the same order as latency; ties: fewer GPUs); cost = fewest GPU-seconds per step
@@ -25,25 +25,23 @@ from __future__ import annotations
 import functools
 import time
 from types import SimpleNamespace
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..recipe import ParallelSection, Recipe, RecipeError, layout_problem
+from ..recipe import Recipe, RecipeError
+from ..strategy import Strategy, batch_divides
+from ..units import divisors
 from .activations import MicroBatch, stage_activations
-from .estimate import estimate
-from .memory import PRECISION_BYTES, Assumptions, model_states, rank_params, stage_layers
-from ..recipe import training_problem
+from .estimate import budget_bytes, estimate, peak_total
+from .memory import PRECISION_BYTES, Assumptions, model_states, stage_layers
 from .perf import shape_of, stage_shape, step_components
+from .shapes import dims, rank_params
 
 OBJECTIVES = ("latency", "throughput", "cost")
 _CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                   "num_experts_per_tok", "router_z_loss_coef", "intermediate_size", "hidden_act", "capacity_factor",
                   "min_capacity", "vocab_size", "num_hidden_layers", "tie_word_embeddings")
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _unique_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,15 +61,15 @@ class FastMemory:
 
     def __init__(self, recipe: Recipe, assumptions: Assumptions = Assumptions()):
         cfg = recipe.moe_config()
-        # a plain copy of the attributes the formulas read: PretrainedConfig's attribute lookup is slow
-        self.cfg = SimpleNamespace(**{name: getattr(cfg, name) for name in _CONFIG_FIELDS})
+        # a plain copy of the attributes the formulas read: PretrainedConfig's attribute lookup is slow; with the
+        # `shapes.Dims` names too, so the shape arithmetic takes it as it is
+        self.cfg = SimpleNamespace(**{**asdict(dims(cfg)), **{name: getattr(cfg, name) for name in _CONFIG_FIELDS}})
         self.precision = recipe.train.precision
         self.b = PRECISION_BYTES[self.precision]
         self.S = recipe.train.seq_len
         self.gbs = recipe.train.global_batch_size
         self.a = assumptions
         self.states = functools.lru_cache(maxsize=None)(self._states)
-        self.acts = self._acts
         self.acts_line = functools.lru_cache(maxsize=None)(self._acts_line)
         self.kinds = functools.lru_cache(maxsize=None)(self._kinds)
 
@@ -95,16 +93,11 @@ class FastMemory:
         pp = 2 if pp_multi else 1
         one, two = (stage_activations(self.cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=f,
                                       checkpointing=ckpt, imbalance=self.a.imbalance) for f in (1, 2))
-        total = lambda a: a.activations_bytes + a.imbalance_headroom_bytes + a.head_transient_bytes  # noqa: E731
-        return total(one), total(two) - total(one)
-
-    def _acts(self, B, tp, ep_multi, layers, first, last, pp, in_flight, ckpt):
-        base, slope = self.acts_line(B, tp, ep_multi, layers, first, last, pp > 1, ckpt)
-        return base + (in_flight - 1) * slope
+        return one.backward_peak_bytes, two.backward_peak_bytes - one.backward_peak_bytes
 
     def peak_bytes_many(self, grid: np.ndarray) -> np.ndarray:
-        """`peak_bytes` of every row (tp pp ep dp zero B ckpt) of `grid`: each stage kind's parts are computed once
-        per distinct argument tuple (np.unique) and broadcast back; the arithmetic is `peak_bytes`'s."""
+        """Peak bytes of every row (tp pp ep dp zero B ckpt) of `grid`: each stage kind's parts are computed once
+        per distinct argument tuple (np.unique) and broadcast back, then added up by `estimate.peak_total`."""
         peak = np.zeros(len(grid), dtype=np.int64)
         m_all = self.gbs // (grid[:, 5] * grid[:, 3])
         for pp in np.unique(grid[:, 1]).tolist():
@@ -122,23 +115,10 @@ class FastMemory:
                 line = np.array([self.acts_line(int(b), int(a), bool(e), layers, first, last, pp > 1, bool(c))
                                  for b, a, e, c in uniq.tolist()], dtype=np.int64).reshape(-1, 2)[inv.reshape(-1)]
                 avals = line[:, 0] + (in_flight - 1) * line[:, 1]
-                allocated = svals[:, 0] + np.maximum(avals + svals[:, 1], svals[:, 2])
-                total = allocated + (allocated * self.a.fragmentation).astype(np.int64) + self.a.reserve_bytes
+                _, _, total = peak_total(svals[:, 0], svals[:, 1], svals[:, 2], avals, self.a)
                 best = np.maximum(best, total)
             peak[sel] = best
         return peak
-
-    def peak_bytes(self, tp, pp, ep, dp, zero, B, ckpt) -> int:
-        m = self.gbs // (B * dp)
-        peak = 0
-        for layers, first, last, s in self.kinds(pp):
-            states, bucket, step = self.states(layers, first, last, tp, ep, zero, dp, pp > 1)
-            acts = self.acts(B, tp, ep > 1, layers, first, last, pp, min(m, pp - s), ckpt)
-            allocated = states + max(acts + bucket, step)
-            total = allocated + int(allocated * self.a.fragmentation) + self.a.reserve_bytes
-            peak = max(peak, total)
-        return peak
-
 
 @dataclass
 class Plan:
@@ -173,10 +153,12 @@ def _rank_key(objective: str):
 
 
 def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, np.ndarray]:
-    """(combinations searched, legal strategies as an int array with columns tp pp ep dp zero B ckpt)."""
+    """(combinations searched, legal strategies as an int array with columns tp pp ep dp zero B ckpt): those that
+    `Strategy.training_problem`, `Strategy.layout_problem` and the global-batch rule (`batch_divides`) accept."""
     m, hw, gbs = recipe.model, recipe.hardware, recipe.train.global_batch_size
     tps, pps, eps = divisors(hw.gpus_per_node), range(1, m.num_hidden_layers + 1), divisors(m.num_local_experts)
     batch = divisors(gbs)
+    micro_batches = {dp: [B for B, ok in zip(batch, batch_divides(gbs, np.array(batch), dp)) if ok] for dp in batch}
     searched = 0
     rows = []
     for tp in tps:
@@ -186,13 +168,12 @@ def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, n
                     gpus_ok = max_gpus is None or tp * pp * dp <= max_gpus
                     for zero in (0, 1, 2, 3):
                         searched += 2 * len(batch)
-                        if not gpus_ok or training_problem(tp, ep):
+                        if not gpus_ok:
                             continue
-                        if layout_problem(m, tp, pp, ep, dp, zero, hw.gpus_per_node):
+                        strategy = Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero)
+                        if strategy.training_problem() or strategy.layout_problem(m, hw.gpus_per_node):
                             continue
-                        for B in batch:
-                            if gbs % (B * dp):
-                                continue
+                        for B in micro_batches[dp]:
                             rows.append((tp, pp, ep, dp, zero, B, 0))
                             rows.append((tp, pp, ep, dp, zero, B, 1))
     return searched, np.array(rows, dtype=np.int64).reshape(-1, 7)
@@ -211,23 +192,22 @@ def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assump
     c = step_components(s, tp, grid[:, 1], ep, dp, zero, B, ckpt, pp_table=table)
     step = np.asarray(c["step"], dtype=np.float64)
     return {"peak": peak, "step": step, "gpus": grid[:, 0] * grid[:, 1] * grid[:, 3],
-            "fits": peak <= int(recipe.hardware.gpu_memory_gb * 1e9)}
+            "fits": peak <= budget_bytes(recipe)}
 
 
 def _candidate(row, peak, step, gbs, fits=True) -> dict:
-    tp, pp, ep, dp, zero, B, ckpt = row
-    return {"parallel": {"tp": tp, "pp": pp, "ep": ep, "dp": dp, "zero_stage": zero, "micro_batch_size": B,
-                         "activation_checkpointing": bool(ckpt)},
-            "gpus": tp * pp * dp, "step_time_s": float(step), "throughput_seq_per_s": gbs / float(step),
-            "peak_bytes": int(peak), "fits": bool(fits)}
+    strategy = Strategy(*row[:6], activation_checkpointing=bool(row[6]))
+    return {"parallel": strategy.as_parallel(), "gpus": strategy.gpus, "step_time_s": float(step),
+            "throughput_seq_per_s": gbs / float(step), "peak_bytes": int(peak), "fits": bool(fits)}
 
 
-def full_candidate(recipe: Recipe, parallel: dict, assumptions: Assumptions = Assumptions()) -> dict:
-    """One strategy through the full estimator and performance model (the reference for the fast path)."""
-    variant = recipe.model_copy(update={"parallel": ParallelSection(**parallel)})
-    est = estimate(variant, None, assumptions)
+def full_candidate(recipe: Recipe, strategy: Strategy | dict, assumptions: Assumptions = Assumptions()) -> dict:
+    """One strategy (or a candidate's `parallel` mapping) through the full estimator and performance model (the
+    reference for the fast path)."""
+    strategy = strategy if isinstance(strategy, Strategy) else Strategy.of(strategy)
+    est = estimate(recipe, assumptions=assumptions, strategy=strategy)
     perf = est.performance
-    return {"parallel": dict(parallel), "gpus": est.gpus, "step_time_s": perf.step_time_s,
+    return {"parallel": strategy.as_parallel(), "gpus": est.gpus, "step_time_s": perf.step_time_s,
             "throughput_seq_per_s": perf.throughput_seq_per_s, "peak_bytes": est.peak.total_bytes,
             "fits": est.fits, "mfu": perf.mfu}
 
@@ -266,12 +246,10 @@ def plan(recipe: Recipe, max_gpus: int | None = None, objective: str = "latency"
     candidates.sort(key=key)
     elapsed = time.perf_counter() - start
     own, own_rank = None, None
-    p = recipe.parallel
     try:
-        own = full_candidate(recipe, {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": p.dp or p.ep,
-                                      "zero_stage": p.zero_stage, "micro_batch_size": p.micro_batch_size,
-                                      "activation_checkpointing": p.activation_checkpointing}, assumptions)
-        own["dp_assumed"] = p.dp is None
+        strategy, dp_assumed = recipe.strategy()
+        own = full_candidate(recipe, strategy, assumptions)
+        own["dp_assumed"] = dp_assumed
         if own["fits"]:
             own_rank = 1 + sum(1 for c in candidates if key(c) < key(own))
     except RecipeError as err:
@@ -282,95 +260,3 @@ def plan(recipe: Recipe, max_gpus: int | None = None, objective: str = "latency"
                 own=own, own_rank=own_rank,
                 hardware={"gpus_per_node": hw.gpus_per_node, "intra_node_gbps": hw.intra_node_gbps,
                           "inter_node_gbps": hw.inter_node_gbps, "note": "interconnect figures are ASSUMED"})
-
-
-def describe(parallel: dict) -> str:
-    p = parallel
-    return (f"tp{p['tp']} pp{p['pp']} ep{p['ep']} dp{p['dp']} ZeRO-{p['zero_stage']} mb{p['micro_batch_size']} "
-            f"ckpt {'on' if p['activation_checkpointing'] else 'off'}")
-
-
-def cmd_plan(recipe: Recipe, args) -> int:
-    import json
-
-    result = plan(recipe, getattr(args, "max_gpus", None), getattr(args, "objective", "latency"))
-    top = getattr(args, "top", None)
-    top = 10 if top is None else top
-    if getattr(args, "plot", None):
-        _plot(result, args.plot)
-    if getattr(args, "json", False):
-        print(json.dumps(result.as_json(top=50 if getattr(args, "top", None) is None else args.top), indent=2))
-        return 0 if result.candidates else 1
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(Console().width, 132))
-    console.print(f"[bold]{result.recipe}[/]: searched {result.searched:,} combinations, {result.legal:,} legal, "
-                  f"{result.fitting:,} fit {recipe.hardware.gpu_memory_gb:g} GB, in {result.search_time_s:.2f} s; "
-                  f"objective {result.objective}")
-    table = Table(title=f"top {min(top, len(result.candidates))} strategies")
-    for column in ("#", "strategy", "GPUs", "step s", "seq/s", "tokens/s", "peak GB"):
-        table.add_column(column, justify="right")
-    for i, c in enumerate(result.candidates[:top], 1):
-        table.add_row(str(i), describe(c["parallel"]), str(c["gpus"]), f"{c['step_time_s']:.3f}",
-                      f"{c['throughput_seq_per_s']:.1f}", f"{c['throughput_seq_per_s'] * recipe.train.seq_len:,.0f}",
-                      f"{c['peak_bytes'] / 1e9:.1f}")
-    console.print(table)
-    front = Table(title="latency versus GPUs (Pareto front)")
-    for column in ("GPUs", "strategy", "step s", "seq/s"):
-        front.add_column(column, justify="right")
-    own = result.own or {}
-    placed = False
-    for c in result.pareto:
-        if not placed and "gpus" in own and own["gpus"] <= c["gpus"]:
-            front.add_row(f"[yellow]{own['gpus']}[/]", f"[yellow]recipe's own: {describe(own['parallel'])}[/]",
-                          f"[yellow]{own['step_time_s']:.3f}[/]", f"[yellow]{own['throughput_seq_per_s']:.1f}[/]")
-            placed = True
-        front.add_row(str(c["gpus"]), describe(c["parallel"]), f"{c['step_time_s']:.3f}",
-                      f"{c['throughput_seq_per_s']:.1f}")
-    if not placed and "gpus" in own:
-        front.add_row(f"[yellow]{own['gpus']}[/]", f"[yellow]recipe's own: {describe(own['parallel'])}[/]",
-                      f"[yellow]{own['step_time_s']:.3f}[/]", f"[yellow]{own['throughput_seq_per_s']:.1f}[/]")
-    console.print(front)
-    if "error" in own:
-        console.print(f"recipe's own strategy: {own['error']}")
-    elif own:
-        where = (f"rank {result.own_rank} of {result.fitting}" if result.own_rank else
-                 f"[red]does not fit[/] (peak {own['peak_bytes'] / 1e9:.1f} GB)")
-        console.print(f"recipe's own strategy {describe(own['parallel'])} on {own['gpus']} GPUs"
-                      f"{' (dp assumed = ep)' if own.get('dp_assumed') else ''}: step {own['step_time_s']:.3f} s, "
-                      f"{own['throughput_seq_per_s']:.1f} seq/s, {where}")
-    console.print(f"interconnect ASSUMED: {recipe.hardware.gpus_per_node} GPUs per node, "
-                  f"{recipe.hardware.intra_node_gbps:g} GB/s intra-node, {recipe.hardware.inter_node_gbps:g} GB/s "
-                  "inter-node per GPU; no compute/communication overlap (see moe_model/estimate/perf.py)")
-    return 0 if result.candidates else 1
-
-
-def _plot(result: Plan, path: str) -> None:
-    from pathlib import Path
-
-    from ..report import plot_pareto
-
-    if not Path(path).resolve().parent.is_dir():
-        raise RecipeError("--plot", f"folder {str(Path(path).parent)!r} does not exist; create it first")
-    plot_pareto(result.candidates, Path(path), f"{result.recipe}: latency versus GPUs", own=result.own)
-
-
-def add_arguments(parser) -> None:
-    def positive(text: str) -> int:
-        import argparse
-
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-        return value
-
-    parser.add_argument("--max-gpus", type=positive, default=None, help="largest world size to consider")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="latency",
-                        help="latency: shortest step; throughput: most sequences/s; cost: fewest GPU-seconds per step")
-    parser.add_argument("--top", type=int, default=None,
-                        help="strategies to show (default 10) or, with --json, to emit (default 50); 0: all fitting")
-    parser.add_argument("--plot", metavar="PNG", default=None, help="write the latency-versus-GPUs plot here")

@@ -1,4 +1,6 @@
-"""Pictures of runs and plans: `moe report RUN_DIR` (loss curves, expert load) and the plotting functions behind it."""
+"""Pictures and documents of runs and plans: the plotting functions (plots.py), a run's PNGs (run.py, behind
+`moe report RUN_DIR`), the seed plan's review (seed_review.py, `make plan`) and how a strategy reads (strategy.py).
+Reads estimate/ and a run's files; imports nothing of train/, calibrate/ or the CLI."""
 
 from .plots import plot_expert_load, plot_losses, plot_memory, plot_pareto
 

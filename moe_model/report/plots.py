@@ -1,5 +1,6 @@
-"""PNG plots with matplotlib's Agg backend (no display needed). Each function takes plain data (metrics.jsonl lines,
-`moe estimate --json` stages, `moe plan --json` candidates), writes one PNG whole or not at all, and returns its path.
+"""PNG plots drawn on matplotlib `Figure`s of their own (no pyplot, no display, no process-wide backend switch:
+`savefig` renders PNG with Agg). Each function takes plain data (metrics.jsonl lines, `moe estimate --json` stages,
+`moe plan --json` candidates), writes one PNG whole or not at all, and returns its path.
 """
 
 from __future__ import annotations
@@ -8,11 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from ..estimate.planner import pareto_indices
 
@@ -28,7 +27,6 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
         tmp.replace(path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
 
@@ -37,7 +35,8 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path, title: str = "") -> P
     """Training loss and lm loss per logged step, the validation loss where it was measured; aux loss below."""
     train = [m for m in metrics if "loss" in m]
     val = [m for m in metrics if m.get("val_loss") is not None]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+    fig = Figure(figsize=(8, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     steps = [m["step"] for m in train]
     top.plot(steps, [m["loss"] for m in train], label="train loss", color="tab:blue")
     if all(m.get("lm_loss") is not None for m in train):
@@ -66,7 +65,8 @@ def plot_expert_load(metrics: list[dict[str, Any]], path: Path, title: str = "")
         raise ValueError("no logged step carries expert_load_max_over_mean_per_layer")
     matrices = [np.asarray(m["expert_tokens"], dtype=float) for m in rows if m.get("expert_tokens")]
     panels = 2 if matrices else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 1, 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * panels + 1, 4.5))
+    axes = fig.subplots(1, panels, squeeze=False)
     axes = axes[0]
     if matrices:
         total_LE = np.sum(matrices, axis=0)
@@ -88,7 +88,7 @@ def plot_expert_load(metrics: list[dict[str, Any]], path: Path, title: str = "")
     axes[-1].set_title("busiest expert / mean, per layer")
     fig.colorbar(image, ax=axes[-1])
     for ax in axes:
-        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -98,7 +98,8 @@ def plot_memory(stages: list[dict[str, Any]], budget_bytes: float, path: Path, t
     """One stacked bar per pipeline stage's rank (the `stages` of `moe estimate --json`), with the GPU budget."""
     if not stages:
         raise ValueError("no stages to plot")
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(stages) + 3), 5))
+    fig = Figure(figsize=(max(5, 1.2 * len(stages) + 3), 5))
+    ax = fig.subplots()
     x = np.arange(len(stages))
     bottom = np.zeros(len(stages))
     for key, label in MEMORY_PARTS:
@@ -121,7 +122,8 @@ def plot_pareto(candidates: list[dict[str, Any]], path: Path, title: str = "", o
     timed = [c for c in candidates if c.get("step_time_s") is not None and c.get("gpus")]
     if not timed:
         raise ValueError("no candidate has both gpus and step_time_s")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for fits, color, label in ((True, "tab:blue", "fits"), (False, "tab:gray", "does not fit")):
         group = [c for c in timed if bool(c.get("fits", True)) == fits]
         if group:
@@ -141,7 +143,7 @@ def plot_pareto(candidates: list[dict[str, Any]], path: Path, title: str = "", o
             ax.annotate(label, (c["gpus"], c["step_time_s"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    plain = matplotlib.ticker.FormatStrFormatter("%g")
+    plain = FormatStrFormatter("%g")
     ax.xaxis.set_major_formatter(plain)
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..metrics_file import read_metrics_lines
 from ..parallel.layout import Layout
 from ..recipe import RecipeError
 
@@ -156,5 +157,5 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """Drop metrics logged after the checkpoint a run resumes from: those steps run again."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in read_metrics_lines(path) if record["step"] <= last_step]  # a torn last line goes
     _write_atomic(path, "".join(line + "\n" for line in kept))

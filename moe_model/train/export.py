@@ -25,15 +25,20 @@ from pathlib import Path
 import torch
 
 from ..configuration import MoEConfig
-from ..recipe import ModelSection, RecipeError
+from ..errors import UserError
+from ..recipe import ModelSection
 from . import checkpoint
 
 EXPERT_KEY = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
 TP_ROWS = ("q_proj", "k_proj", "v_proj")
 
 
-class ExportError(RecipeError):
-    pass
+class ExportError(UserError):
+    """A run folder, checkpoint or format that cannot be exported; `str()` is `WHAT: why`, the one line shown."""
+
+    def __init__(self, what: str, message: str):
+        self.field, self.message = what, message
+        super().__init__(f"{what}: {message}")
 
 
 def hf_key(key: str, pipelined: bool, num_layers: int) -> str:

@@ -1,5 +1,5 @@
 """`moe calibrate RECIPE`: this machine's figures for the performance model, measured with torch and the deepspeed
-launcher; `--from RUN_DIR` refits the efficiency from a finished run's step times.
+launcher (`--from RUN_DIR`, the refit from a finished run's step times, is refit.py).
 
 Measured (no GPU needed), each with the thread count a rank of the recipe gets here (the cores shared by its ranks,
 as `train.distributed.share_cpu_cores` sets them):
@@ -23,27 +23,24 @@ as `train.distributed.share_cpu_cores` sets them):
 The routing skew the timed rank work showed (busiest expert's load over the mean per micro-batch, `routing_imbalance`)
 is what the fit and the prediction use for DeepSpeed's capacity-deep expert buffers (ep > 1, dropless).
 
-Refit from a run (`--from RUN_DIR`): the run's recipe (run.json, with the hardware figures it ran under) and the
-median `step_time_s` of metrics.jsonl (the first logged step left out: warm-up). f = predicted / measured; the
-refitted figures are every rate x f (peak, HBM bandwidth, both links) and the fixed overhead / f, which scales every
-term of the model alike and reproduces the run exactly. One run cannot tell which term was off, so none is singled
-out; a run of the same layout on the same machine is what the refit is for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import LaunchError
+from ..estimate.perf import shape_of, stage_compute_time
+from ..launch import deepspeed_command, rank_env
 from ..recipe import Recipe, RecipeError, recipe_from_dict
-from .perf import shape_of, stage_compute_time, step_components
+from .predict import predict_step_s
+from .refit import measured_step_time
 from .timing import median_seconds
 from .work_probe import rank_model_recipe, shrunken_widths, stage_layers_timed, time_work
 
@@ -80,10 +77,9 @@ MAX_LOCAL_RANKS = 8  # CPU ranks of a small model this kind of machine holds at 
 
 
 def rank_count(recipe: Recipe) -> int:
-    from .estimate import resolve_dp
+    from ..strategy import Strategy
 
-    p = recipe.parallel
-    return p.tp * p.pp * resolve_dp(recipe, None)[0]
+    return Strategy.from_recipe(recipe)[0].gpus
 
 
 def check_local_ranks(recipe: Recipe) -> int:
@@ -131,22 +127,16 @@ def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
 
 
 def _run(command: list[str], what: str, threads: int | None = None) -> None:
-    """Run `command` on this machine (wandb off); one-line RecipeError with its last words on failure."""
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    """Run `command` on this machine (wandb off); a one-line LaunchError with its last words on failure."""
+    done = subprocess.run(command, capture_output=True, text=True, env=rank_env(threads=threads, WANDB_MODE="disabled"))
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RecipeError("calibrate", f"{what} failed: " + " | ".join(tail))
+        raise LaunchError(f"{what} failed: " + " | ".join(tail))
 
 
-def _launch(ranks: int, module_args: list[str], what: str, threads: int | None = None) -> None:
-    """`deepspeed --num_gpus RANKS --module ...` on this machine."""
-    from ..cli import free_port
-
-    _run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-          str(free_port()), "--module", *module_args], what, threads)
+def _launch(ranks: int, module: str, args: list[str], what: str, threads: int | None = None) -> None:
+    """`deepspeed --num_gpus RANKS --module MODULE ARGS` on this machine."""
+    _run(deepspeed_command(ranks, module, args, module=True), what, threads)
 
 
 def _recipe_file(recipe: Recipe, folder: str) -> str:
@@ -163,7 +153,7 @@ def measure_work(recipe: Recipe, threads: int) -> dict:
     if p.ep > 1 and p.tp == 1:  # DeepSpeed's MoE layer, on a stage's ep ranks
         with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
             out = Path(tmp, "work.json")
-            _launch(p.ep, ["moe_model.estimate.work_probe", "--recipe", _recipe_file(recipe, tmp), "--out", str(out)],
+            _launch(p.ep, "moe_model.calibrate.work_probe", ["--recipe", _recipe_file(recipe, tmp), "--out", str(out)],
                     "timing one rank's work on the expert-parallel ranks", threads)
             return {**json.loads(out.read_text()), "where": f"DeepSpeed's MoE layer on {p.ep} ranks"}
     with torch_threads(threads):
@@ -198,8 +188,8 @@ def measure_link_gbps(recipe: Recipe) -> dict:
     a2a = s.k * tokens * s.D * s.b // p.tp
     with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
         out = Path(tmp, "comm.json")
-        _launch(rank_count(recipe), ["moe_model.estimate.comm_probe", "--p2p-bytes", str(act), "--a2a-bytes", str(a2a),
-                                     "--out", str(out)], "the communication probe")
+        _launch(rank_count(recipe), "moe_model.calibrate.comm_probe",
+                ["--p2p-bytes", str(act), "--a2a-bytes", str(a2a), "--out", str(out)], "the communication probe")
         figures = json.loads(out.read_text())
     # weighted as one micro-batch of the busiest stage uses them: one activation + gradient exchange (pp > 1) and
     # 4 all-to-alls per MoE layer (6 with recompute; ep > 1); a pair's all-to-all sends half its buffer away
@@ -211,18 +201,6 @@ def measure_link_gbps(recipe: Recipe) -> dict:
     figures["intra_node_gbps"] = moved / max(p2p_n * p2p_s + a2a_n * a2a_s, 1e-7) / 1e9
     figures["all_to_all_s_per_micro_batch"] = a2a_n * a2a_s  # inside one rank's work on DeepSpeed's MoE layer
     return figures
-
-
-def predict_step_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, overhead_s: float = 0.0,
-                   imbalance: float = 1.0) -> float:
-    """The model's step time of `recipe` with these rates (overriding its hardware section's) and routing imbalance."""
-    p = recipe.parallel
-    from .estimate import resolve_dp
-
-    s = dataclasses.replace(shape_of(recipe, imbalance), compute_flops=compute_flops, hbm_bytes_s=hbm_bytes_s,
-                            overhead_s=overhead_s)
-    return float(step_components(s, p.tp, p.pp, p.ep, resolve_dp(recipe, None)[0], p.zero_stage,
-                                 p.micro_batch_size, p.activation_checkpointing)["step"])
 
 
 def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
@@ -260,119 +238,3 @@ def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
     return out
 
 
-def measured_step_time(run_dir: Path, skip: int = 1) -> tuple[float, int]:
-    """Median `step_time_s` of a run's metrics.jsonl, the first `skip` records (warm-up) left out."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise RecipeError("--from", f"{str(path)!r} does not exist; pass the output_dir of a finished run")
-    times = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record.get("step_time_s"), (int, float)):
-            times.append(float(record["step_time_s"]))
-    if len(times) <= skip:
-        raise RecipeError("--from", f"{str(path)!r} has {len(times)} step_time_s records; run a few more steps")
-    return statistics.median(times[skip:]), len(times) - skip
-
-
-def measured_imbalance(run_dir: Path, skip: int = 1) -> float | None:
-    """Median over logged steps of the layers' mean busiest-expert load over the mean load (metrics.jsonl's
-    `expert_load_max_over_mean_per_layer`); None without such records. It is the step's load over all micro-batches
-    and ranks: a single micro-batch's, which sizes DeepSpeed's buffers, is at least as skewed."""
-    values = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            layers = json.loads(line).get("expert_load_max_over_mean_per_layer")
-        except json.JSONDecodeError:
-            continue
-        if layers:
-            values.append(sum(layers) / len(layers))
-    return statistics.median(values[skip:]) if len(values) > skip else None
-
-
-def run_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise RecipeError("--from", f"{str(path)!r} does not exist; pass the output_dir of a training run")
-    raw = json.loads(path.read_text()).get("recipe")
-    if not isinstance(raw, dict):
-        raise RecipeError("--from", f"{str(path)!r} holds no recipe")
-    raw = {k: v for k, v in raw.items() if k not in ("claims",)}
-    raw["train"] = {**raw.get("train", {}), "resume": "never"}
-    raw["data"] = {"source": "synthetic"}  # the data section does not affect the step-time model
-    return recipe_from_dict(raw)
-
-
-def refit_factor(recipe: Recipe, measured_s: float, imbalance: float = 1.0) -> float:
-    """f = the model's step time / the measured one: every rate x f and the fixed overhead / f reproduce the run."""
-    return predict_step_s(recipe, *_rates(recipe), imbalance=imbalance) / measured_s
-
-
-def refit_overrides(recipe: Recipe, f: float) -> list[str]:
-    """The `--set` overrides that scale every time of the model by 1/f (rates x f, fixed overhead / f)."""
-    hw = recipe.hardware
-    return [f"hardware.peak_tflops={hw.peak_tflops * f:.6g}", f"hardware.hbm_bandwidth_tbps={hw.hbm_bandwidth_tbps * f:.6g}",
-            f"hardware.intra_node_gbps={hw.intra_node_gbps * f:.6g}",
-            f"hardware.inter_node_gbps={hw.inter_node_gbps * f:.6g}",
-            f"hardware.step_overhead_ms={hw.step_overhead_ms / f:.6g}"]
-
-
-def cmd_calibrate(recipe: Recipe, args) -> int:
-    source = getattr(args, "from_run", None)
-    as_json = getattr(args, "json", False)
-    if source:
-        run_dir = Path(source)
-        ran = run_recipe(run_dir)
-        measured, steps = measured_step_time(run_dir)
-        imbalance = measured_imbalance(run_dir) or 1.0
-        before = predict_step_s(ran, *_rates(ran), imbalance=imbalance)
-        f = refit_factor(ran, measured, imbalance)
-        overrides = refit_overrides(ran, f)
-        out = {"run": str(run_dir), "measured_step_time_s": measured, "logged_steps_used": steps,
-               "routing_imbalance": imbalance, "predicted_before_s": before, "factor": f, "overrides": overrides}
-    else:
-        log = None if as_json else (lambda message: print(f"moe calibrate: {message}", file=sys.stderr, flush=True))
-        out = measure_machine(recipe, overhead=not getattr(args, "no_overhead", False), log=log)
-        overrides = out["overrides"]
-    raw = recipe.model_dump()
-    calibrated = recipe_from_dict({**raw, "train": {**raw["train"], "resume": "never"},
-                                   "data": {"source": "synthetic"}}, overrides)
-    out["recipe"] = recipe.name
-    imbalance = out.get("routing_imbalance") or 1.0
-    out["predicted_step_time_s"] = predict_step_s(calibrated, *_rates(calibrated), imbalance=imbalance)
-    if as_json:
-        print(json.dumps(out, indent=2))
-        return 0
-    if source:
-        print(f"{out['run']}: measured {measured:.4g} s per step (median of {steps} logged steps), the model said "
-              f"{before:.4g} s; every rate x {f:.4g}, the fixed overhead / {f:.4g}")
-    else:
-        print(f"this machine, {out['threads_per_rank']} thread(s) per rank for {out['ranks']} rank(s): fp32 matmul "
-              f"{out['matmul_tflops_fp32'] * 1e3:.1f} GFLOP/s (n = 1024), memory copy "
-              f"{out['memory_bandwidth_tbps'] * 1e3:.1f} GB/s; one rank's forward + backward "
-              f"{out['rank_forward_backward_s'] * 1e3:.2f} ms ({out['shrunken_forward_backward_s'] * 1e3:.2f} ms of it "
-              f"at shrunken widths): mfu {out['mfu']:.3f}")
-        if "step_overhead_s" in out:
-            print(f"fixed cost of a step on this layout: {out['step_overhead_s'] * 1e3:.1f} ms (shrunken model: "
-                  f"{out['shrunken_step_time_s'] * 1e3:.1f} ms measured, {out['shrunken_arithmetic_s'] * 1e3:.2f} ms "
-                  "of it arithmetic)")
-    print("use: " + " ".join(f"--set {o}" for o in overrides)
-          + (f" (moe estimate: --imbalance {imbalance:.3g}, the routing skew seen)" if recipe.parallel.ep > 1 else ""))
-    print(f"{recipe.name} with these figures: predicted {out['predicted_step_time_s']:.4g} s per step")
-    return 0
-
-
-def _rates(recipe: Recipe) -> tuple[float, float, float]:
-    """(compute FLOP/s, memory B/s, fixed overhead s) of the recipe's hardware section."""
-    s = shape_of(recipe)
-    return s.compute_flops, s.hbm_bytes_s, s.overhead_s
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--from", dest="from_run", metavar="RUN_DIR", default=None,
-                        help="refit the efficiency from a finished run's metrics.jsonl (and its run.json recipe)")
-    parser.add_argument("--no-overhead", action="store_true",
-                        help="skip the shrunken training run that measures the fixed cost of a step (no launcher)")

@@ -4,7 +4,7 @@ The work is the busiest pipeline stage's decoder layers, the embedding and the L
 and backward, built by the project's `parallel.build_model` (no engine, no optimizer):
 - ep = 1 (or tp > 1): in this process, a one-device model with tp's share of the heads and the rank's E/ep experts;
 - ep > 1: as a rank program on ep ranks, each with DeepSpeed's MoE layer over the whole expert group, the way a
-  stage's ranks run it (`deepspeed --num_gpus EP -m moe_model.estimate.work_probe --recipe R --out F.json`;
+  stage's ranks run it (`deepspeed --num_gpus EP -m moe_model.calibrate.work_probe --recipe R --out F.json`;
   OMP_NUM_THREADS set by the caller to the share a rank of the full layout gets).
 The difference between the two widths is the part of the work that grows with the model; its routing skew (busiest
 expert's load over the mean, as the layer routed the random tokens) comes with it.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..estimate.perf import stage_shape
 from ..recipe import Recipe, load_recipe, recipe_from_dict
-from .perf import stage_shape
 from .timing import median_seconds
 
 REPEATS = 15
@@ -70,7 +70,7 @@ def time_work(recipe: Recipe, data_rank: int = 0) -> tuple[float, float]:
     p = recipe.parallel
     torch.manual_seed(recipe.train.seed)
     layout = Layout(tp=1, pp=1, ep=p.ep, dp=p.dp or 1)
-    model, _ = build_model(MoEForCausalLM(recipe.moe_config()), layout, p.activation_checkpointing)
+    model = build_model(MoEForCausalLM(recipe.moe_config()), layout, p.activation_checkpointing).module
     if p.ep > 1:
         from deepspeed.moe.layer import MoE
 
@@ -79,14 +79,13 @@ def time_work(recipe: Recipe, data_rank: int = 0) -> tuple[float, float]:
                 module.set_deepspeed_parallelism()  # what DeepSpeed's engine does: expert groups, the all-to-all's
     generator = torch.Generator().manual_seed(data_rank)
     ids = torch.randint(0, recipe.model.vocab_size, (p.micro_batch_size, recipe.train.seq_len), generator=generator)
-    blocks = [layer.mlp for layer in model.model.layers]
     skews: list[float] = []
 
     def step() -> None:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
         model.zero_grad(set_to_none=True)
-        for block in blocks:
-            load = block.tokens_per_expert.float()
+        for load in out.expert_counts_LE.float():
             skews.append(float(load.max() / load.mean()))
 
     seconds = median_seconds(step, REPEATS)

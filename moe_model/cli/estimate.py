@@ -1,7 +1,7 @@
 """`moe estimate RECIPE`: parameters and per-rank memory of every pipeline stage; exit 1 when the peak rank does
 not fit the GPU budget. `--json` prints DESIGN.md's keys (plus the per-stage table, layout and assumptions).
 
-Step time, throughput and MFU come from the performance model (perf.py) for the same layout.
+Step time, throughput and MFU come from the performance model (estimate/perf.py) for the same layout.
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..estimate.estimate import Estimate, estimate
+from ..estimate.memory import Assumptions
 from ..recipe import Recipe
-from .estimate import Estimate, estimate
-from .memory import Assumptions
-
-GB = 1e9
+from ..units import GB
 
 
 def _at_least(low: float, kind: type = float):

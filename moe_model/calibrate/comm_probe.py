@@ -1,6 +1,6 @@
 """Rank program of `moe calibrate`: how fast this machine's ranks move a recipe's messages to each other.
 
-    deepspeed --num_gpus N -m moe_model.estimate.comm_probe --p2p-bytes A --a2a-bytes B --out F.json
+    deepspeed --num_gpus N -m moe_model.calibrate.comm_probe --p2p-bytes A --a2a-bytes B --out F.json
 
 Every rank pairs with rank ^ 1 (all pairs at once, as a run's ranks share the machine) and times, median of 30 after
 a warm-up: a send + receive of A bytes each way (a pipeline stage's activation, then its gradient) and an all-to-all

@@ -1,0 +1,31 @@
+"""`moe params RECIPE`: exact parameter counts of the recipe's model (estimate/params.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..recipe import Recipe
+
+
+def cmd_params(recipe: Recipe, args: argparse.Namespace) -> int:
+    from ..estimate import count_params
+
+    counts = count_params(recipe.moe_config())
+    if args.json:
+        print(json.dumps({"recipe": recipe.name, "params": counts.as_dict()}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    m = recipe.model
+    table = Table(title=f"{recipe.name}: parameters", caption=(
+        f"{m.num_hidden_layers} layers x {m.num_local_experts} experts ({m.hidden_act}), hidden {m.hidden_size}, "
+        f"expert FFN {m.intermediate_size}, top-{m.num_experts_per_tok}, vocab {m.vocab_size}"))
+    table.add_column("count")
+    table.add_column("parameters", justify="right")
+    table.add_column("", justify="right")
+    for name, value in counts.as_dict().items():
+        table.add_row(name, f"{value:,}", f"{value / 1e9:.3f} B")
+    Console().print(table)
+    return 0
