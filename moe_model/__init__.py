@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 AutoConfig.register(MoEConfig.model_type, MoEConfig)
 AutoModelForCausalLM.register(MoEConfig, MoEForCausalLM)
-# a saved directory carries configuration.py, modeling.py and routing.py, so it loads with trust_remote_code=True
-# on a machine without this package
+# a saved directory carries configuration.py, modeling.py and the model-level files it imports (routing.py,
+# grouped_ffn.py, losses.py), so it loads with trust_remote_code=True on a machine without this package
 MoEConfig.register_for_auto_class()
 MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 

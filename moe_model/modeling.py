@@ -23,6 +23,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from .configuration import MoEConfig
 from .grouped_ffn import grouped_expert_ffn
+from .losses import training_loss
 from .routing import capacity_keep_mask, expert_capacity, expert_counts, load_balancing_loss, route, router_z_loss
 
 
@@ -71,12 +72,17 @@ def attention_mask_for(attention_mask_BK: torch.Tensor | None, q_len: int, past_
 
 
 class MoEAttention(nn.Module):
-    def __init__(self, config: MoEConfig, layer_idx: int):
+    """Grouped-query attention over the heads this module holds: all of the config's by default; a tensor-parallel
+    rank builds one with its share (`num_heads`, `num_kv_heads`) and reuses this forward."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int, num_heads: int | None = None,
+                 num_kv_heads: int | None = None):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = config.num_attention_heads if num_heads is None else num_heads
+        self.num_kv_heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -153,9 +159,12 @@ class MoEExperts(nn.Module):
 
 @dataclass
 class RouterOutput:
+    """What one MoE block's router produced in this forward: returned, never kept on the module."""
+
     logits_TE: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
+    aux_loss: torch.Tensor  # routing.load_balancing_loss
+    z_loss: torch.Tensor  # routing.router_z_loss, or 0 where its coefficient is 0
+    expert_counts_E: torch.Tensor  # routes each expert received (before any capacity drop), int64, no grad
 
 
 class MoESparseBlock(nn.Module):
@@ -165,8 +174,6 @@ class MoESparseBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = MoERouter(config)
         self.experts = MoEExperts(config)
-        # routes each expert received in the last forward (detached), read by training metrics
-        self.tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -178,9 +185,9 @@ class MoESparseBlock(nn.Module):
                                        self.config.capacity_factor, self.config.min_capacity)
             keep_TK = capacity_keep_mask(experts_TK, self.config.num_local_experts, capacity)
         y_TD = self.experts(x_TD, experts_TK, weights_TK, keep_TK)
-        self.tokens_per_expert = expert_counts(experts_TK.detach(), self.config.num_local_experts)
         z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
-        router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss)
+        router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
+                              expert_counts(experts_TK.detach(), self.config.num_local_experts))
         return y_TD.view_as(x_BSD), router
 
 
@@ -218,16 +225,20 @@ class MoEPreTrainedModel(PreTrainedModel):
 
 @dataclass
 class MoEModelOutput(MoeModelOutputWithPast):
+    """`aux_loss`, `z_loss`: means over the layers; `expert_counts_LE`: routes per expert of every layer [L, E]."""
+
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
+    expert_counts_LE: torch.LongTensor | None = None
 
 
 @dataclass
 class MoECausalLMOutput(MoeCausalLMOutputWithPast):
-    """`loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when labels are given."""
+    """`loss` (`losses.training_loss`) and `lm_loss` when labels are given; `expert_counts_LE` as `MoEModelOutput`'s."""
 
     lm_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
+    expert_counts_LE: torch.LongTensor | None = None
 
 
 class MoEModel(MoEPreTrainedModel):
@@ -271,6 +282,7 @@ class MoEModel(MoEPreTrainedModel):
             router_logits=tuple(r.logits_TE for r in routers) if output_router_logits else None,
             aux_loss=sum(r.aux_loss for r in routers) / num_layers,
             z_loss=sum(r.z_loss for r in routers) / num_layers,
+            expert_counts_LE=torch.stack([r.expert_counts_E for r in routers]),
         )
 
 
@@ -305,10 +317,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         loss = lm_loss = None
         if labels is not None:
             lm_loss = causal_lm_loss(logits_BSV, labels)
-            loss = lm_loss + self.config.router_aux_loss_coef * out.aux_loss
-            if self.config.router_z_loss_coef > 0:
-                loss = loss + self.config.router_z_loss_coef * out.z_loss
+            loss = training_loss(lm_loss, out.aux_loss, out.z_loss, self.config)
         return MoECausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits_BSV,
-            cache=out.cache, router_logits=out.router_logits,
+            cache=out.cache, router_logits=out.router_logits, expert_counts_LE=out.expert_counts_LE,
         )

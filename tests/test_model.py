@@ -9,7 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_model import MoEConfig, MoEForCausalLM
-from moe_model.modeling import MoESparseBlock
+from moe_model.losses import StepStats, training_loss
+from moe_model.modeling import MoESparseBlock, RouterOutput
 
 
 def reference_moe(block: MoESparseBlock, x_TD: torch.Tensor, capacity: int | None) -> torch.Tensor:
@@ -54,11 +55,42 @@ def test_moe_block_equals_per_token_reference(tiny_config_kwargs, act, capacity_
     if capacity_factor is not None:
         capacity = max(math.ceil(cfg.num_experts_per_tok * capacity_factor * T / cfg.num_local_experts), 1)
     with torch.no_grad():
-        y, _ = block(x_BSD)
+        y, router = block(x_BSD)
         ref = reference_moe(block, x_BSD.reshape(T, -1), capacity)
     assert (y.reshape(T, -1) - ref).abs().max().item() < 1e-5
     if capacity_factor is not None:  # the case must really drop something, or it proves nothing
-        assert int(block.tokens_per_expert.max()) > capacity
+        assert int(router.expert_counts_E.max()) > capacity
+
+
+def test_forward_returns_router_statistics_and_keeps_no_state(tiny_config_kwargs):
+    """Expert counts come back in the output (every token's k routes, per layer); no module gains an attribute."""
+    torch.manual_seed(7)
+    cfg = MoEConfig(**tiny_config_kwargs, router_z_loss_coef=0.01)
+    model = MoEForCausalLM(cfg)
+    ids = torch.randint(0, 97, (2, 9))
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    out = model(ids, labels=ids, use_cache=False)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    held = [f"{name}.{key}" for name, m in model.named_modules() for key, value in vars(m).items()
+            if isinstance(value, (torch.Tensor, RouterOutput))]  # parameters and buffers live in their own dicts
+    assert held == []
+    L, E, K = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    assert out.expert_counts_LE.shape == (L, E)
+    assert out.expert_counts_LE.sum(dim=1).tolist() == [ids.numel() * K] * L
+    assert torch.equal(out.loss, training_loss(out.lm_loss, out.aux_loss, out.z_loss, cfg))
+
+
+def test_step_stats_sum_pack_and_average():
+    L, E = 2, 3
+    one = StepStats.of(torch.tensor(4.0), torch.tensor(3.0), torch.tensor(1.0), torch.tensor(0.5),
+                       torch.arange(L * E).reshape(L, E))
+    two = StepStats.total([one, one], L, E)
+    assert two.flat().tolist() == [8.0, 6.0, 2.0, 1.0] + [2.0 * v for v in range(L * E)]
+    assert StepStats.from_flat(two.flat(), L, E).flat().tolist() == two.flat().tolist()
+    mean = two.mean(micro_batches=2, dp=1, tp=2)  # tp ranks hold the same figures: counted once
+    assert [mean.loss.item(), mean.lm_loss.item()] == [2.0, 1.5]
+    assert mean.expert_counts_LE.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert one.without_expert_counts().flat().tolist() == [4.0, 3.0, 1.0, 0.5]
 
 
 def test_gelu_parameter_set_is_two_matrices(tiny_config_kwargs):

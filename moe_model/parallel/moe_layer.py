@@ -10,6 +10,11 @@ exactly what `MoESparseBlock` computes on the same weights and tokens:
   and takes its aux loss from the top-1 mask only. This gate routes with `routing.route` (fp32 softmax, top-k,
   renormalised), computes `routing.load_balancing_loss` and the z-loss, and hands DeepSpeed's MOELayer the sparse
   routes it dispatches (expert index or -1 for a dropped route, slot in the expert's buffer, gate weight).
+
+DeepSpeed's gate interface returns a fixed tuple whose first element, the aux loss, MOELayer passes through
+untouched (`MoE.forward` returns it as its second output). `ProjectGate` puts the whole `RouterOutput` (aux loss,
+z-loss, logits, expert counts) in that slot, so the block returns it from the forward: no attribute of ours outlives
+a forward.
 """
 
 from __future__ import annotations
@@ -61,7 +66,6 @@ class ProjectGate(TopKGate):
                          noisy_gate_policy=None, drop_tokens=config.capacity_factor is not None, use_rts=False,
                          top2_2nd_expert_sampling=False)
         self.config = config
-        self.router_output: RouterOutput | None = None
 
     def forward(self, x_TD, used_token=None, sparse_routes=True, use_tutel=False):
         if not sparse_routes or use_tutel:
@@ -85,11 +89,12 @@ class ProjectGate(TopKGate):
         buffer_depth = max(math.ceil(capacity / tp) * tp, tp)
         z_loss = router_z_loss(logits_TE) if cfg.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         aux_loss = load_balancing_loss(probs_TE, experts_TK)
-        self.router_output = RouterOutput(logits_TE, aux_loss, z_loss)
+        router = RouterOutput(logits_TE, aux_loss, z_loss, counts_E)
         indices_KT = torch.where(keep_TK, experts_TK, -1).t().to(torch.int32).contiguous()
         locations_KT = (position_TK * keep_TK).t().to(torch.int32).contiguous()
         gates_KT = weights_TK.t().contiguous()
-        return aux_loss, buffer_depth, E, indices_KT, locations_KT, gates_KT, counts_E
+        # the aux-loss slot carries the whole RouterOutput (module docstring): MOELayer only passes it on
+        return router, buffer_depth, E, indices_KT, locations_KT, gates_KT, counts_E
 
 
 class DeepSpeedMoEBlock(nn.Module):
@@ -118,12 +123,10 @@ class DeepSpeedMoEBlock(nn.Module):
                     # DeepSpeed's expert groups are consecutive ranks, so with tp | ep the tp peers hold different
                     # experts: the global grad norm must count them on every tp rank, not on tp rank 0 only
                     mark_tensor_parallel(param)
-        self.tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        y_BSD, _, counts_E = self.moe(x_BSD)
-        self.tokens_per_expert = counts_E
-        return y_BSD, self.moe.deepspeed_moe.gate.router_output
+        y_BSD, router, _ = self.moe(x_BSD)  # ProjectGate's RouterOutput, in DeepSpeed's aux-loss slot
+        return y_BSD, router
 
 
 def _gather_tokens_flat(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -146,5 +149,10 @@ def _gather_tokens_flat(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def install_gloo_gather_shim() -> None:
-    """Route DeepSpeed's MoE token gather through `_gather_tokens_flat` (idempotent; the one place this happens)."""
+    """Route DeepSpeed's MoE token gather through `_gather_tokens_flat`, process-wide (idempotent).
+
+    Why a shim: DeepSpeed 0.19's `deepspeed.moe.mappings._gather_tokens` (used with tp > 1 and ep > 1) fails on gloo
+    and has no option to avoid it. Only `groups.RankGroups` calls this, once, at group setup and only on gloo with
+    tp > 1 and ep > 1: NCCL runs DeepSpeed's own gather untouched.
+    """
     ds_mappings._gather_tokens = _gather_tokens_flat

@@ -8,62 +8,40 @@ one host's memory this would become a meta-device build plus a sharded load; the
 
 from __future__ import annotations
 
-from functools import cached_property
+from typing import NamedTuple
 
-import torch.distributed as dist
 from torch import nn
 
-from ..modeling import MoEDecoderLayer, MoEForCausalLM
+from ..modeling import MoEForCausalLM
+from .groups import RankGroups
+from .layer import parallelize_layer
 from .layout import Layout
 
 
-class RankGroups:
-    """This rank's coordinates and the tensor-parallel group, from DeepSpeed's own topology and grid."""
+class ParallelModel(NamedTuple):
+    """What `build_model` hands back: the module for `deepspeed.initialize`, this rank's groups (None on a plain
+    data-parallel layout) and, with pp > 1, the pipeline's loss function (`pipeline.PipelineLoss`, which keeps each
+    micro-batch's `StepStats`), else None."""
 
-    def __init__(self, layout: Layout):
-        from deepspeed.runtime.pipe.topology import PipelineParallelGrid
-
-        self.layout = layout
-        self.rank = dist.get_rank()
-        self.coords = layout.coords(self.rank)
-        self.grid = PipelineParallelGrid(topology=layout.topology())
-        assert self.grid.get_slice_parallel_rank() == self.coords["model"], "rank layout differs from DeepSpeed's"
-        assert self.grid.get_data_parallel_id() == self.coords["data"], "rank layout differs from DeepSpeed's"
-
-    @cached_property
-    def tp_group(self):
-        return self.grid.get_slice_parallel_group()
+    module: nn.Module
+    groups: RankGroups | None
+    pipeline_loss: object | None = None
 
 
-def parallelize_layer(layer: MoEDecoderLayer, groups: RankGroups) -> MoEDecoderLayer:
-    """Swap in tensor-parallel attention (tp > 1) and DeepSpeed's MoE layer (ep > 1), in place."""
-    layout = groups.layout
-    if layout.tp > 1:
-        from .tensor_parallel import TensorParallelAttention
-
-        layer.self_attn = TensorParallelAttention(layer.self_attn, groups.coords["model"], layout.tp, groups.tp_group)
-    if layout.ep > 1:
-        from .moe_layer import DeepSpeedMoEBlock, install_gloo_gather_shim
-
-        install_gloo_gather_shim()
-        layer.mlp = DeepSpeedMoEBlock(layer.mlp, layout.ep, groups.coords["expert"], layout.tp)
-    return layer
-
-
-def build_model(model: MoEForCausalLM, layout: Layout, activation_checkpointing: bool = False
-                ) -> tuple[nn.Module, RankGroups | None]:
-    """The module to hand to `deepspeed.initialize`, and the groups (None on a plain data-parallel layout)."""
+def build_model(model: MoEForCausalLM, layout: Layout, activation_checkpointing: bool = False) -> ParallelModel:
+    """This rank's share of `model` under `layout` (see `ParallelModel`)."""
     if (layout.tp, layout.pp, layout.ep) == (1, 1, 1):
         if activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return model, None
+        return ParallelModel(model, None)
     groups = RankGroups(layout)
     if layout.pp > 1:
         from .pipeline import build_pipeline_module
 
-        return build_pipeline_module(model, groups, activation_checkpointing), groups
+        module, loss = build_pipeline_module(model, groups, activation_checkpointing)
+        return ParallelModel(module, groups, loss)
     for layer in model.model.layers:
         parallelize_layer(layer, groups)
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, groups
+    return ParallelModel(model, groups)

@@ -16,8 +16,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..configuration import MoEConfig
+from ..losses import StepStats, training_loss
 from ..modeling import MoEDecoderLayer, MoEForCausalLM, causal_lm_loss, rope_cos_sin
-from .parallelize import RankGroups, parallelize_layer
+from .groups import RankGroups
+from .layer import parallelize_layer
 
 
 def carry_size(config: MoEConfig) -> int:
@@ -51,7 +53,7 @@ class DecoderLayerPipe(nn.Module):
         cos_sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x_BSD.dtype)
         x_BSD, router = self.layer(x_BSD, cos_sin)
         E, L = cfg.num_local_experts, cfg.num_hidden_layers
-        load_E = self.layer.mlp.tokens_per_expert.detach().float()
+        load_E = router.expert_counts_E.detach().float()
         update = torch.cat([router.aux_loss.float().reshape(1), router.z_loss.float().reshape(1),
                             carry.new_zeros(self.layer_idx * E), load_E, carry.new_zeros((L - 1 - self.layer_idx) * E)])
         return x_BSD, carry + update
@@ -68,30 +70,31 @@ class HeadPipe(nn.Module):
 
 
 class PipelineLoss:
-    """The training loss of `MoEForCausalLM` from the last stage's `(logits, carry)`; keeps each micro-batch's parts."""
+    """The training loss of `MoEForCausalLM` (`losses.training_loss`) from the last stage's `(logits, carry)`; keeps
+    each micro-batch's `StepStats` until `take`."""
 
     def __init__(self, config: MoEConfig):
         self.config = config
-        self.parts: list[torch.Tensor] = []  # per micro-batch: [loss, lm_loss, aux_loss, z_loss, load (L*E)...]
+        self.stats: list[StepStats] = []
 
     def __call__(self, outputs, labels_BS):
         logits_BSV, carry = outputs
-        L = self.config.num_hidden_layers
+        L, E = self.config.num_hidden_layers, self.config.num_local_experts
         lm_loss = causal_lm_loss(logits_BSV, labels_BS)
         aux_loss, z_loss = carry[0] / L, carry[1] / L
-        loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
-        if self.config.router_z_loss_coef > 0:
-            loss = loss + self.config.router_z_loss_coef * z_loss
-        self.parts.append(torch.cat([torch.stack([loss, lm_loss, aux_loss, z_loss]).detach().float(),
-                                     carry[2:].detach()]))
+        loss = training_loss(lm_loss, aux_loss, z_loss, self.config)
+        self.stats.append(StepStats.of(loss, lm_loss, aux_loss, z_loss, carry[2:].reshape(L, E)))
         return loss
 
-    def take(self) -> list[torch.Tensor]:
-        parts, self.parts = self.parts, []
-        return parts
+    def take(self) -> StepStats:
+        """The sum of the micro-batches kept since the last call, on the CPU (zeros on a stage without the loss)."""
+        stats, self.stats = self.stats, []
+        return StepStats.total(stats, self.config.num_hidden_layers, self.config.num_local_experts)
 
 
-def build_pipeline_module(model: MoEForCausalLM, groups: RankGroups, activation_checkpointing: bool):
+def build_pipeline_module(model: MoEForCausalLM, groups: RankGroups, activation_checkpointing: bool
+                          ) -> tuple[nn.Module, PipelineLoss]:
+    """The `PipelineModule` of this rank's stage and its loss function (which keeps the step's `StepStats`)."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     config = model.config
@@ -110,5 +113,4 @@ def build_pipeline_module(model: MoEForCausalLM, groups: RankGroups, activation_
         activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
         checkpointable_layers=["DecoderLayerPipe"],
     )
-    module.project_loss = loss
-    return module
+    return module, loss

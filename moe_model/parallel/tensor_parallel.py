@@ -5,16 +5,19 @@ its partial outputs are summed over the group. Two autograd functions place the 
 `copy_to_tp` is the identity forward and an all-reduce of the input gradient backward; `reduce_from_tp` all-reduces
 forward and is the identity backward. Parameters outside attention are replicated over tp; their gradients are equal
 on every tp rank because the all-reduces above make every rank's upstream gradient the full one.
+
+The attention itself is the model's `MoEAttention` built with this rank's heads: one forward of attention in the
+codebase. f and g are hand-written because torch's `ColwiseParallel`/`RowwiseParallel` shard DTensors over a
+DeviceMesh, while DeepSpeed's pipeline grid hands out plain process groups.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..modeling import MoEAttention, apply_rope
+from ..modeling import MoEAttention
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -56,40 +59,27 @@ def mark_tensor_parallel(param: nn.Parameter) -> None:
     param.model_parallel = True
 
 
-class TensorParallelAttention(nn.Module):
-    """`MoEAttention` with this rank's heads; the same forward signature (no KV cache: training only)."""
+class TensorParallelAttention(MoEAttention):
+    """`MoEAttention` holding this rank's heads, its forward between Megatron's f and g (no KV cache: training only).
+
+    The same module names as `MoEAttention` (so state dicts map by name), each holding this rank's slice: q/k/v by
+    output rows, o by input columns.
+    """
 
     def __init__(self, dense: MoEAttention, tp_rank: int, tp: int, group):
-        super().__init__()
+        super().__init__(dense.config, dense.layer_idx, dense.num_heads // tp, dense.num_kv_heads // tp)
         self.group = group
-        self.head_dim = dense.head_dim
-        self.num_heads, self.num_kv_heads = dense.num_heads // tp, dense.num_kv_heads // tp
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        # the same module names as MoEAttention, holding this rank's slice: q/k/v by output rows, o by input columns
-        self.q_proj = self._linear(dense.q_proj.weight[tp_rank * q_rows:(tp_rank + 1) * q_rows])
-        self.k_proj = self._linear(dense.k_proj.weight[tp_rank * kv_rows:(tp_rank + 1) * kv_rows])
-        self.v_proj = self._linear(dense.v_proj.weight[tp_rank * kv_rows:(tp_rank + 1) * kv_rows])
-        self.o_proj = self._linear(dense.o_proj.weight[:, tp_rank * q_rows:(tp_rank + 1) * q_rows])
+        with torch.no_grad():
+            self.q_proj.weight.copy_(dense.q_proj.weight[tp_rank * q_rows:(tp_rank + 1) * q_rows])
+            self.k_proj.weight.copy_(dense.k_proj.weight[tp_rank * kv_rows:(tp_rank + 1) * kv_rows])
+            self.v_proj.weight.copy_(dense.v_proj.weight[tp_rank * kv_rows:(tp_rank + 1) * kv_rows])
+            self.o_proj.weight.copy_(dense.o_proj.weight[:, tp_rank * q_rows:(tp_rank + 1) * q_rows])
         for param in self.parameters():
             mark_tensor_parallel(param)
-
-    @staticmethod
-    def _linear(weight_slice: torch.Tensor) -> nn.Linear:
-        linear = nn.Linear(weight_slice.shape[1], weight_slice.shape[0], bias=False)
-        linear.weight = nn.Parameter(weight_slice.detach().clone())
-        return linear
 
     def forward(self, x_BSD, cos_sin, mask=None, cache=None):
         if cache is not None:
             raise ValueError("tensor-parallel attention is for training: no KV cache")
-        B, S, _ = x_BSD.shape
-        x_BSD = copy_to_tp(x_BSD, self.group)
-        q_BHSd = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        k_BHSd = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        v_BHSd = self.v_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        q_BHSd, k_BHSd = apply_rope(q_BHSd, *cos_sin), apply_rope(k_BHSd, *cos_sin)
-        out_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, attn_mask=mask,
-                                                  is_causal=mask is None and S > 1,
-                                                  enable_gqa=self.num_kv_heads != self.num_heads)
-        partial_BSD = self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, -1))
+        partial_BSD = super().forward(copy_to_tp(x_BSD, self.group), cos_sin, mask)
         return reduce_from_tp(partial_BSD, self.group)

@@ -42,7 +42,7 @@ def main() -> int:
         for _ in range(3):
             batch = [torch.randint(0, recipe.model.vocab_size, (recipe.parallel.micro_batch_size, recipe.train.seq_len),
                                    generator=generator) for _ in range(2)]  # 2 micro-batches: accumulation too
-            losses.append(float(step(batch)[0]))
+            losses.append(float(step(batch).loss))
         runs[allreduce] = (losses, [p.detach().clone() for p in engine.module.parameters()])
     weight_diff = max((a - b).abs().max().item() for a, b in zip(runs[False][1], runs[True][1]))
     Path(args.out).write_text(json.dumps({"losses_skipped": runs[False][0], "losses_allreduce": runs[True][0],

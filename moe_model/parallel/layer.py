@@ -1,0 +1,20 @@
+"""One decoder block made parallel in place: the piece both the plain (pp = 1) and the pipeline build use."""
+
+from __future__ import annotations
+
+from ..modeling import MoEDecoderLayer
+from .groups import RankGroups
+
+
+def parallelize_layer(layer: MoEDecoderLayer, groups: RankGroups) -> MoEDecoderLayer:
+    """Swap in tensor-parallel attention (tp > 1) and DeepSpeed's MoE layer (ep > 1), in place."""
+    layout = groups.layout
+    if layout.tp > 1:
+        from .tensor_parallel import TensorParallelAttention
+
+        layer.self_attn = TensorParallelAttention(layer.self_attn, groups.coords["model"], layout.tp, groups.tp_group)
+    if layout.ep > 1:
+        from .moe_layer import DeepSpeedMoEBlock
+
+        layer.mlp = DeepSpeedMoEBlock(layer.mlp, layout.ep, groups.coords["expert"], layout.tp)
+    return layer
