@@ -47,11 +47,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_model import MoEConfig, MoEForCausalLM  # noqa: E402
+from moe_model.train.distributed import HEAP_ENV  # noqa: E402  (glibc: never mmap large blocks)
 from moe_model.train.export import to_mixtral  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}  # glibc: never mmap large blocks
 
 
 def seed_layer_shape(layers: int, vocab: int) -> dict:
@@ -187,7 +187,7 @@ def deepspeed_vs_bare(args) -> dict:
     """One rank: DeepSpeed's engine (the training code's build_engine) against the bare model + AdamW."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from moe_model.cli import free_port
+        from moe_model.launch import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})

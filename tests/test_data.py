@@ -200,3 +200,23 @@ def test_hub_dataset_offline_is_one_clear_line(tmp_path, monkeypatch):
         prepare(recipe)
     assert err.value.field == "data.name" and "cannot open hub dataset 'wikitext'" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_local_corpus_is_prepared_without_asking_the_hub(tmp_path, monkeypatch):
+    import socket
+
+    import datasets.config
+
+    lookups = []
+
+    def unreachable(host, *args, **kwargs):  # a network where the hub never answers
+        lookups.append(host)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
+    path = write_jsonl(tmp_path / "corpus.jsonl", make_docs(60), field="text")
+    prepare(make_recipe(tmp_path, path, text_field="text"))
+    assert lookups == []  # datasets' download-count ping to S3 is not sent for local files
+    assert datasets.config.HF_HUB_OFFLINE is False  # and a hub source in the same process is left as it was

@@ -85,6 +85,25 @@ def test_wandb_mode_env_wins_over_the_recipe(tmp_path, monkeypatch):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
 
 
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = tracker_recipe(tmp_path, "offline")
+    first = Tracker(recipe, {"recipe": {}}, enabled=True)
+    first.log({"step": 1, "loss": 2.0})
+    first.finish()
+    run_id = (tmp_path / Tracker.ID_FILE).read_text().strip()
+    assert first.run.id == run_id and run_id in first.where()
+    resumed = Tracker(recipe, {"recipe": {}}, enabled=True, resume=True)
+    resumed.log({"step": 2, "loss": 1.0})
+    resumed.finish()
+    assert resumed.run.id == run_id
+    parts = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(run_id) for p in parts)  # `wandb sync` joins them into one run
+    fresh = Tracker(recipe, {"recipe": {}}, enabled=True)  # a run that starts over (resume: never) starts a new one
+    fresh.finish()
+    assert fresh.run.id != run_id and (tmp_path / Tracker.ID_FILE).read_text().strip() == fresh.run.id
+
+
 @pytest.mark.multirank
 def test_two_ranks_train_a_jsonl_corpus_with_its_own_tokenizer_and_validation(tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_docs(300, seed=5), field="text")

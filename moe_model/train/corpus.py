@@ -19,6 +19,7 @@ name, then renamed) or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -74,6 +75,22 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _hub_left_alone() -> Iterator[None]:
+    """`datasets` in offline mode while it opens local files. Even for local files `load_dataset` sends a HEAD
+    request to S3 "to update the download count" (timeout 3 s, per call, twice per preparation): on a machine where
+    the hub does not answer, that was seconds of waiting before anything, or before a one-line error. Restored after,
+    so a hub source in the same process is unaffected."""
+    import datasets.config
+
+    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = True, False
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = saved
+
+
 def _stream(recipe: Recipe):
     import datasets
 
@@ -90,7 +107,8 @@ def _stream(recipe: Recipe):
     files = [str(f) for f in data_files(recipe)]
     extra = {"sample_by": "paragraph"} if d.source == "text" else {}
     try:
-        return datasets.load_dataset(d.source, data_files=files, split="train", streaming=True, **extra)
+        with _hub_left_alone():
+            return datasets.load_dataset(d.source, data_files=files, split="train", streaming=True, **extra)
     except Exception as err:
         raise RecipeError("data.path", f"cannot read {d.path!r} as {d.source} ({_first_line(err)}); "
                                        "fix the files or data.source") from None

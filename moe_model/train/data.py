@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..recipe import Recipe, RecipeError
+from .distributed import collective_device
 
 
 class Samples(Protocol):
@@ -202,8 +203,7 @@ def prepare_data(recipe: Recipe) -> tuple[str | None, dict]:
             error = f"data: preparing the corpus failed ({type(err).__name__}: {err})"
     failed = torch.tensor([1.0 if error else 0.0])
     if dist.is_initialized():
-        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-            failed = failed.cuda()
+        failed = failed.to(collective_device())
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():
         return error or "data: preparing the corpus failed on another node; see that node's log", {}

@@ -1,8 +1,92 @@
-"""Process-group start for every rank-side program (training, tests' rank programs, benchmarks' rank programs)."""
+"""Process-group start for every rank-side program (training, tests' rank programs, benchmarks' rank programs), and
+what a launch gives its ranks: the accelerator, the CPU allocator setting, the check for a stale extension build lock.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
+
+# glibc's malloc serves every block over its mmap threshold (grown dynamically up to 32 MB) with a fresh mmap and
+# returns it on free, so each CPU step's gradients, logits and activations are first-touch page faults (about half of
+# a tiny CPU step). Never mmap, never trim: freed memory is reused, as a GPU's caching allocator does. glibc reads
+# these once at process start, so they belong in the environment of the launch (`launch_env`).
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}
+STALE_LOCK_S = 60  # a build lock this old with no build running in its folder was left by a killed build
+
+
+def collective_device(group=None):
+    """The device a collective's tensors must sit on, the one rule for every all-reduce of the trainer: the group's
+    backend decides (NCCL reduces CUDA tensors only, on the device DeepSpeed set for this rank; gloo CPU tensors)."""
+    import torch
+    import torch.distributed as dist
+
+    if "nccl" in dist.get_backend(group):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def accelerator_name() -> str:
+    """DeepSpeed's own accelerator detection ("cuda", "cpu", ...), without its "Setting accelerator to CPU" warning."""
+    from .console import quiet_libraries
+
+    quiet_libraries()
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def launch_env() -> dict[str, str]:
+    """What a launch by `moe train` adds to the ranks' environment: the accelerator detected once here
+    (`DS_ACCELERATOR`, so that the launcher and every rank skip detection and its warning), and on CPU `HEAP_ENV`.
+    Values already in this process's environment win (a user's own DS_ACCELERATOR or malloc setting)."""
+    name = os.environ.get("DS_ACCELERATOR") or accelerator_name()
+    env = {"DS_ACCELERATOR": name, **(HEAP_ENV if name == "cpu" else {})}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def extension_roots() -> list[Path]:
+    """Where torch builds JIT extensions (DeepSpeed's ops): TORCH_EXTENSIONS_DIR, else torch's default root."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return [Path(root)]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return [Path(get_default_build_root())]
+
+
+def _build_running_in(folder: Path) -> bool:
+    """Whether some process of this machine works in `folder` (torch runs ninja there while it holds the lock)."""
+    folder = folder.resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:
+            continue
+        if cwd == folder or folder in cwd.parents:
+            return True
+    return False
+
+
+def stale_build_lock(roots: list[Path] | None = None, now: float | None = None) -> Path | None:
+    """A `lock` file left in an extension build folder by a build that was killed, or None.
+
+    torch's `FileBaton` creates `<build folder>/lock` before a JIT build and removes it after; a build killed in
+    between leaves it, and every later run waits on it forever (`FileBaton.wait` has no timeout). A lock counts as
+    stale when it is older than `STALE_LOCK_S` and no process of this machine works in its folder (on a home folder
+    shared between nodes, a build that another node has been running for longer looks stale too).
+    """
+    now = time.time() if now is None else now
+    for root in extension_roots() if roots is None else roots:
+        for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+            try:
+                age = now - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # the build finished meanwhile
+            if age > STALE_LOCK_S and not _build_running_in(lock.parent):
+                return lock
+    return None
 
 
 def cpu_threads_per_rank(local_ranks: int) -> int:

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 
 from ..configuration import MoEConfig
+from ..metrics_file import read_metrics as read_metrics_file
 from ..recipe import Recipe
+from .distributed import collective_device
 
 
 def flops_per_token(config: MoEConfig, seq_len: int) -> dict[str, float]:
@@ -73,8 +75,7 @@ def memory_peak_gb() -> float:
 
     peak = torch.tensor([float(process_memory_bytes())], dtype=torch.float64)
     if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            peak = peak.cuda()
+        peak = peak.to(collective_device())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak.item() / 1e9
 
@@ -105,7 +106,16 @@ def wandb_scalars(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class Tracker:
-    def __init__(self, recipe: Recipe, run_config: dict[str, Any], enabled: bool):
+    """metrics.jsonl and the wandb run, on the rank where `enabled`.
+
+    The wandb run's id is kept in `OUTPUT_DIR/wandb_run_id`: a resumed run (`resume=True`) continues that wandb run
+    (`wandb.init(id=..., resume="allow")`; offline, `wandb sync` uploads both parts into the one run) instead of
+    starting another. wandb's own console lines stay off unless MOE_VERBOSE=1 (`console.verbose`).
+    """
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, recipe: Recipe, run_config: dict[str, Any], enabled: bool, resume: bool = False):
         self.enabled = enabled
         self.path = recipe.output_dir / "metrics.jsonl"
         self.run = None
@@ -114,16 +124,21 @@ class Tracker:
             return
         self.mode = os.environ.get("WANDB_MODE") or recipe.tracking.wandb.mode
         if self.mode != "disabled":
-            self.run = self._start_wandb(recipe, run_config)
+            self.run = self._start_wandb(recipe, run_config, resume)
 
-    def _start_wandb(self, recipe: Recipe, run_config: dict[str, Any]):
+    def _start_wandb(self, recipe: Recipe, run_config: dict[str, Any], resume: bool):
         import wandb
 
+        from .console import verbose
+
         w = recipe.tracking.wandb
+        id_file = recipe.output_dir / self.ID_FILE
         kwargs = {"project": w.project, "entity": w.entity, "group": w.group, "name": recipe.name,
-                  "dir": str(recipe.output_dir), "config": run_config}
+                  "dir": str(recipe.output_dir), "config": run_config, "settings": wandb.Settings(silent=not verbose())}
+        if resume and id_file.is_file():
+            kwargs.update(id=id_file.read_text().strip(), resume="allow")
         try:
-            return wandb.init(mode=self.mode, **kwargs)
+            run = wandb.init(mode=self.mode, **kwargs)
         except Exception as err:
             if self.mode == "offline":
                 raise
@@ -131,7 +146,17 @@ class Tracker:
             print(f"moe: wandb {self.mode} run could not start ({reason}); logging offline under "
                   f"{recipe.output_dir / 'wandb'} (upload later with `wandb sync`)", file=sys.stderr)
             self.mode = "offline"
-            return wandb.init(mode="offline", **kwargs)
+            run = wandb.init(mode="offline", **kwargs)
+        id_file.write_text(run.id + "\n")
+        return run
+
+    def where(self) -> str | None:
+        """Where the wandb run goes, for the console header (None: no wandb run)."""
+        if self.run is None:
+            return None
+        if self.mode == "offline":
+            return f"offline run {self.run.id} in {Path(self.run.dir).parent} (upload with `wandb sync`)"
+        return f"{self.run.url or self.run.id}"
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -147,5 +172,4 @@ class Tracker:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics_file(Path(output_dir) / "metrics.jsonl")  # the one reader: moe_model.metrics_file
