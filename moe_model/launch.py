@@ -8,6 +8,7 @@ free port of its own (never a fixed one), so that launches can run side by side 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -45,6 +46,17 @@ def deepspeed_command(ranks: int, program: str | Path, args: Sequence[str] = (),
     for override in overrides:
         command += ["--set", override]
     return command
+
+
+def rank_program_parser(description: str | None = None, recipe: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of a program `deepspeed_command` starts: `--local_rank` (the launcher passes it; the
+    programs read LOCAL_RANK), and with `recipe` the recipe path and its `--set` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    if recipe:
+        parser.add_argument("--recipe", required=True, help="path of the YAML recipe")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser
 
 
 def rank_env(verbose: bool = False, threads: int | None = None, base: Mapping[str, str] | None = None,

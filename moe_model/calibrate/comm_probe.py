@@ -11,7 +11,6 @@ Rank 0 writes the slowest pair's figures to F.json.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..launch import rank_program_parser
 from .timing import median_seconds
 
 SMALL = 4
@@ -77,11 +77,10 @@ def probe(p2p_bytes: int, a2a_bytes: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = rank_program_parser()
     parser.add_argument("--p2p-bytes", type=int, required=True)
     parser.add_argument("--a2a-bytes", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     from ..train.distributed import init_distributed
 

@@ -12,7 +12,6 @@ expert's load over the mean, as the layer routed the random tokens) comes with i
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..estimate.perf import stage_shape
+from ..launch import rank_program_parser
 from ..recipe import Recipe, load_recipe, recipe_from_dict
 from .timing import median_seconds
 
@@ -93,11 +93,8 @@ def time_work(recipe: Recipe, data_rank: int = 0) -> tuple[float, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = rank_program_parser(recipe=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     import torch.distributed as dist
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 
+from ..launch import rank_program_parser
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..strategy import Strategy
 from .console import library_output, quiet_libraries
@@ -20,10 +21,7 @@ from .distributed import init_distributed, stale_build_lock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a recipe under DeepSpeed (run through the deepspeed launcher)")
-    parser.add_argument("--recipe", required=True, help="path of the YAML recipe")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher")
+    parser = rank_program_parser("Train a recipe under DeepSpeed (run through the deepspeed launcher)", recipe=True)
     return parser.parse_args(argv)
 
 

@@ -7,7 +7,6 @@ largest difference to --out as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from moe_model.launch import rank_program_parser  # noqa: E402
 from moe_model.parallel import Layout  # noqa: E402
 from moe_model.recipe import load_recipe  # noqa: E402
 from moe_model.train.distributed import init_distributed  # noqa: E402
@@ -23,11 +23,8 @@ from moe_model.train.engine import build_engine  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = rank_program_parser(recipe=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     init_distributed()

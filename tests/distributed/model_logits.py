@@ -6,7 +6,6 @@ ranks that hold logits (the last pipeline stage). With tp > 1 and ep > 1 it also
 against torch's own all_gather.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moe_model import MoEForCausalLM
+from moe_model.launch import rank_program_parser
 from moe_model.parallel import Layout
 from moe_model.recipe import load_recipe
 from moe_model.train.engine import build_engine
@@ -22,14 +22,11 @@ from moe_model.train.distributed import init_distributed
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    parser = rank_program_parser(recipe=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--train-steps", type=int, default=0,
                         help="train this many steps, save a checkpoint into --run-dir and keep the engine's logits")
     parser.add_argument("--run-dir", default=None)
-    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     rank, world = init_distributed()
