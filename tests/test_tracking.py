@@ -98,7 +98,9 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     resumed.finish()
     assert resumed.run.id == run_id
     parts = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(p.name.endswith(run_id) for p in parts)  # `wandb sync` joins them into one run
+    # one folder per start, `offline-run-<time>-<id>` (`wandb sync` joins them into one run); wandb adds `-1` to the
+    # second when both started in the same second
+    assert len(parts) == 2 and all(p.name.split("-")[3] == run_id for p in parts)
     fresh = Tracker(recipe, {"recipe": {}}, enabled=True)  # a run that starts over (resume: never) starts a new one
     fresh.finish()
     assert fresh.run.id != run_id and (tmp_path / Tracker.ID_FILE).read_text().strip() == fresh.run.id
