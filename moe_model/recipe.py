@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, ValidationInfo,
                       field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from .configuration import MoEConfig
 from .errors import UserError
@@ -31,7 +32,26 @@ class RecipeError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every recipe section: unknown keys refused, floats finite (`.inf`, `1e400`, `.nan` are refused: no recipe
+    figure means anything infinite), and a number field refuses true/false (pydantic's lax mode reads `true` as 1;
+    its strict mode would also refuse the strings PyYAML makes of `1e-4`, so only the bool is refused here)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _is_number_field(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", "is true/false but must be a number")
+        return value
+
+
+def _is_number_field(annotation: Any) -> bool:
+    """Whether a field holds an int or float (alone, optional, or a Literal of numbers) and no bool."""
+    if get_origin(annotation) is Literal:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in get_args(annotation))
+    options = [get_args(o)[0] if get_origin(o) is Annotated else o for o in get_args(annotation) or (annotation,)]
+    return bool not in options and any(o in (int, float) for o in options)
 
 
 class ModelSection(Section):
@@ -86,6 +106,7 @@ class TrainSection(Section):
     save_every: int = Field(0, ge=0)  # 0: no checkpoints
     keep_checkpoints: int = Field(3, ge=0)  # newest complete checkpoints kept (0: all)
     resume: str = "auto"  # auto | never | PATH
+    overwrite: bool = False  # start over in a directory holding a run: its files go to archive-<time>/ first
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every: int = Field(0, ge=0)  # validation loss every N steps and at the last step (0: never)
     eval_batches: PositiveInt = 2  # global batches of validation sequences per evaluation
@@ -142,7 +163,11 @@ class TrackingSection(Section):
 
 
 class ClaimsSection(Section):
-    """Statements of a hand-written plan, checked by `moe audit`."""
+    """Statements of a hand-written plan, checked by `moe audit` (moe_model/estimate/audit.py). None: not stated.
+
+    A memory claim is for the whole model (one copy of its states, the whole global batch's activations) unless its
+    name says per GPU; fractions (`mfu`, `memory_efficiency`) are written as fractions, 0.6 for 60%.
+    """
 
     total_params: PositiveFloat | None = None
     gpus: PositiveInt | None = None
@@ -150,6 +175,19 @@ class ClaimsSection(Section):
     memory_per_gpu_gb: PositiveFloat | None = None
     step_latency_s: PositiveFloat | None = None
     throughput_seq_per_s: PositiveFloat | None = None
+    layers_per_stage: PositiveFloat | None = None
+    hidden_per_tp_rank: PositiveFloat | None = None
+    heads_per_tp_rank: PositiveFloat | None = None
+    effective_batch_size: PositiveInt | None = None
+    gradient_accumulation_steps: PositiveInt | None = None
+    param_memory_gb: PositiveFloat | None = None
+    activation_memory_gb: PositiveFloat | None = None
+    gradient_memory_gb: PositiveFloat | None = None
+    optimizer_memory_gb: PositiveFloat | None = None
+    total_memory_gb: PositiveFloat | None = None
+    fits_gpu_memory: bool | None = None
+    mfu: float | None = Field(None, gt=0, le=1)
+    memory_efficiency: float | None = Field(None, gt=0, le=1)
 
 
 class Recipe(Section):
@@ -242,7 +280,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise RecipeError("--set", f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        node[parts[-1]] = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = text
 
@@ -254,6 +292,12 @@ def _describe(error: dict) -> RecipeError:
         return RecipeError(field, "unknown key; remove it or check its spelling against DESIGN.md's recipe schema")
     if kind == "missing":
         return RecipeError(field, "is required")
+    if kind == "bool_for_number":
+        return RecipeError(field, f"is {str(error.get('input')).lower()} but must be a number; write a number "
+                                  "(e.g. --set train.steps=20)")
+    if kind == "finite_number":
+        return RecipeError(field, f"must be a finite number (got {error.get('input')!r}); write an ordinary number "
+                                  "such as 3e-4")
     given = error.get("input")
     return RecipeError(field, f"{error['msg'][0].lower()}{error['msg'][1:]} (got {given!r})")
 
@@ -274,17 +318,52 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
         raise _describe(first) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML keeps the last one silently (a
+    second `train:` section dropped the first), which YAML 1.2 forbids. The error names the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys written here may override those
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (lines {first_line[key]} and {line}); keep one "
+                                    "(merge the two sections into one)", key_node.start_mark)
+                first_line[key] = line
+            except TypeError:  # an unhashable key: the base class refuses it with its own message
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, field: str) -> Any:
+    """The YAML document in `path` (UniqueKeyLoader); a file that is not UTF-8 text or not valid YAML is a
+    RecipeError on `field` naming the byte offset, or the line and column."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(field, f"{path} is not a text file (byte 0x{err.object[err.start]:02x} at offset "
+                                 f"{err.start} is not UTF-8); pass a YAML recipe") from None
+    except OSError as err:
+        raise RecipeError(field, f"cannot read {path} ({err.strerror}); check its permissions") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(field, f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe", f"{str(path)!r} is not a file; pass the path of a YAML recipe, e.g. "
                                     "recipes/tiny_cpu.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError("recipe", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    raw = read_yaml(path, "recipe")
     if not isinstance(raw, dict):
         raise RecipeError("recipe", f"{path} must be a mapping with at least a 'model' section")
     return recipe_from_dict(_with_base(raw, path, seen=(path.resolve(),)), overrides)
@@ -300,7 +379,7 @@ def _with_base(raw: dict[str, Any], path: Path, seen: tuple[Path, ...]) -> dict[
         raise RecipeError("base", f"{path} inherits from itself through {base}; break the cycle")
     if not base_path.is_file():
         raise RecipeError("base", f"{base!r} (from {path}) is not a file; paths are relative to the recipe")
-    parent = yaml.safe_load(base_path.read_text())
+    parent = read_yaml(base_path, "base")
     if not isinstance(parent, dict):
         raise RecipeError("base", f"{base_path} must be a mapping")
     return _merge(_with_base(parent, base_path, seen + (base_path,)), raw)

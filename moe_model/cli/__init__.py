@@ -16,6 +16,7 @@ from typing import Callable
 from ..errors import UsageError, UserError
 from ..recipe import Recipe, RecipeError, load_recipe
 from . import audit, calibrate, config, estimate, export, params, plan, report, train
+from .arguments import OneLineParser
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -37,7 +38,7 @@ RECIPE_COMMANDS: dict[str, tuple[RecipeCommand, Callable[[argparse.ArgumentParse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, add_arguments, help_text) in RECIPE_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -11,23 +11,14 @@ from ..errors import UsageError
 from ..estimate.planner import OBJECTIVES, Plan, plan
 from ..recipe import Recipe
 from ..report.strategy import describe
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+from .arguments import whole_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-gpus", type=_positive, default=None, help="largest world size to consider")
+    parser.add_argument("--max-gpus", type=whole_number(1), default=None, help="largest world size to consider")
     parser.add_argument("--objective", choices=OBJECTIVES, default="latency",
                         help="latency: shortest step; throughput: most sequences/s; cost: fewest GPU-seconds per step")
-    parser.add_argument("--top", type=int, default=None,
+    parser.add_argument("--top", type=whole_number(0), default=None,
                         help="strategies to show (default 10) or, with --json, to emit (default 50); 0: all fitting")
     parser.add_argument("--plot", metavar="PNG", default=None, help="write the latency-versus-GPUs plot here")
 
@@ -44,7 +35,7 @@ def plot(result: Plan, path: str) -> None:
 def cmd_plan(recipe: Recipe, args: argparse.Namespace) -> int:
     result = plan(recipe, getattr(args, "max_gpus", None), getattr(args, "objective", "latency"))
     top = getattr(args, "top", None)
-    top = 10 if top is None else top
+    top = 10 if top is None else top or len(result.candidates)  # 0: every fitting strategy, as --help says
     if getattr(args, "plot", None):
         plot(result, args.plot)
     if getattr(args, "json", False):

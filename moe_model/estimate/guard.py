@@ -133,3 +133,32 @@ def launch_refusal(recipe: Recipe, world_size: int | None = None,
         lines.append("  no single change or pair of changes tried (checkpointing, micro-batch, ZeRO stage, ep, dp, "
                      "pp, tp, seq_len) fits; see `moe estimate` for the per-stage table")
     return "\n".join(lines)
+
+
+def host_memory_refusal(recipe: Recipe, world_size: int | None, local_ranks: int, available_bytes: float,
+                        assumptions: Assumptions = Assumptions()) -> str | None:
+    """CPU ranks allocate from the host's memory, not from `hardware.gpu_memory_gb`: None when the estimate's peak
+    rank times `local_ranks` (the ranks this host runs) fits `available_bytes` (the host's MemAvailable, read by the
+    caller: this module stays pure); otherwise one line naming both figures and the first change that keeps the
+    number of ranks and fits (the GPU guard's suggestions, judged against the host's share per rank)."""
+    base = estimate(recipe, world_size, assumptions)
+    needed = base.peak.total_bytes * local_ranks
+    if needed <= available_bytes:
+        return None
+    ranks = (f"{local_ranks} CPU ranks on this host need about {needed / GB:.1f} GB (the peak rank's "
+             f"{base.peak.total_bytes / GB:.1f} GB x {local_ranks})" if local_ranks > 1 else
+             f"its CPU rank needs about {needed / GB:.1f} GB")
+    line = (f"moe: refusing to launch {recipe.name}: {ranks} but this host has {available_bytes / GB:.1f} GB of "
+            "memory available")
+    share_gb = available_bytes / local_ranks / GB
+    fix = None
+    if share_gb > 0:
+        raw = recipe.model_dump()
+        raw["hardware"]["gpu_memory_gb"] = share_gb  # the host's share per rank as the budget every change is judged by
+        as_host = recipe_from_dict(raw)
+        same_ranks = [c for c in suggest_changes(as_host, estimate(as_host, world_size, assumptions), assumptions)
+                      if c.gpus == base.gpus]
+        fix = same_ranks[0] if same_ranks else None
+    if fix is None:
+        return line + "; use fewer ranks or a smaller micro-batch, sequence or model (see moe estimate)"
+    return line + f"; e.g. {' '.join(f'--set {o}' for o in fix.overrides)} (peak {fix.peak_bytes / GB:.1f} GB per rank)"

@@ -26,6 +26,8 @@ import math
 import os
 import shutil
 import socket
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,21 +111,33 @@ def _stream(recipe: Recipe):
     try:
         with _hub_left_alone():
             return datasets.load_dataset(d.source, data_files=files, split="train", streaming=True, **extra)
+    except StopIteration:  # `datasets` infers the columns from the first record: there is none
+        raise no_documents(recipe, records=0) from None
     except Exception as err:
         raise RecipeError("data.path", f"cannot read {d.path!r} as {d.source} ({_first_line(err)}); "
                                        "fix the files or data.source") from None
 
 
+def no_documents(recipe: Recipe, records: int) -> RecipeError:
+    d = recipe.data
+    what = "no records" if records == 0 else f"{records} record{'s' if records > 1 else ''}, no text in {d.text_field!r}"
+    return RecipeError("data.path", f"{d.path or d.name!r} holds no documents ({what}); point data.path at a corpus "
+                                    "with text")
+
+
 def documents(recipe: Recipe) -> Iterator[tuple[str, str]]:
-    """(split, text) for every document of the corpus, in source order (streamed)."""
+    """(split, text) for every document of the corpus, in source order (streamed). A corpus without one non-empty
+    document is a RecipeError (`no_documents`)."""
     d = recipe.data
     field, fraction = d.text_field, d.validation_fraction
     rows = iter(_stream(recipe))
-    index = 0
+    index = found = 0
     while d.max_documents is None or index < d.max_documents:
         try:
             row = next(rows)
         except StopIteration:
+            if not found:
+                raise no_documents(recipe, index) from None
             return
         except Exception as err:  # a malformed record surfaces while streaming
             raise RecipeError("data.path", f"cannot read document {index} of {d.path or d.name!r} "
@@ -138,6 +152,7 @@ def documents(recipe: Recipe) -> Iterator[tuple[str, str]]:
         is_validation = math.floor((index + 1) * fraction) > math.floor(index * fraction)
         index += 1
         if text:
+            found += 1
             yield ("validation" if is_validation else "train"), text
 
 
@@ -192,6 +207,13 @@ def _write_cache(recipe: Recipe, tokenizer, key: str, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
+    # a large corpus takes seconds to minutes: say what is happening once the first document is read (a corpus that
+    # fails at once shows its error line alone), a bar on a terminal, and what was written
+    started = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(desc="tokenizing", unit=" docs", disable=None, leave=False, mininterval=0.5)  # None: off a terminal
+    read = 0
     try:
         outputs = {split: (tmp / f"{split}.bin").open("wb") for split in SPLITS}
         pending: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -208,7 +230,12 @@ def _write_cache(recipe: Recipe, tokenizer, key: str, folder: Path) -> None:
             pending[split] = []
 
         for split, text in documents(recipe):
+            if not read:
+                print(f"moe: tokenizing {recipe.data.path or recipe.data.name} into the token cache {folder} ...",
+                      file=sys.stderr, flush=True)
             pending[split].append(text)
+            read += 1
+            bar.update()
             if len(pending[split]) >= ENCODE_BATCH:
                 flush(split)
         for split in SPLITS:
@@ -225,3 +252,8 @@ def _write_cache(recipe: Recipe, tokenizer, key: str, folder: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        bar.close()
+    print(f"moe: token cache written in {time.perf_counter() - started:.1f} s: "
+          + ", ".join(f"{s} {counts[s]['documents']:,} documents, {counts[s]['tokens']:,} tokens" for s in SPLITS),
+          file=sys.stderr, flush=True)

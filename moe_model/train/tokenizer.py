@@ -19,7 +19,9 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
         raise RecipeError("data.vocab_size", f"{vocab_size} is too small for a byte-level BPE, which needs "
                                              f"{BYTE_VOCAB} ids (256 bytes + {EOS}); use at least {BYTE_VOCAB}")
     backend = _byte_level(Tokenizer(models.BPE()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                  show_progress=sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer=trainer)
     return _wrap(backend)
@@ -151,13 +154,27 @@ def build_tokenizer(recipe: Recipe, training_texts: Callable[[], Iterable[str]],
     if fresh:
         kind = recipe.data.tokenizer
         if kind == "train":
-            tokenizer = train_bpe(training_texts(), vocab_size_for_training(recipe))
+            started = time.perf_counter()
+            tokenizer = train_bpe(_announced(training_texts(), recipe), vocab_size_for_training(recipe))
+            print(f"moe: tokenizer trained in {time.perf_counter() - started:.1f} s ({len(tokenizer):,} ids)",
+                  file=sys.stderr, flush=True)
         elif kind == "byte":
             tokenizer = byte_tokenizer()
         else:
             tokenizer = load_local(kind)
     check_fits(tokenizer, recipe)
     return tokenizer, fresh
+
+
+def _announced(texts: Iterable[str], recipe: Recipe) -> Iterator[str]:
+    """`texts`, saying on the first one that a BPE is being trained: seconds on a corpus of megabytes (this runs on
+    the preparing rank only; `tokenizers`' own bar shows on a terminal). A corpus that fails at once shows its error
+    line alone."""
+    for i, text in enumerate(texts):
+        if i == 0:
+            print(f"moe: training a byte-level BPE tokenizer ({vocab_size_for_training(recipe):,} ids) on the training "
+                  f"documents of {recipe.data.path or recipe.data.name} ...", file=sys.stderr, flush=True)
+        yield text
 
 
 def save_with_run(tokenizer: PreTrainedTokenizerBase, recipe: Recipe, data_fingerprint: str) -> None:
