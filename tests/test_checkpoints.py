@@ -54,6 +54,14 @@ def test_a_checkpoint_without_manifest_never_counts(tmp_path):
     assert chosen.name == checkpoint.tag_for(2)
 
 
+def test_pruning_keeps_the_checkpoint_just_saved_and_never_touches_newer_folders(tmp_path):
+    for step in (2, 4, 6, 8):
+        fake_checkpoint(tmp_path, step)
+    # a run resumed from step 4 (6 and 8 left by an earlier attempt, e.g. corrupt) has just saved step 4 again
+    checkpoint._prune(tmp_path, 1, checkpoint.tag_for(4))
+    assert sorted(p.name for p in tmp_path.glob("step*")) == [checkpoint.tag_for(s) for s in (4, 6, 8)]
+
+
 def test_another_topology_is_refused_with_the_sizes_that_differ(tmp_path):
     fake_checkpoint(tmp_path, 2)
     with pytest.raises(RecipeError, match=r"another layout \(pp 2 -> 1, dp 2 -> 4\)"):

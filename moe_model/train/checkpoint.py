@@ -4,16 +4,27 @@ Layout under `OUTPUT_DIR/checkpoints/`:
 
     step00000010/            DeepSpeed's own files (model, ZeRO optimizer, expert files), plus
         rng_rank<r>.pt       each rank's RNG state and data position
-        manifest.json        written by rank 0 after every rank has written: files and sizes, step, layout
+        manifest.json        written by rank 0 after every rank has written: files, sizes and SHA-256 digests,
+                             step, layout, the recipe's model section
     latest                   the tag of the newest complete checkpoint, replaced atomically after the manifest
 
-A checkpoint counts only once `latest` names it, so a crash mid-save leaves the previous one as the newest. On
-resume every file in the manifest must exist with its recorded size; a truncated or missing file makes that
-checkpoint damaged: `resume: auto` falls back to the newest intact one (saying so), an explicit path is refused.
+A checkpoint is complete once its manifest exists (the manifest is written after every file, and `latest` moves
+after the manifest), so a crash mid-save leaves the previous one as the newest. `latest` is a convenience for
+people and tools: `resume: auto` and `moe export` find the newest checkpoint by scanning the `step*` folders, so a
+missing or stale `latest` loses nothing. A checkpoint is intact when every file of its manifest exists with its size
+and its SHA-256 digest (content, not only size: a file of the right size overwritten with zeros is caught).
+`resume: auto` and `moe export` take the newest intact one, naming each newer one skipped and why; an explicit path
+that is not intact is refused.
+
+Cost: at save the digests are split over the ranks (rank r hashes files r, r + world, ... of the sorted listing,
+streamed; hashlib has no parallel hasher) and gathered on rank 0; at resume global rank 0 alone verifies (reading
+every file once) and tells the others (`Trainer`); `moe export` verifies what it exports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -45,10 +56,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, root: Path, step: int, layout: dict[str, int], keep: int) -> Path:
-    """Every rank calls this at the same step. Returns the checkpoint directory."""
+def file_digest(path: Path) -> str:
+    """SHA-256 of the file's content, hex, read in chunks (never the whole file in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
+         model: dict[str, Any] | None = None) -> Path:
+    """Every rank calls this at the same step. Returns the checkpoint directory. `model` (the recipe's model
+    section) goes into the manifest so that a resume with another model is refused by name (`model_differences`)."""
     tag = tag_for(step)
     rank = dist.get_rank()
+    if rank == 0:  # a folder of this tag saved before (a run resumed from an older one): incomplete until re-signed
+        (root / tag / MANIFEST).unlink(missing_ok=True)
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     directory = root / tag
     torch.save({"step": step, "torch": torch.get_rng_state(), "python": random.getstate()},
@@ -60,27 +82,39 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int) -> Pa
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     dist.barrier()  # every rank's files are on disk
+    names = [p.name for p in sorted(directory.iterdir()) if p.name != MANIFEST]
+    world = dist.get_world_size()
+    mine_digests = {name: file_digest(directory / name) for name in names[rank::world]}
+    digests: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(digests, mine_digests)
     if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+        files = {name: (directory / name).stat().st_size for name in names}
         mp_files = {int(m): {"pipe": int(pp), "tp": int(tp)} for m, pp, tp in (t.tolist() for t in everyone)}
-        manifest = {"step": step, "layout": layout, "files": files, "model_parallel_files": mp_files}
+        manifest = {"step": step, "layout": layout, "files": files, "model_parallel_files": mp_files,
+                    "digest": "sha256", "digests": {k: v for part in digests for k, v in (part or {}).items()}}
+        if model is not None:
+            manifest["model"] = model
         _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
         _write_atomic(root / POINTER, tag)
-        _prune(root, keep)
+        _prune(root, keep, tag)
     dist.barrier()
     return directory
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, current: str) -> None:
+    """Delete complete checkpoints older than the newest `keep` up to `current` (the one just saved). Folders newer
+    than `current` (left by a run that was resumed from an older checkpoint, e.g. past a corrupt one) are not
+    counted and not deleted."""
     if keep <= 0:
         return
-    complete = sorted(p for p in root.glob("step*") if (p / MANIFEST).exists())
+    complete = sorted(p for p in root.glob("step*") if (p / MANIFEST).exists() and p.name <= current)
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def damage(directory: Path) -> str | None:
-    """Why this checkpoint cannot be used, or None when every file of its manifest is there with its size."""
+def damage(directory: Path, content: bool = True) -> str | None:
+    """Why this checkpoint cannot be used, or None when every file of its manifest is there with its size and (with
+    `content`, and a manifest that records them) its digest. `content=False` checks sizes only (no file is read)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         return f"{directory} has no {MANIFEST}: it was never completed"
@@ -94,6 +128,10 @@ def damage(directory: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} is {path.stat().st_size} bytes, the manifest says {size}: truncated or overwritten"
+    if content:
+        for name, digest in manifest.get("digests", {}).items():
+            if file_digest(directory / name) != digest:
+                return f"{directory / name} does not match its SHA-256 in the manifest: its content is corrupt"
     return None
 
 
@@ -101,38 +139,74 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return json.loads((directory / MANIFEST).read_text())
 
 
-def find_resume(root: Path, resume: str, layout: dict[str, int]) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from (None: start fresh) and warnings to show. Raises RecipeError on bad input."""
+def tags(root: Path) -> list[Path]:
+    """Every checkpoint folder under `root` (complete or not), newest first."""
+    return sorted((p for p in root.glob("step*") if p.is_dir()), reverse=True)
+
+
+def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under `root` that is intact (`damage`), found by scanning, not by `latest`; and one
+    note per newer checkpoint skipped, saying why."""
+    notes = []
+    for candidate in tags(root):
+        problem = damage(candidate)
+        if problem is None:
+            return candidate, notes
+        notes.append(f"skipping damaged checkpoint: {problem}")
+    return None, notes
+
+
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`model.FIELD saved -> current` for every model field both name and that differs (a field the schema gained
+    since the save is not a difference)."""
+    return [f"model.{k} {saved[k]!r} -> {current[k]!r}" for k in sorted(set(saved) & set(current))
+            if saved[k] != current[k]]
+
+
+def find_resume(root: Path, resume: str, layout: dict[str, int],
+                model: dict[str, Any] | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (None: start fresh) and notes to show. Raises RecipeError on bad input: no
+    intact checkpoint where there are some, another layout, another model (`model`: the recipe's model section,
+    compared with the one the manifest recorded)."""
     warnings: list[str] = []
     if resume == "never":
         return None, warnings
     if resume == "auto":
-        pointer = root / POINTER
-        if not pointer.exists():
+        if not tags(root):
             return None, warnings
-        newest = root / pointer.read_text().strip()
-        candidates = [newest] + sorted((p for p in root.glob("step*") if p != newest and p.name < newest.name),
-                                       reverse=True)
-        chosen = None
-        for candidate in candidates:
-            problem = damage(candidate)
-            if problem is None:
-                chosen = candidate
-                break
-            warnings.append(f"skipping damaged checkpoint: {problem}")
+        chosen, warnings = newest_intact(root)
         if chosen is None:
-            raise RecipeError("train.resume", f"no intact checkpoint under {root}; use resume: never to start over")
+            raise RecipeError("train.resume", (f"no intact checkpoint under {root} ({'; '.join(warnings)}); start "
+                                               "over with --set train.overwrite=true (archives this run) or choose "
+                                               "another train.output_dir"))
+        pointer = root / POINTER
+        named = pointer.read_text().strip() if pointer.exists() else None
+        if named is None or not (root / named).is_dir() or named < chosen.name:  # newer: skipped, said above
+            warnings.append(f"{pointer} {'names ' + named if named else 'is missing'}; the newest intact checkpoint "
+                            f"found by scanning is {chosen.name}")
     else:
         chosen = Path(resume)
         problem = damage(chosen)
         if problem:
             raise RecipeError("train.resume", f"{problem}; pick another checkpoint or use resume: auto")
-    saved = read_manifest(chosen)["layout"]
+    manifest = read_manifest(chosen)
+    saved = manifest["layout"]
     differ = [f"{k} {saved[k]} -> {layout[k]}" for k in ("tp", "pp", "ep", "dp") if saved[k] != layout[k]]
     if differ:
         raise RecipeError("train.resume", (f"{chosen} was written with another layout ({', '.join(differ)}); "
                                            "DeepSpeed cannot reshard MoE + pipeline checkpoints: resume with the "
                                            "saved layout, or export it (moe export) and start a new run"))
+    saved_model = manifest.get("model")
+    run_file = root.parent / "run.json"  # checkpoints saved before manifests held the model: the run's own recipe
+    if saved_model is None and chosen.parent == root and run_file.is_file():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            saved_model = json.loads(run_file.read_text())["recipe"]["model"]
+    if model is not None and saved_model is not None:
+        changed = model_differences(saved_model, model)
+        if changed:
+            raise RecipeError("model", (f"{chosen} holds another model ({', '.join(changed)}); resume with the saved "
+                                        "model, or start a new run: another train.output_dir, or --set "
+                                        "train.overwrite=true (archives this run)"))
     return chosen, warnings
 
 
@@ -149,8 +223,8 @@ def load(engine, directory: Path) -> int:
 
 
 def newest(root: Path) -> Path | None:
-    pointer = root / POINTER
-    return root / pointer.read_text().strip() if pointer.exists() else None
+    """The newest complete checkpoint (manifest there, every file with its size; contents not read), by scanning."""
+    return next((p for p in tags(root) if damage(p, content=False) is None), None)
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

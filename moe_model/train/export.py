@@ -95,8 +95,12 @@ def merged_state_dict(directory: Path, config: MoEConfig) -> dict[str, torch.Ten
     return state
 
 
-def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = None) -> Path:
-    """Write the newest intact checkpoint of `run_dir` (or `tag`) as a Hugging Face folder. Returns the folder."""
+def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = None,
+           skipped: list[str] | None = None) -> Path:
+    """Write the newest intact checkpoint of `run_dir` (or `tag`) as a Hugging Face folder. Returns the folder.
+
+    Without `tag` the checkpoint folders are scanned (`checkpoint.newest_intact`: sizes and SHA-256 digests, not
+    the `latest` pointer); each newer one passed over is appended to `skipped` (one line each, saying why)."""
     from .. import MoEForCausalLM
 
     run_file = run_dir / "run.json"
@@ -105,13 +109,22 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError("OUT_DIR", f"{out_dir} exists and is not empty; choose a new folder")
     root = run_dir / "checkpoints"
-    directory = root / tag if tag else checkpoint.newest(root)
-    if directory is None:
-        raise ExportError("RUN_DIR", f"{run_dir} has no complete checkpoint (train with train.save_every > 0)")
-    problem = checkpoint.damage(directory)
-    if problem:
-        raise ExportError("checkpoint", f"{problem}; export another tag with --tag")
-    config = ModelSection(**json.loads(run_file.read_text())["recipe"]["model"]).to_config()
+    if tag:
+        directory = root / tag
+        problem = checkpoint.damage(directory)
+        if problem:
+            raise ExportError("checkpoint", f"{problem}; export another tag with --tag")
+    else:
+        directory, notes = checkpoint.newest_intact(root)
+        if skipped is not None:
+            skipped.extend(notes)
+        if directory is None and notes:
+            raise ExportError("RUN_DIR", f"{run_dir} has no intact checkpoint ({'; '.join(notes)})")
+        if directory is None:
+            raise ExportError("RUN_DIR", f"{run_dir} has no complete checkpoint (train with train.save_every > 0)")
+    # the model the checkpoint was written with (its manifest, since the model-check issue), else the run's recipe
+    model_fields = checkpoint.read_manifest(directory).get("model") or json.loads(run_file.read_text())["recipe"]["model"]
+    config = ModelSection(**model_fields).to_config()
     if fmt == "mixtral" and config.hidden_act != "silu":
         raise ExportError("--format", "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
 

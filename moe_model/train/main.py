@@ -4,14 +4,26 @@
 
 The same command runs on GPUs (NCCL) and on CPU ranks (gloo): DeepSpeed picks its accelerator by itself. The run
 itself is `trainer.Trainer`; what the console shows (and `MOE_VERBOSE=1`, which keeps DeepSpeed's logs) is `console`.
+
+Before anything is written, global rank 0 takes the output directory's lock and decides what happens to an earlier
+run's files there (`claim_output_dir`, `ownership`). SIGINT (Ctrl-C) and SIGTERM (what the deepspeed launcher sends
+every rank when it is interrupted or a rank failed) stop the run at once on every rank: rank 0 prints one line naming
+the newest complete checkpoint and the command that resumes it, and the ranks exit 130 (`interrupted_line`); a
+checkpoint being written when the signal came has no manifest and never counts. With MOE_VERBOSE=1 the traceback of
+where each rank stopped is shown too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
+import traceback
 
 from ..launch import rank_program_parser
 from ..recipe import Recipe, RecipeError, load_recipe
@@ -60,13 +72,34 @@ def check_disk_space(recipe: Recipe) -> None:
                                                "train.keep_checkpoints or choose another output_dir"))
 
 
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+_stopped_by: str | None = None  # the signal that stopped this rank (`_interrupt`)
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGINT/SIGTERM on a rank: stop where the rank is (KeyboardInterrupt), once; a second signal (the launcher
+    sends SIGTERM right after forwarding Ctrl-C) must not interrupt the line being printed."""
+    global _stopped_by
+    _stopped_by = signal.Signals(signum).name
+    # wandb's service process got the same Ctrl-C and is gone: its client's asyncio transport would log
+    # "socket.send() raised exception." for every message still queued
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    for name in (signal.SIGINT, signal.SIGTERM):  # a no-op, not SIG_IGN: Python raises OSError ("Signal 15 ignored
+        signal.signal(name, lambda *_: None)      # due to race condition") for a pending signal now set to SIG_IGN
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check the recipe, its output folder and the build cache, start the process group, check the layout against
-    the world size, then train. The one place a stopped run becomes its line (on global rank 0) and its exit code."""
+    the world size, claim the output directory, then train. The one place a stopped run becomes its line (on global
+    rank 0) and its exit code, and an interrupted one its line and 130."""
     args = parse_args(argv)
     quiet_libraries()
     from .trainer import RunStopped, Trainer, recipe_error  # here: `moe train` imports this module's checks only
 
+    signal.signal(signal.SIGINT, _interrupt)  # explicitly: a launcher may have started this rank with SIGINT ignored
+    signal.signal(signal.SIGTERM, _interrupt)
+    recipe, trainer, world = None, None, None
     try:
         try:
             recipe = load_recipe(args.recipe, args.set)
@@ -80,11 +113,143 @@ def main(argv: list[str] | None = None) -> int:
         problem = launch_problem(recipe, world)
         if problem:
             raise recipe_error(RecipeError(*problem), f" (world size {world})")
-        return Trainer(recipe, rank, world).run()
+        lock = claim_output_dir(recipe, rank)  # noqa: F841 (held until this process ends)
+        trainer = Trainer(recipe, rank, world)
+        return trainer.run()
     except RunStopped as stop:
         if global_rank() == 0:
             print(stop.line, file=sys.stderr)
         return stop.code
+    except (KeyboardInterrupt, Exception) as err:
+        # after a signal, whatever this rank raises is its side of the stop (a collective whose peer has already
+        # exited fails here before the signal's KeyboardInterrupt is raised); anything else is a real error
+        if not isinstance(err, KeyboardInterrupt) and _stopped_by is None:
+            raise
+        from .console import verbose
+
+        if verbose():
+            traceback.print_exc()
+        if global_rank() == 0:
+            print(interrupted_line(_stopped_by or "SIGINT", args, recipe, trainer, world), file=sys.stderr)
+        # no atexit hooks: wandb's service process got the same Ctrl-C and is gone, and its teardown would print
+        # a traceback and a line per unsent message; the metrics and checkpoints are already on disk
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+
+def claim_output_dir(recipe: Recipe, rank: int):
+    """Global rank 0 takes the output directory's lock (`ownership.OutputLock`) before the run writes anything, then
+    settles an earlier run's files: `train.overwrite` archives them; `resume: never` next to them is refused (the run
+    would append to their metrics.jsonl). Every rank gets rank 0's verdict (a collective), so all stop together.
+    Returns the held lock on rank 0 (keep it referenced), None elsewhere."""
+    import torch.distributed as dist
+
+    from .ownership import OutputLock, archive_previous_run, previous_run
+    from .trainer import RunStopped
+
+    lock, verdict, output_dir = None, None, recipe.output_dir
+    if rank == 0:
+        lock = OutputLock(output_dir)
+        problem = lock.acquire()
+        fix = (f"choose another train.output_dir, or --set train.overwrite=true to move the earlier run into "
+               f"{output_dir}/archive-<time>/ and start over")
+        if problem:
+            verdict = f"moe: error: {problem}"
+        elif recipe.train.overwrite and recipe.train.resume not in ("auto", "never"):
+            verdict = ("moe: recipe error: train.overwrite: it starts over and train.resume names a checkpoint to "
+                       "continue from; drop one of the two")
+        elif recipe.train.overwrite:
+            archived = archive_previous_run(output_dir)
+            if archived is not None:
+                print(f"moe: train.overwrite: moved the earlier run's files into {archived}", file=sys.stderr)
+        elif recipe.train.resume == "never" and previous_run(output_dir):
+            verdict = (f"moe: recipe error: train.resume: never, but {output_dir} holds an earlier run "
+                       f"({', '.join(previous_run(output_dir))}) that this run would mix with; {fix}")
+    shared = [verdict]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        raise RunStopped(2, shared[0])
+    return lock
+
+
+def resume_command(args: argparse.Namespace, world: int | None) -> str:
+    """The `moe train` command line that continues this run (resume: auto, the same overrides, the same rank count);
+    `train.overwrite` and `train.resume` overrides are left out (they would start over)."""
+    command = ["moe", "train", args.recipe]
+    if world:
+        command += ["--num-gpus", str(world)]
+    for override in args.set:
+        if not override.replace(" ", "").startswith(("train.overwrite=", "train.resume=")):
+            command += ["--set", override]
+    return shlex.join(command)
+
+
+def interrupted_line(signal_name: str, args: argparse.Namespace, recipe: Recipe | None, trainer, world) -> str:
+    """The one line an interrupted run prints: where it stopped, the newest complete checkpoint, how to resume."""
+    from . import checkpoint
+
+    if recipe is None or trainer is None:
+        return f"moe: interrupted ({signal_name}) before training started; nothing to resume"
+    at = f" at step {trainer.current_step + 1}" if trainer.current_step is not None else ""
+    newest = checkpoint.newest(recipe.output_dir / "checkpoints")
+    if newest is None:
+        saved = "no checkpoint saved yet (train.save_every sets how often); rerunning starts over"
+        return f"moe: interrupted ({signal_name}){at}; {saved}: {resume_command(args, world)} --set train.overwrite=true"
+    step = checkpoint.read_manifest(newest)["step"]
+    return (f"moe: interrupted ({signal_name}){at}; newest complete checkpoint: {newest} (step {step}); resume "
+            f"with: {resume_command(args, world)}")
+
+
+def run_launcher(command: list[str], env: dict[str, str], call=None) -> int:
+    """`moe train`'s side: run the deepspeed launcher (`call(command, env=env)`, default `subprocess.call`) and wait
+    for it; returns its exit code, or 130 after Ctrl-C.
+
+    Ctrl-C reaches every process of the terminal's foreground group. DeepSpeed's runner (the `deepspeed` command) has
+    no SIGINT handler and would print a KeyboardInterrupt traceback, so it is started with SIGINT ignored (inherited
+    through fork and exec); its per-node launch.py installs its own handler (it stops the ranks with SIGTERM), and the
+    ranks install `_interrupt`. `subprocess.call` has no hook between fork and wait, so it runs on a thread while this
+    (main) thread ignores SIGINT until the runner exists, then records it. A SIGINT sent to this process alone is
+    passed on to the launch.py processes when they are still running 10 s later."""
+    import subprocess
+    import threading
+    import time
+
+    import psutil
+
+    outcome: dict[str, object] = {}
+
+    def launch() -> None:
+        try:
+            outcome["code"] = (call or subprocess.call)(command, env=env)
+        except BaseException as err:  # re-raised on the main thread
+            outcome["error"] = err
+
+    interrupted: list[float] = []
+    forwarded = False
+    me = psutil.Process()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        thread = threading.Thread(target=launch, name="deepspeed-launcher", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and not me.children() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the runner is forked (with SIGINT ignored) within milliseconds
+        signal.signal(signal.SIGINT, lambda *_: interrupted.append(time.monotonic()))
+        while thread.is_alive():
+            thread.join(timeout=1)
+            # still running 10 s after a SIGINT: it came to this process alone (`kill -INT`), not from a terminal
+            if interrupted and not forwarded and time.monotonic() - interrupted[0] > 10:
+                forwarded = True
+                for runner in me.children():
+                    for child in runner.children():
+                        with contextlib.suppress(psutil.Error):
+                            child.send_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return INTERRUPTED if interrupted else int(outcome["code"])  # type: ignore[call-overload]
 
 
 def global_rank() -> int:

@@ -6,7 +6,8 @@ A run that cannot go on raises `RunStopped` wherever it finds out (a bad corpus,
 loss); `main.main` is the one place that turns it into "print the line on global rank 0, return the code". Every
 rank reaches the same verdict at the same point (the checks are collectives or the same arithmetic everywhere), so
 no rank is left waiting. Exit codes: 2 bad input (one line, nothing trained), 1 the estimate does not fit, 3 the loss
-went non-finite (the line names the newest good checkpoint).
+went non-finite (the line names the newest good checkpoint); an interrupted run (SIGINT/SIGTERM) is
+`main.main`'s: one line, 130.
 
 Validation: every `train.eval_every` steps and at the last step (`evaluation.Validation`), and, when
 `train.eval_at_start` is set, once before the first optimizer step of a fresh run, logged as a metrics line of step 0
@@ -19,6 +20,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ..losses import StepStats
@@ -48,6 +50,9 @@ class Trainer:
         self.checkpoints = recipe.output_dir / "checkpoints"
         self.history: list[dict[str, Any]] = []
         self.progress = None
+        self.current_step: int | None = None  # the 0-based step running now (for an interrupted run's line)
+        # the recipe's model section as JSON holds it: what a checkpoint's manifest records and a resume compares
+        self.model_fields = recipe.model.model_dump(mode="json")
 
     def run(self) -> int:
         # DeepSpeed 0.19's collectives call torch's all_gather_into_tensor, which torch 2.13 marks deprecated: noise,
@@ -60,6 +65,7 @@ class Trainer:
                 if self.first_step == 0 and self.recipe.train.eval_at_start and self.validation.every:
                     self.log({"step": 0, **self.validation.run()})
                 for step in range(self.first_step, self.recipe.train.steps):
+                    self.current_step = step
                     self.step(step)
             finally:
                 if self.progress is not None:
@@ -75,11 +81,15 @@ class Trainer:
         """Estimate, data, resume point, engine, tracker, batches: everything a step needs."""
         recipe, p = self.recipe, self.recipe.parallel
         from ..estimate import launch_refusal
+        from .host_memory import cpu_host_refusal
 
         refusal = launch_refusal(recipe, self.world)  # the same answer on every rank: the estimate is arithmetic
+        refusal = refusal or cpu_host_refusal(recipe, self.world)  # CPU ranks: the host's memory (a collective)
         if refusal:
             raise RunStopped(1, refusal)
         self.layout = layout = Layout.of(Strategy.of(p).resolved(self.world)[0])
+        self.layout_sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp}
+        resume_from, notes = self.resume_point()  # a refusal comes before any other line
         if layout.dp == 1 and p.zero_stage > 0:
             self.say(f"moe: note: ZeRO-{p.zero_stage} partitions over data-parallel ranks and this run has one; it "
                      "only adds gradient and weight copies here (a 1-rank step measured 2.3x slower than at ZeRO-0): "
@@ -90,20 +100,15 @@ class Trainer:
         data_problem, data_summary = prepare_data(recipe)
         if data_problem:
             raise recipe_error(data_problem)
-        self.layout_sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp}
-        try:
-            resume_from, notes = checkpoint.find_resume(self.checkpoints, recipe.train.resume, self.layout_sizes)
-        except RecipeError as err:
-            raise recipe_error(err) from None
         from .engine import build_engine
 
         with library_output():
             self.engine, self.run_step, ds_config = build_engine(recipe, layout)
         self.first_step = 0
+        for note in notes:
+            self.say(f"moe: {note}")
         if resume_from is not None:
             self.first_step = checkpoint.load(self.engine, resume_from)
-            for note in notes:
-                self.say(f"moe: {note}")
             self.say(f"moe: resuming from {resume_from} (step {self.first_step})")
             if self.rank == 0:
                 checkpoint.trim_metrics(recipe.output_dir / "metrics.jsonl", self.first_step)
@@ -117,6 +122,40 @@ class Trainer:
 
             self.progress = tqdm(total=recipe.train.steps, initial=self.first_step, desc=recipe.name, unit="step",
                                  dynamic_ncols=True)
+
+    def resume_point(self) -> tuple[Path | None, list[str]]:
+        """(checkpoint to resume from or None, notes to show), decided on global rank 0 alone (it reads and hashes
+        the checkpoint files once, `checkpoint.find_resume`) and sent to every rank. A resume also needs a readable
+        metrics.jsonl (its trim, `checkpoint.trim_metrics`). `resume: auto` with no checkpoint in a directory that
+        holds an earlier run's metrics moves them into `archive-<time>/` (`ownership`) instead of appending."""
+        import torch.distributed as dist
+
+        from ..errors import UserError
+        from ..metrics_file import read_metrics_lines
+        from .ownership import archive_previous_run, previous_run
+
+        answer: list[Any] = [None, [], None]  # path, notes, refusal line
+        if self.rank == 0:
+            recipe = self.recipe
+            try:
+                chosen, notes = checkpoint.find_resume(self.checkpoints, recipe.train.resume, self.layout_sizes,
+                                                       self.model_fields)
+                metrics = recipe.output_dir / "metrics.jsonl"
+                if chosen is not None and metrics.exists():
+                    read_metrics_lines(metrics)  # a bad line that is not a torn last one: refused, named
+                if chosen is None and recipe.train.resume == "auto" and previous_run(recipe.output_dir):
+                    archived = archive_previous_run(recipe.output_dir)
+                    notes.append(f"no checkpoint to resume from: moved the earlier run's files into {archived}")
+                answer = [None if chosen is None else str(chosen), notes, None]
+            except RecipeError as err:
+                answer[2] = recipe_error(err).line
+            except UserError as err:
+                answer[2] = f"moe: error: {err}"
+        dist.broadcast_object_list(answer, src=0)
+        path, notes, refusal = answer
+        if refusal:
+            raise RunStopped(2, refusal)
+        return (None if path is None else Path(path)), notes
 
     def start_tracking(self, ds_config: dict[str, Any], data_summary: dict[str, Any]) -> None:
         """run.json, the tracker (resuming the run's wandb run), the FLOP count, and the console header."""
@@ -161,7 +200,8 @@ class Trainer:
                                 f"checkpoint: {newest or 'none'} (lower train.lr or check the data, then resume)")
         save_every = recipe.train.save_every
         if save_every and ((step + 1) % save_every == 0 or step + 1 == recipe.train.steps):
-            checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints)
+            checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints,
+                            model=self.model_fields)
 
     def _reduce(self, stats: StepStats) -> StepStats:
         """This rank's step figures -> the step's averages over every rank and micro-batch (a collective)."""

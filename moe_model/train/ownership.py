@@ -1,0 +1,99 @@
+"""A run owns its output directory: one run at a time, and never two runs' files mixed.
+
+- `OutputLock`: an advisory `fcntl.flock` on `OUTPUT_DIR/run.lock`, taken by global rank 0 of a run (the one process
+  that writes run.json, metrics.jsonl and the manifests) before the run writes anything, held until that process
+  ends. The kernel drops the lock when the process dies however it dies, so a SIGKILLed run never blocks its own
+  resume; the file itself stays (deleting it would let a third run lock a fresh file while a second still holds the
+  old one). The holder writes its pid, host and start time into the file, for the line that refuses a second run.
+  The other ranks of a run take no lock (they would refuse each other); `main.main` tells them rank 0's verdict.
+  Both `moe train` and a direct `deepspeed ... scripts/train.py` land in `main.main`, so both are covered.
+- `previous_run`: what of an earlier run the directory holds (metrics.jsonl with lines, checkpoint folders), and
+  `archive_previous_run`, which moves exactly those into `OUTPUT_DIR/archive-<UTC time>/` (`train.overwrite`, or
+  `resume: auto` with no checkpoint to continue from): nothing is deleted and nothing is appended to another run's
+  metrics.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK_FILE = "run.lock"
+ARCHIVE_PREFIX = "archive-"
+# what an earlier run leaves in OUTPUT_DIR (the tokenizer and the token cache are reused, not a run's own)
+RUN_FILES = ("metrics.jsonl", "run.json", "checkpoints", "wandb", "wandb_run_id")
+
+
+class OutputLock:
+    """`OutputLock(output_dir).acquire()` -> None once held by this process, else the line that names the holder."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.file = None
+
+    def acquire(self) -> str | None:
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            return (f"{self.path.parent} is in use by another run ({describe_holder(holder)}); wait for it to end, "
+                    "stop it, or choose another train.output_dir")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        f.flush()
+        self.file = f  # held while this object (kept by the caller) and the process live
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the last descriptor drops the flock
+            self.file = None
+
+
+def describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not yet written its pid"
+
+
+def previous_run(output_dir: Path) -> list[str]:
+    """The names of what an earlier run left in `output_dir` that a new run would mix with: metrics.jsonl with
+    content, checkpoint folders. Empty: nothing to mix."""
+    output_dir = Path(output_dir)
+    found = []
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("step*")):
+        found.append("checkpoints/")
+    return found
+
+
+def archive_previous_run(output_dir: Path) -> Path | None:
+    """Move an earlier run's files (`RUN_FILES` present) into `output_dir/archive-<UTC time>/`. Returns that folder,
+    or None when there was nothing to move."""
+    output_dir = Path(output_dir)
+    present = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    archive = output_dir / f"{ARCHIVE_PREFIX}{stamp}"
+    suffix = 1
+    while archive.exists():
+        archive, suffix = output_dir / f"{ARCHIVE_PREFIX}{stamp}-{suffix}", suffix + 1
+    archive.mkdir()
+    for path in present:
+        os.replace(path, archive / path.name)  # a rename on one file system: whole or not at all
+    return archive
