@@ -80,6 +80,18 @@ def test_case1_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     lock.release()
 
 
+def test_case1_moe_train_refuses_a_held_directory_before_any_rank_starts(tmp_path, capsys):
+    held = OutputLock(tmp_path)
+    assert held.acquire() is None  # flock locks belong to the open file: a second open in this process is refused
+    try:
+        code = moe(["train", str(ROOT / "recipes/tiny_cpu.yaml"), "--set", f"train.output_dir={tmp_path}",
+                    *(x for o in SINGLE_RANK for x in ("--set", o))])  # conftest refuses a launch here: none may start
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{tmp_path} is in use by another run (pid {os.getpid()}" in err[0]
+
+
 def test_case2_latest_missing_or_stale_resumes_the_newest_by_scanning(tmp_path):
     signed_checkpoint(tmp_path, 2)
     newest = signed_checkpoint(tmp_path, 4)

@@ -8,6 +8,7 @@ import argparse
 import subprocess
 import sys
 
+from ..errors import UsageError
 from ..recipe import Recipe
 from .arguments import whole_number
 
@@ -38,6 +39,13 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
         print(refusal, file=sys.stderr)
         return 1
     check_output_dir(recipe)  # created once every check before it passed: a refused launch leaves no folder
+    from ..train.ownership import OutputLock
+
+    lock = OutputLock(recipe.output_dir)  # a look before any rank starts; rank 0 of the run takes it for real
+    busy = lock.acquire()
+    lock.release()
+    if busy:
+        raise UsageError(busy)
     from ..train.console import launcher_log_args
 
     verbose = getattr(args, "verbose", False)
