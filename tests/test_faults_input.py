@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from moe_model.cli import main
-from moe_model.estimate import estimate
-from moe_model.estimate.guard import host_memory_refusal
+from moe_model.estimate import count_params, estimate
+from moe_model.estimate.guard import host_memory_refusal, host_resident
 from moe_model.estimate.planner import plan
 from moe_model.recipe import RecipeError, UniqueKeyLoader, load_recipe
 from moe_model.train import host_memory
@@ -184,8 +184,9 @@ def huge_recipe(*extra: str):
 
 def test_host_memory_guard_compares_all_local_ranks_with_available_memory():
     recipe = huge_recipe()
-    peak = estimate(recipe).peak.total_bytes
-    assert 30e9 < peak < 40e9  # the 35.5 GB
+    assert 30e9 < estimate(recipe).peak.total_bytes < 40e9  # the 35.5 GB (the GPU-side figure)
+    peak = estimate(recipe, None, host_resident(recipe)).peak.total_bytes  # what the host holds: less the GPU terms
+    assert 30e9 < peak < estimate(recipe).peak.total_bytes
     line = host_memory_refusal(recipe, None, 1, available_bytes=23e9)
     assert line.startswith(f"moe: refusing to launch tiny-cpu: its CPU rank needs about {peak / 1e9:.1f} GB but this "
                            "host has 23.0 GB of memory available; e.g. --set "), line
@@ -199,7 +200,19 @@ def test_host_memory_guard_compares_all_local_ranks_with_available_memory():
     fix = line.split("; e.g. ")[1].split(" (peak")[0]
     fixed = load_recipe(TINY, [o.removeprefix("--set=") for o in ONE_RANK + HUGE_BATCH]
                         + [part for part in fix.split() if part != "--set"])
-    assert estimate(fixed).peak.total_bytes <= 23e9
+    assert estimate(fixed, None, host_resident(fixed)).peak.total_bytes <= 23e9
+
+
+def test_host_guard_counts_what_cpu_ranks_touch_not_the_gpu_reserve_or_the_untouched_bucket():
+    # 8 ranks of the tiny model trained here for a long time; the GPU-side figure (1.5 GB reserve + a 2 GB fp32
+    # reduce bucket per rank) refused them on a 21 GB host
+    recipe = load_recipe(TINY, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2"])
+    gpu_side = estimate(recipe, 8)
+    resident = host_resident(recipe)
+    assert resident.reserve_bytes == 0 and resident.reduce_bucket_elements == count_params(recipe.moe_config()).total
+    assert estimate(recipe, 8, resident).peak.total_bytes < gpu_side.peak.total_bytes - gpu_side.assumptions.reserve_bytes
+    assert host_memory_refusal(recipe, 8, 8, available_bytes=21e9) is None
+    assert 8 * gpu_side.peak.total_bytes > 21e9  # the GPU-side figure would have refused it
 
 
 def test_available_memory_reads_meminfo_without_psutil(tmp_path, monkeypatch):
