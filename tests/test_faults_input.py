@@ -309,3 +309,14 @@ def test_tokenizer_training_and_caching_say_what_they_do_once(tmp_path, capfd):
     assert "validation 10 documents" in lines[3] and len(lines) == 4
     prepare(recipe)  # cached: nothing to say
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.multirank
+def test_ranks_refused_for_their_count_leave_no_output_folder(tmp_path):
+    # case 12 through the launcher directly: the folder is created only once the layout passed on the real world size
+    out = tmp_path / "run"
+    result = launch(2, *SINGLE_RANK, "parallel.dp=1", f"train.output_dir={out}")
+    assert result.returncode == 2, failure(result)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("moe:")]
+    assert len(lines) == 1 and "the recipe says dp=1 but 2 ranks give dp=2" in lines[0], failure(result)
+    assert not out.exists()

@@ -90,8 +90,8 @@ def _interrupt(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check the recipe, its output folder and the build cache, start the process group, check the layout against
-    the world size, claim the output directory, then train. The one place a stopped run becomes its line (on global
+    """Check the recipe and the build cache, start the process group, check the layout against the world size,
+    create and claim the output directory, then train. The one place a stopped run becomes its line (on global
     rank 0) and its exit code, and an interrupted one its line and 130."""
     args = parse_args(argv)
     quiet_libraries()
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             recipe = load_recipe(args.recipe, args.set)
             check_trainable(recipe)
-            check_output_dir(recipe)
         except RecipeError as err:
             raise recipe_error(err) from None
         check_build_lock()
@@ -113,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = launch_problem(recipe, world)
         if problem:
             raise recipe_error(RecipeError(*problem), f" (world size {world})")
+        try:
+            check_output_dir(recipe)  # created once the layout passed: a refused launch leaves no folder
+        except RecipeError as err:
+            raise recipe_error(err) from None
         lock = claim_output_dir(recipe, rank)  # noqa: F841 (held until this process ends)
         trainer = Trainer(recipe, rank, world)
         return trainer.run()
