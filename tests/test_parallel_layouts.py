@@ -14,6 +14,9 @@ STEPS = ("train.steps=7", "train.warmup_steps=2", "train.log_every=1", "tracking
 LAYOUTS = {
     "pp2_dp2_ep2_zero1_ckpt": (4, "parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2",
                                "parallel.activation_checkpointing=true"),
+    # ZeRO-0 fp32: the engine's own clip (`clip_keeping_norm`) must count every stage and expert once
+    "pp2_dp2_ep2_zero0": (4, "parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2",
+                          "parallel.zero_stage=0"),
     "tp2_dp2_ep2_zero2": (4, "parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2",
                           "parallel.zero_stage=2"),
     "tp2_pp2_dp2_ep2_zero1": (8, "parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2"),

@@ -41,20 +41,60 @@ def drops_clipped_norm(recipe: Recipe) -> bool:
     return recipe.train.grad_clip > 0 and recipe.train.precision == "fp32" and recipe.parallel.zero_stage == 0
 
 
+def global_grad_norm(parameters, mpu) -> torch.Tensor:
+    """The 2-norm of the whole model's gradient, every parameter counted once on any layout, after the gradient
+    all-reduce: DeepSpeed's bf16 optimizer's count (`BF16_Optimizer.get_grads_for_norm` and `step`) with its helpers.
+
+    Why not `deepspeed.runtime.utils.clip_grad_norm_`, which DeepSpeed's fp32 path uses: it counts a parameter only
+    where `mpu.get_model_parallel_rank() == 0`, and a pipeline grid's model-parallel group is pipe x tensor, so every
+    stage but the first adds nothing; and it averages the ranks' norms over the data-parallel group, which for
+    expert-parallel ranks (each holding other experts) is not the norm of all the experts. Here: dense gradients
+    summed over the model-parallel group (pipe x tensor; replicated ones from tensor rank 0 only), each expert group's
+    over its expert-parallel group and the pipeline, as `get_norm_with_moe_layers` does.
+    Returns a float32 scalar, +inf when a gradient is not finite.
+    """
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.utils import get_global_norm_of_tensors, get_norm_with_moe_layers, is_model_parallel_parameter
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+
+    tp_rank = bwc_tensor_model_parallel_rank(mpu)
+    dense: list[torch.Tensor] = []
+    experts: dict[str, list[torch.Tensor]] = {}
+    device = None
+    for p in parameters:
+        if p.grad is None or getattr(p, PIPE_REPLICATED, False):
+            continue
+        device = p.grad.device
+        if is_moe_param(p):
+            experts.setdefault(p.group_name, []).append(p.grad)
+        elif tp_rank == 0 or is_model_parallel_parameter(p):
+            dense.append(p.grad)
+    # a rank with nothing to count still joins the collectives
+    norm = get_global_norm_of_tensors(dense or [torch.zeros(1, device=device)], mpu=mpu)
+    if experts:
+        norm = get_norm_with_moe_layers(norm, mpu=mpu, expert_tensors=dict(sorted(experts.items())))
+    norm = torch.as_tensor(norm, dtype=torch.float32)
+    return torch.where(norm < 0, torch.full_like(norm, float("inf")), norm)  # DeepSpeed's -1: not finite
+
+
 def clip_keeping_norm(engine, max_norm: float) -> None:
     """Clip as DeepSpeed's fp32 path does and keep the norm: for an engine started with `gradient_clipping` 0.
 
     Why this way: `deepspeed.initialize` picks the engine class itself (DeepSpeedEngine or PipelineEngine), so an
     engine subclass that keeps the norm cannot be handed to it, and the pipeline engine steps inside `train_batch`,
     where the step function cannot reach. Torch's step pre-hook on the engine's optimizer runs where DeepSpeed's clip
-    would (after the gradient all-reduce, just before the optimizer step), clips with DeepSpeed's own
-    `clip_grad_norm_` and the engine's arguments, and leaves the norm in the optimizer's `_global_grad_norm`, which
+    would (after the gradient all-reduce, just before the optimizer step), clips every gradient by the
+    `global_grad_norm` (the single-rank norm on every layout; DeepSpeed's own `clip_grad_norm_` is not, see there)
+    with DeepSpeed's `clip_tensors_by_global_norm`, and leaves the norm in the optimizer's `_global_grad_norm`, which
     the engine copies into its own after every step (how its ZeRO and 16-bit optimizers report theirs).
     """
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from deepspeed.runtime.utils import clip_tensors_by_global_norm
 
     def clip(optimizer, args, kwargs) -> None:
-        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=max_norm, mpu=engine.mpu)
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params, engine.mpu)
+        clip_tensors_by_global_norm([p.grad for p in params], max_norm=max_norm, global_norm=norm)
         optimizer._global_grad_norm = float(norm)
 
     engine.optimizer.register_step_pre_hook(clip)
