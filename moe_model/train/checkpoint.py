@@ -58,8 +58,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def file_digest(path: Path) -> str:
     """SHA-256 of the file's content, hex, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()  # hashlib.file_digest would do this, but only from Python 3.11 (the project: 3.10+)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
