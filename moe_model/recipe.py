@@ -89,6 +89,8 @@ class ParallelSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch_size: PositiveInt = 1
     activation_checkpointing: bool = False
+    # auto: DeepSpeed's AutoEP where experts are split and it serves the model, else legacy (`strategy` docstring)
+    moe_backend: Literal["auto", "autoep", "legacy"] = "auto"
 
 
 class TrainSection(Section):
@@ -249,7 +251,7 @@ class Recipe(Section):
             raise RecipeError(*problem)
         strategy, dp_assumed = stated.resolved(world_size)
         self.check_strategy(strategy, dp_assumed=dp_assumed)
-        return strategy, dp_assumed
+        return strategy.with_backend(self.model), dp_assumed
 
     def check_strategy(self, strategy: Strategy, *, dp_assumed: bool = False) -> None:
         """`strategy` (this recipe's or another, e.g. a planner candidate) against every rule of `Strategy.problem`

@@ -4,8 +4,15 @@
 instead of loose integers. It owns every layout rule (DeepSpeed's and this project's) and the resolution of dp:
     dp     the world size / (tp * pp) at launch, else the recipe's `parallel.dp`, else the smallest legal value, ep
            (the estimate then says dp was assumed)
+    moe_backend  which engine runs the experts (`with_backend` resolves `auto`, `backend_problem` says what AutoEP
+           cannot serve): `autoep`, DeepSpeed's AutoEP (variable-split all-to-all, grouped GEMMs, no capacity
+           padding; `parallel.autoep`); `legacy`, DeepSpeed's `deepspeed.moe.layer.MoE` (fixed-capacity all-to-all)
+           where ep > 1 and the model's own block where ep = 1. `auto` is AutoEP where experts are split (ep > 1)
+           and AutoEP serves the model (gated experts, tp 1, dropless); at ep 1 there is nothing to exchange and the
+           model's own grouped block runs the same arithmetic without DeepSpeed.
     rules  `layout_problem`: what DeepSpeed 0.19 accepts (tp | heads and inside a node, a stage per MoE layer,
-           untied embeddings with pp, ep | experts and ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp);
+           untied embeddings with pp, ep | experts and ep | dp, ZeRO-3 only without DeepSpeed's legacy MoE and
+           without pp, ZeRO <= 1 with pp, what AutoEP serves);
            `training_problem`: what DeepSpeed accepts but this project cannot train correctly;
            `batch_problem`: micro_batch_size * dp divides the global batch.
 A rule answers `(field, message with the fix)` or None; `moe_model.recipe` turns an answer into the `RecipeError`
@@ -22,7 +29,9 @@ from typing import Any, Protocol
 from .units import divisors
 
 Problem = tuple[str, str]  # (recipe field, one-line message naming the fix)
-FIELDS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_checkpointing")  # `moe plan` JSON
+FIELDS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_checkpointing",
+          "moe_backend")  # `moe plan` JSON
+MOE_BACKENDS = ("auto", "autoep", "legacy")
 
 
 class ModelShape(Protocol):
@@ -33,6 +42,8 @@ class ModelShape(Protocol):
     num_local_experts: int
     num_hidden_layers: int
     tie_word_embeddings: bool
+    hidden_act: str
+    capacity_factor: float | None
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,7 @@ class Strategy:
     zero_stage: int = 1
     micro_batch_size: int = 1
     activation_checkpointing: bool = False
-    moe_backend: str = "legacy"  # the expert-parallel engine path (room for the next issue's AutoEP)
+    moe_backend: str = "auto"  # one of MOE_BACKENDS; `with_backend` resolves auto
 
     @classmethod
     def of(cls, parallel: Any) -> Strategy:
@@ -55,11 +66,41 @@ class Strategy:
 
     @classmethod
     def from_recipe(cls, recipe: Any, world_size: int | None = None) -> tuple[Strategy, bool]:
-        """(the recipe's strategy with dp resolved, whether dp was assumed). Check `world_problem` first."""
-        return cls.of(recipe.parallel).resolved(world_size)
+        """(the recipe's strategy with dp and the MoE backend resolved, whether dp was assumed). Check
+        `world_problem` first."""
+        strategy, dp_assumed = cls.of(recipe.parallel).resolved(world_size)
+        return strategy.with_backend(recipe.model), dp_assumed
 
     def replace(self, **changes: Any) -> Strategy:
         return dataclasses.replace(self, **changes)
+
+    def autoep_problem(self, model: ModelShape) -> str | None:
+        """Why DeepSpeed's AutoEP cannot run this model on this layout (the reason, for a message), or None."""
+        if model.hidden_act != "silu":
+            return (f"needs gated (silu) experts: DeepSpeed registers no two-matrix activation (model.hidden_act is "
+                    f"{model.hidden_act})")
+        if self.tp > 1:
+            return f"does not run with tensor parallelism (tp={self.tp}): DeepSpeed refuses tp from mpu"
+        if model.capacity_factor is not None:
+            return (f"is dropless and has no capacity (model.capacity_factor is {model.capacity_factor}); set it "
+                    "null")
+        return None
+
+    def with_backend(self, model: ModelShape) -> Strategy:
+        """This strategy with `moe_backend` resolved: `auto` becomes autoep where ep > 1 and AutoEP serves the
+        model and layout, else legacy (module docstring). A stated backend is kept (`backend_problem` checks it)."""
+        if self.moe_backend != "auto":
+            return self
+        return self.replace(moe_backend="autoep" if self.ep > 1 and self.autoep_problem(model) is None else "legacy")
+
+    def backend_problem(self, model: ModelShape) -> Problem | None:
+        """A stated backend the model or layout cannot run on (auto always resolves to one that can)."""
+        if self.moe_backend not in MOE_BACKENDS:
+            return "parallel.moe_backend", f"{self.moe_backend!r} is not one of {', '.join(MOE_BACKENDS)}"
+        reason = self.autoep_problem(model) if self.moe_backend == "autoep" else None
+        if reason:
+            return "parallel.moe_backend", f"autoep {reason}; or use moe_backend legacy (or auto)"
+        return None
 
     def world_problem(self, world_size: int | None) -> Problem | None:
         """Whether `world_size` ranks can run this strategy: a multiple of tp * pp that agrees with a stated dp."""
@@ -121,8 +162,13 @@ class Strategy:
         if dp is not None and dp % ep:
             return "parallel.ep", (f"ep={ep} must divide dp={dp}: expert-parallel groups are carved out of the "
                                    f"data-parallel ranks; choose ep from {listed(math.gcd(dp, experts))} or raise dp")
-        if self.zero_stage == 3:
-            return "parallel.zero_stage", "DeepSpeed's MoE does not support ZeRO-3; use zero_stage 0, 1 or 2"
+        backend = self.backend_problem(model)
+        if backend:
+            return backend
+        if self.zero_stage == 3 and ep > 1 and self.with_backend(model).moe_backend != "autoep":
+            why = self.autoep_problem(model) or "is not chosen (moe_backend legacy; use auto or autoep)"
+            return "parallel.zero_stage", (f"ZeRO-3 with ep={ep} needs the AutoEP backend (DeepSpeed's legacy MoE "
+                                           f"refuses ZeRO-3), and AutoEP {why}; or use zero_stage 0, 1 or 2")
         if pp > 1 and self.zero_stage > 1:
             return "parallel.zero_stage", (f"DeepSpeed's pipeline engine accepts ZeRO 0 or 1 only (pp={pp}); "
                                            "use zero_stage 1 or set pp 1")
@@ -164,9 +210,10 @@ def batch_divides(global_batch, micro_batch_size, dp):
 
 
 def layout_problem(model: ModelShape, tp: int, pp: int, ep: int, dp: int | None, zero_stage: int,
-                   gpus_per_node: int) -> Problem | None:
+                   gpus_per_node: int, moe_backend: str = "auto") -> Problem | None:
     """`Strategy.layout_problem` for callers holding loose integers (scripts written before `Strategy`)."""
-    return Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero_stage).layout_problem(model, gpus_per_node)
+    return Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero_stage,
+                    moe_backend=moe_backend).layout_problem(model, gpus_per_node)
 
 
 def training_problem(tp: int, ep: int) -> Problem | None:

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 SEED = str(ROOT / "recipes/seed_4b.yaml")
 SEED_PLAN = str(ROOT / "recipes/seed_plan.yaml")
 TINY = str(ROOT / "recipes/tiny_cpu.yaml")
-KEYS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_checkpointing")
+KEYS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_checkpointing", "moe_backend")
 
 
 def as_parallel(row):

@@ -7,13 +7,18 @@ from .groups import RankGroups
 
 
 def parallelize_layer(layer: MoEDecoderLayer, groups: RankGroups) -> MoEDecoderLayer:
-    """Swap in tensor-parallel attention (tp > 1) and DeepSpeed's MoE layer (ep > 1), in place."""
+    """Swap in tensor-parallel attention (tp > 1) and the expert-parallel block, in place: AutoEP's adapter (whose
+    block `deepspeed.initialize` converts) on the autoep backend, DeepSpeed's legacy MoE layer where ep > 1."""
     layout = groups.layout
     if layout.tp > 1:
         from .tensor_parallel import TensorParallelAttention
 
         layer.self_attn = TensorParallelAttention(layer.self_attn, groups.coords["model"], layout.tp, groups.tp_group)
-    if layout.ep > 1:
+    if layout.moe_backend == "autoep":
+        from .autoep import AutoEPBlock
+
+        layer.mlp = AutoEPBlock(layer.mlp)
+    elif layout.ep > 1:
         from .moe_layer import DeepSpeedMoEBlock
 
         layer.mlp = DeepSpeedMoEBlock(layer.mlp, layout.ep, groups.coords["expert"], layout.tp)

@@ -18,11 +18,14 @@ class Layout:
     pp: int
     ep: int
     dp: int
+    moe_backend: str = "legacy"  # resolved: autoep or legacy (`Strategy.with_backend`)
 
     @classmethod
     def of(cls, strategy: Strategy) -> Layout:
-        """The rank layout of a resolved strategy (dp known: `Strategy.resolved`)."""
-        return cls(tp=strategy.tp, pp=strategy.pp, ep=strategy.ep, dp=strategy.dp)
+        """The rank layout of a resolved strategy (dp known: `Strategy.resolved`; the backend: `with_backend`)."""
+        if strategy.moe_backend not in ("autoep", "legacy"):
+            raise ValueError(f"moe_backend {strategy.moe_backend!r} is not resolved (Strategy.with_backend)")
+        return cls(tp=strategy.tp, pp=strategy.pp, ep=strategy.ep, dp=strategy.dp, moe_backend=strategy.moe_backend)
 
     @property
     def world_size(self) -> int:
@@ -38,4 +41,5 @@ class Layout:
         return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
 
     def describe(self) -> str:
-        return f"tp{self.tp} pp{self.pp} dp{self.dp} ep{self.ep}"
+        backend = " autoep" if self.moe_backend == "autoep" else ""
+        return f"tp{self.tp} pp{self.pp} dp{self.dp} ep{self.ep}{backend}"

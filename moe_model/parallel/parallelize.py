@@ -30,7 +30,7 @@ class ParallelModel(NamedTuple):
 
 def build_model(model: MoEForCausalLM, layout: Layout, activation_checkpointing: bool = False) -> ParallelModel:
     """This rank's share of `model` under `layout` (see `ParallelModel`)."""
-    if (layout.tp, layout.pp, layout.ep) == (1, 1, 1):
+    if (layout.tp, layout.pp, layout.ep, layout.moe_backend) == (1, 1, 1, "legacy"):
         if activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return ParallelModel(model, None)

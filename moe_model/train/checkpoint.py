@@ -194,7 +194,9 @@ def find_resume(root: Path, resume: str, layout: dict[str, int],
             raise RecipeError("train.resume", f"{problem}; pick another checkpoint or use resume: auto")
     manifest = read_manifest(chosen)
     saved = manifest["layout"]
-    differ = [f"{k} {saved[k]} -> {layout[k]}" for k in ("tp", "pp", "ep", "dp") if saved[k] != layout[k]]
+    saved = {"moe_backend": "legacy", **saved}  # written before the AutoEP backend existed: legacy
+    differ = [f"{k} {saved[k]} -> {layout[k]}" for k in ("tp", "pp", "ep", "dp", "moe_backend")
+              if saved[k] != layout.get(k, "legacy")]
     if differ:
         raise RecipeError("train.resume", (f"{chosen} was written with another layout ({', '.join(differ)}); "
                                            "DeepSpeed cannot reshard MoE + pipeline checkpoints: resume with the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..recipe import Recipe
+from ..strategy import Strategy
 
 
 def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
@@ -39,6 +40,11 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the project logs its own metrics
         "wall_clock_breakdown": False,
     }
+    strategy = Strategy.of(p).with_backend(recipe.model)
+    if strategy.moe_backend == "autoep":
+        from ..parallel.autoep import autoep_section
+
+        config["expert_parallel"] = autoep_section(recipe.moe_config(), p.ep)
     if p.pp > 1:
         # with tp > 1 the pipeline must not split activations/grads over the model-parallel group itself
         config["pipeline"] = {"pipe_partitioned": p.tp == 1, "grad_partitioned": p.tp == 1}

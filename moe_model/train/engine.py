@@ -111,7 +111,8 @@ def build_engine(recipe: Recipe, layout: Layout):
     keep_norm = drops_clipped_norm(recipe)
     engine, _, _, _ = deepspeed.initialize(
         model=model, config={**ds_config, "gradient_clipping": 0.0} if keep_norm else ds_config,  # clip_keeping_norm
-        model_parameters=param_groups(model, recipe.train.weight_decay, layout.ep > 1),
+        # AutoEP's experts are created inside `initialize`, which re-tags the optimizer groups for them itself
+        model_parameters=param_groups(model, recipe.train.weight_decay, layout.ep > 1 and layout.moe_backend == "legacy"),
         mpu=groups.grid if groups is not None and layout.pp == 1 else None)
     if layout.dp == 1 and layout.pp == 1 and recipe.parallel.zero_stage == 0:
         # one data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into buckets, reduce

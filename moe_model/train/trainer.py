@@ -87,8 +87,9 @@ class Trainer:
         refusal = refusal or cpu_host_refusal(recipe, self.world)  # CPU ranks: the host's memory (a collective)
         if refusal:
             raise RunStopped(1, refusal)
-        self.layout = layout = Layout.of(Strategy.of(p).resolved(self.world)[0])
-        self.layout_sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp}
+        self.layout = layout = Layout.of(Strategy.from_recipe(recipe, self.world)[0])
+        self.layout_sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp,
+                             "moe_backend": layout.moe_backend}
         resume_from, notes = self.resume_point()  # a refusal comes before any other line
         if layout.dp == 1 and p.zero_stage > 0:
             self.say(f"moe: note: ZeRO-{p.zero_stage} partitions over data-parallel ranks and this run has one; it "

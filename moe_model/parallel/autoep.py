@@ -1,0 +1,92 @@
+"""DeepSpeed's AutoEP carrying the project's MoE block: the expert-parallel path with no capacity padding.
+
+AutoEP (`deepspeed.module_inject.auto_ep*`, enabled by the `expert_parallel` section of the DeepSpeed config that
+`train.ds_config` writes) replaces, inside `deepspeed.initialize`, every module whose name matches `MODULE_PATTERN`
+by an `AutoEPMoELayer`: a torchtitan-style token-choice router, a variable-split all-to-all and grouped expert GEMMs
+(`torch._grouped_mm`) over this rank's E/ep experts. It is the only MoE DeepSpeed accepts under ZeRO-3.
+
+What AutoEP lacks, and the one job of `AutoEPBlock`: its layer returns the hidden states only. It computes no
+load-balancing loss and no z-loss (`load_balance_coeff` is refused), and its `tokens_per_expert` buffer accumulates
+over forwards (so it double-counts under recomputation). `AutoEPBlock` keeps `MoESparseBlock`'s forward contract,
+`(y_BSD, RouterOutput)`, by reading the router's own logits and routes of this forward (forward hooks registered and
+removed inside the forward, so no tensor outlives it) and computing the project's aux loss, z-loss and per-forward
+expert counts from them with `moe_model.routing`.
+
+Routing is the same function: softmax in fp32, top-k, the k weights renormalised (AutoEP adds 1e-20 to the
+denominator), weights applied after the experts ("post"). The fused `gate_up_proj` [E, 2I, D] is split by AutoEP
+into gate (first I rows) and up, as `modeling.expert_ffn` does. Only gated (silu) experts are served: AutoEP
+registers no two-matrix activation (`Strategy.backend_problem`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..configuration import MoEConfig
+from ..modeling import MoESparseBlock, RouterOutput
+from ..routing import expert_counts, load_balancing_loss, router_z_loss
+
+# the block AutoEP converts: `<...>.mlp.moe` on the plain model (`model.layers.N.mlp.moe`) and in the pipeline
+# (`N.layer.mlp.moe`); the `experts` and `gate` children are the project's names, the same as Mixtral's
+MODULE_PATTERN = r"(.*\.)?mlp\.moe"
+
+
+def autoep_section(config: MoEConfig, ep: int) -> dict[str, Any]:
+    """The DeepSpeed config's `expert_parallel` section for this model on `ep` expert-parallel ranks.
+
+    Custom patterns rather than `preset_model: mixtral`: the pipeline's module names are not Mixtral's and a
+    PipelineModule has no `config` for AutoEP to read top_k and the expert count from, so everything is stated."""
+    return {
+        "enabled": True,
+        "autoep_size": ep,
+        "moe_layer_pattern": MODULE_PATTERN,
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_up_proj",  # fused [gate; up], split by AutoEP
+        "expert_w2": "down_proj",
+        "expert_w3": None,
+        "expert_activation": "swiglu",  # silu(gate) * up
+        "num_experts_attr": "num_local_experts",
+        "top_k_attr": "num_experts_per_tok",
+        "top_k": config.num_experts_per_tok,
+        "score_func": "softmax",
+        "score_apply": "post",
+        "route_norm": True,
+        "route_scale": 1.0,
+        "routed_scaling_factor": 1.0,
+        "has_shared_experts": False,
+        "use_grouped_mm": True,
+    }
+
+
+class AutoEPBlock(nn.Module):
+    """Drop-in for `MoESparseBlock` (same forward contract) whose `moe` child DeepSpeed swaps for AutoEP's layer."""
+
+    def __init__(self, dense: MoESparseBlock):
+        super().__init__()
+        self.config = dense.config
+        self.moe = dense  # until `deepspeed.initialize` converts it
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        layer = self.moe
+        if isinstance(layer, MoESparseBlock):  # not converted: the block itself is the reference
+            return layer(x_BSD)
+        seen: dict[str, Any] = {}
+        hooks = [layer.router.gate.register_forward_hook(lambda m, a, out: seen.__setitem__("logits_TE", out)),
+                 layer.router.register_forward_hook(lambda m, a, out: seen.__setitem__("routes", out))]
+        try:
+            y_BSD = layer(x_BSD)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        logits_TE = seen["logits_TE"]
+        _, experts_TK, _ = seen["routes"]  # (weights [T, k], experts [T, k], counts [E], int32)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        cfg = self.config
+        z_loss = router_z_loss(logits_TE) if cfg.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
+        router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
+                              expert_counts(experts_TK.detach(), cfg.num_local_experts))
+        return y_BSD, router
