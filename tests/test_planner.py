@@ -8,7 +8,7 @@ import pytest
 
 from moe_model.cli import main
 from moe_model.strategy import training_problem
-from moe_model.estimate.planner import enumerate_legal, evaluate, full_candidate, pareto_front, plan
+from moe_model.estimate.planner import BACKENDS, enumerate_legal, evaluate, full_candidate, pareto_front, plan
 from moe_model.recipe import load_recipe
 from moe_model.strategy import layout_problem
 from tests.conftest import ROOT
@@ -21,7 +21,7 @@ KEYS = ("tp", "pp", "ep", "dp", "zero_stage", "micro_batch_size", "activation_ch
 
 def as_parallel(row):
     values = [int(v) for v in row]
-    return dict(zip(KEYS, values[:6] + [bool(values[6])]))
+    return dict(zip(KEYS, values[:6] + [bool(values[6]), BACKENDS[values[7]]]))
 
 
 @pytest.mark.parametrize("path,overrides", [(SEED, []), (TINY, []), (SEED, ["model.hidden_act=silu",

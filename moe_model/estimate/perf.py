@@ -15,11 +15,13 @@ compute dtype, t = tp, e = ep. Per decoder layer, per micro-batch, per rank (FLO
     o projection          2*T*Dq*D / t
     SDPA (causal)         scores Q K^T 2*B*S^2*Dq/t and values P V 2*B*S^2*Dq/t, each halved for causality
     router                2*T*D*E (replicated on the tp ranks, as the gate is)
-    experts               2*R*D*I*g, R rows (`shapes.routed_rows`): with ep = 1 the model's own block runs the T*k
-                          routed copies (or what the capacity keeps) on every tp rank (redundant work, modelled as it
-                          really runs); with ep > 1 DeepSpeed's MoE layer runs every expert's buffer at its full
-                          depth C (the busiest expert's load, dropless, or the capacity), R = E*C/t: equal to T*k/t
-                          only when routing is balanced
+    experts               2*R*D*I*g, R rows (`traffic.expert_rows`). Legacy backend: with ep = 1 the model's own
+                          block runs the T*k routed copies (or what the capacity keeps) on every tp rank (redundant
+                          work, modelled as it really runs); with ep > 1 DeepSpeed's MoE layer runs every expert's
+                          buffer at its full depth C (the busiest expert's load, dropless, or the capacity),
+                          R = E*C/t: equal to T*k/t only when routing is balanced. AutoEP backend: the grouped GEMMs
+                          run the routed rows the busiest rank receives, each local expert's rounded up to 8, no
+                          capacity padding (traffic.py)
     LM head (last stage)  2*T*D*V (not vocabulary-parallel: each tp rank computes all of it)
 Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N); SDPA (fused): read q, k, v and write the output.
 Memory-bound element-wise work per layer (bytes only): two RMSNorms and two residual adds (10*b*T*D), RoPE on q and
@@ -31,29 +33,38 @@ Communication (per micro-batch unless said), `link(span)`: the links a group use
 rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per node:
     TP all-reduce         2 forward + 2 backward per layer (+2 with recompute) of b*T*D, 2(t-1)/t of it over
                           intra-node links (tp stays inside a node: a layout rule)
-    EP all-to-all         dispatch + combine, forward and backward: 4 per MoE layer (+2 with recompute) of the
-                          buffers, R*D*b per rank (R = E*C/t as above), (e-1)/e of it leaving the rank.
+    EP all-to-all         dispatch + combine, forward and backward: 4 per MoE layer (+2 with recompute) of
+                          R_a2a*D*b per rank, (e-1)/e of it leaving the rank: legacy, the whole buffers (R = E*C/t
+                          as above); AutoEP, a variable-split all-to-all of the routed rows only, the rows the
+                          busiest rank receives before the rounding (`traffic.autoep_rows`; T*k when balanced).
                           DeepSpeed's expert groups are e consecutive ranks: q = min(e, gpus_per_node) share a node;
                           time = max(bytes*(q-1)/e / intra, bytes*(e-q)/e / inter)
     PP point-to-point     one activation forward and one gradient backward of b*T*D per stage boundary; inter-node
                           when the tp*dp*pp ranks of a replica chain span more than one node
-    DP reduction (step)   dense gradients over dp, expert gradients over the expert-data-parallel group dp/e:
-                          2(N-1)/N * b*P (all-reduce at ZeRO-0; reduce-scatter + all-gather of the updated
-                          16-bit weights at ZeRO-1/2: the same volume), over the group's span tp*dp
+    DP reduction          dense gradients over dp, expert gradients over the expert-data-parallel group dp/e, over
+                          the group's span tp*dp, when DeepSpeed runs them (`traffic.data_parallel_traffic`): ZeRO-0
+                          all-reduce and ZeRO-1 reduce-scatter + all-gather of the updated weights at the step,
+                          2(N-1)/N * b*P; ZeRO-2 reduce-scatter after every micro-batch's backward and the weights'
+                          all-gather after the step, (m+1)(N-1)/N * b*P; ZeRO-3 the reduce-scatter per micro-batch
+    ZeRO-3 gathers        every partitioned parameter all-gathered in each micro-batch's forward and again in its
+                          backward where the reuse distance released it, (N-1)/N * b per element; persistent (small)
+                          parameters re-gathered once after the step (traffic.py states when DeepSpeed gathers)
     optimizer step        memory-bound: 28 bytes per partitioned element (fp32 master, m, v read and written, the fp32
-                          gradient read) plus writing the b-byte weights
-A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP reduction + optimizer step)
-+ `hardware.step_overhead_ms`, m = global_batch / (micro_batch * dp) micro-batches per data-parallel rank. The last
-term is what a step costs whatever the model's size (op dispatch, DeepSpeed's engine, collective latencies): `moe
-calibrate` measures it as the step time of the same layout with every width shrunk to almost nothing.
+                          gradient read) plus writing the b-byte weights (ZeRO-3: the partition's only)
+A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP collectives, ZeRO-3 gathers and
+optimizer step) + `hardware.step_overhead_ms`, m = global_batch / (micro_batch * dp) micro-batches per data-parallel
+rank. The last term is what a step costs whatever the model's size (op dispatch, DeepSpeed's engine, collective
+latencies): `moe calibrate` measures it as the step time of the same layout with every width shrunk to almost nothing.
 
 Overlap assumptions (stated, conservative, DeepSpeed's defaults): nothing overlaps compute. TP all-reduces and EP
 all-to-alls are synchronous inside the layer; pipeline sends are blocking in DeepSpeed's PipelineEngine; gradient
-reduction runs after the last backward (`overlap_comm` false). Routing: with ep > 1 and dropless routing the experts
-and all-to-alls run buffers as deep as the busiest expert's load, `imbalance` times the mean (the estimator's
-assumption, 3 early in training, `--imbalance`; `moe calibrate` reports what a short run of the layout showed); with
-ep = 1 imbalance costs nothing here (the sort-based block runs exactly the routed rows). MFU = model FLOPs (3x the
-forward of every token, no recompute, no redundant tp work) / (step time * GPUs * peak).
+reduction and ZeRO-3's gathers are exposed (`overlap_comm` false; stage 3's prefetch is not counted as hiding them).
+Routing: with ep > 1 and dropless routing the legacy layer's experts and all-to-alls run buffers as deep as the
+busiest expert's load, `imbalance` times the mean (the estimator's assumption, 3 early in training, `--imbalance`;
+`moe calibrate` reports what a short run of the layout showed); AutoEP's busiest rank receives that expert's load and
+its other experts' share of the rest (traffic.py); with ep = 1 imbalance costs nothing here (the sort-based block
+runs exactly the routed rows). MFU = model FLOPs (3x the forward of every token, no recompute, no redundant tp work)
+/ (step time * GPUs * peak).
 """
 
 from __future__ import annotations
@@ -67,7 +78,8 @@ from ..recipe import Recipe, RecipeError
 from ..strategy import Strategy
 from ..units import FP32
 from .memory import PRECISION_BYTES, stage_layers
-from .shapes import rank_params, routed_rows
+from .shapes import rank_params
+from .traffic import Zero3Settings, data_parallel_traffic, expert_rows
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class Shape:
     capacity_factor: float = 0.0  # 0: dropless
     min_capacity: int = 4
     imbalance: float = 1.0  # busiest expert's load over the mean (dropless DeepSpeed buffers are that deep)
+    zero3: Zero3Settings = Zero3Settings()  # DeepSpeed's stage-3 gather settings (traffic.py)
 
 
 def shape_of(recipe: Recipe, imbalance: float = 1.0) -> Shape:
@@ -123,10 +136,11 @@ def stage_shape(num_layers: int, pp: int) -> tuple[int, int, int]:
     return layers[0], layers[-1], max(layers[1:-1], default=0)
 
 
-def layer_forward_flops(s: Shape, B, tp, ep):
-    """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike)."""
+def layer_forward_flops(s: Shape, B, tp, ep, autoep=False):
+    """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike); `autoep`
+    (bool or 0/1 array): the experts run on DeepSpeed's AutoEP layer, else the legacy path (traffic.expert_rows)."""
     T = B * s.S
-    R = routed_rows(s, B * s.S, tp, ep, s.imbalance)
+    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0]
     return {
         "qkv": 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp,
         "o_proj": 2.0 * T * s.Dq * s.D / tp,
@@ -140,11 +154,11 @@ def _roofline(flops, nbytes, s: Shape):
     return np.maximum(flops / s.compute_flops, nbytes / s.hbm_bytes_s)
 
 
-def layer_forward_times(s: Shape, B, tp, ep):
+def layer_forward_times(s: Shape, B, tp, ep, autoep=False):
     """Forward seconds of one decoder layer on one rank, by op class (roofline per op)."""
     T = B * s.S
-    R = routed_rows(s, B * s.S, tp, ep, s.imbalance)
-    f = layer_forward_flops(s, B, tp, ep)
+    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0]
+    f = layer_forward_flops(s, B, tp, ep, autoep)
     b = s.b
     qkv_w = s.Dq + 2 * s.Dkv
     by = {
@@ -171,18 +185,19 @@ def embedding_forward_time(s: Shape, B):
     return 2.0 * s.b * B * s.S * s.D / s.hbm_bytes_s
 
 
-def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False):
+def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False, autoep: bool = False):
     """Forward + backward (+ recompute) of `layers` decoder layers, the embedding and the LM head on one rank, one
     micro-batch, no communication: the work `moe calibrate` times on this machine."""
     passes = 3.0 + float(ckpt)
-    return (layers * passes * sum(layer_forward_times(s, B, tp, ep).values())
+    return (layers * passes * sum(layer_forward_times(s, B, tp, ep, autoep).values())
             + 3.0 * (head_forward_time(s, B) + embedding_forward_time(s, B)))
 
 
-def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
+def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, autoep=False):
     """Every term of the step time (seconds), for scalars or equal-length numpy arrays of strategies.
 
-    `pp_table` maps pp to `stage_shape` rows (arrays path); without it `stage_shape` is called (scalar path)."""
+    `pp_table` maps pp to `stage_shape` rows (arrays path); without it `stage_shape` is called (scalar path).
+    `autoep`: the experts run on DeepSpeed's AutoEP layer (bool or 0/1 array), else on the legacy path."""
     ckpt = np.asarray(ckpt, dtype=float)
     if pp_table is None:
         first_l, last_l, mid_l = (np.asarray(v) for v in stage_shape(s.L, int(pp)))
@@ -191,13 +206,14 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     T = B * s.S
     m = s.global_batch / (B * dp)
     passes = 3.0 + ckpt  # forward + backward (2x) + recompute
-    lt = layer_forward_times(s, B, tp, ep)
+    lt = layer_forward_times(s, B, tp, ep, autoep)
     layer_t = sum(lt.values())
     head_t, emb_t = head_forward_time(s, B), embedding_forward_time(s, B)
     # communication per layer per micro-batch
     act = s.b * T * s.D
     tp_comm = (4.0 + 2 * ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
-    a2a = routed_rows(s, T, tp, ep, s.imbalance) * s.D * s.b  # ep > 1: DeepSpeed sends whole capacity-deep buffers
+    # legacy (ep > 1): whole capacity-deep buffers; AutoEP: the routed rows the busiest rank receives
+    a2a = expert_rows(s, T, tp, ep, s.imbalance, autoep)[1] * s.D * s.b
     q = np.minimum(ep, s.gpus_per_node)
     ep_comm = np.where(ep > 1, (4.0 + 2 * ckpt) * np.maximum(a2a * (q - 1) / ep / s.intra_bytes_s,
                                                              a2a * (ep - q) / ep / s.inter_bytes_s), 0.0)
@@ -211,24 +227,30 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None):
     mid_t = np.where(mid_l > 0, mid_l * per_layer + p2p, 0.0)
     stage_t = np.maximum(first_t, np.maximum(last_t, mid_t))
     pipeline = (m + pp - 1) * stage_t
-    # after the flush: gradient reduction and the optimizer step, the slowest stage's
+    # the data-parallel collectives (traffic.py: per step at ZeRO-0/1, per micro-batch at ZeRO-2/3, ZeRO-3's
+    # parameter gathers) and the optimizer step, of the slowest stage
     dp_bw = np.where(tp * dp <= s.gpus_per_node, s.intra_bytes_s, s.inter_bytes_s)
     ne = dp / ep
     tails = []
     for layers, first, last in ((np.where(single, s.L, first_l), 1, np.where(single, 1, 0)), (last_l, 0, 1),
                                 (mid_l, 0, 0)):
         dense, expert = rank_params(s, layers=layers, first=first, last=last, tp=tp, ep=ep)
-        reduce = (2.0 * (dp - 1) / dp * s.b * dense + 2.0 * (ne - 1) / ne * s.b * expert) / dp_bw
+        traffic = data_parallel_traffic(s, s.b, layers=layers, first=first, last=last, tp=tp, ep=ep, dp=dp,
+                                        zero=zero, ckpt=ckpt, autoep=autoep, zero3=s.zero3)
+        reduce_bytes, gather_bytes = traffic.per_step(m)
+        reduce, gather = reduce_bytes / dp_bw, gather_bytes / dp_bw
         part = np.where(zero >= 1, dense / dp + expert / ne, dense + expert)
-        opt = (28.0 * part + s.b * (dense + expert)) / s.hbm_bytes_s
-        tails.append((reduce, opt, reduce + opt))
-    tail_i = np.argmax(np.stack([np.broadcast_to(t[2], np.shape(stage_t)) for t in tails]), axis=0)
+        written = np.where(zero >= 3, part, dense + expert)  # the b-byte weights the step writes
+        opt = (28.0 * part + s.b * written) / s.hbm_bytes_s
+        tails.append((reduce, gather, opt, reduce + gather + opt))
+    tail_i = np.argmax(np.stack([np.broadcast_to(t[3], np.shape(stage_t)) for t in tails]), axis=0)
     pick = lambda j: np.choose(tail_i, [np.broadcast_to(t[j], np.shape(stage_t)) for t in tails])  # noqa: E731
-    dp_reduce, optimizer = pick(0), pick(1)
-    step = pipeline + dp_reduce + optimizer + s.overhead_s
+    dp_reduce, zero3_gather, optimizer = pick(0), pick(1), pick(2)
+    step = pipeline + dp_reduce + zero3_gather + optimizer + s.overhead_s
     return {"step": step, "pipeline": pipeline, "stage_t": stage_t, "m": m, "layer_t": layer_t,
             "layer_times": lt, "tp_comm": tp_comm, "ep_comm": ep_comm, "p2p": p2p, "head_t": head_t,
-            "emb_t": emb_t, "dp_reduce": dp_reduce, "optimizer": optimizer, "passes": passes}
+            "emb_t": emb_t, "dp_reduce": dp_reduce, "zero3_gather": zero3_gather, "optimizer": optimizer,
+            "passes": passes}
 
 
 def model_flops_per_step(s: Shape) -> float:
@@ -263,13 +285,14 @@ class Performance:
     breakdown: dict  # seconds per step, each term
     per_micro_batch: dict  # seconds on the slowest stage per micro-batch
     assumptions: dict
+    moe_backend: str = "legacy"  # the backend priced: autoep or legacy (`Strategy.with_backend`)
 
     def as_json(self) -> dict:
         return {"step_time_s": self.step_time_s, "throughput_seq_per_s": self.throughput_seq_per_s,
                 "throughput_tokens_per_s": self.throughput_tokens_per_s, "mfu": self.mfu, "gpus": self.gpus,
                 "micro_batches_per_step": self.micro_batches, "bubble_fraction": self.bubble_fraction,
                 "breakdown_s": self.breakdown, "per_micro_batch_s": self.per_micro_batch,
-                "assumptions": self.assumptions}
+                "assumptions": self.assumptions, "moe_backend": self.moe_backend}
 
 
 def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Strategy | None = None,
@@ -282,11 +305,13 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
     if strategy is None:
         strategy = _changed(recipe, world_size, {name: v for name, v in changes.items() if v is not None})
     recipe.check_strategy(strategy)
+    strategy = strategy.with_backend(recipe.model)
+    autoep = strategy.moe_backend == "autoep"
     tp, pp, ep, dp = strategy.tp, strategy.pp, strategy.ep, strategy.dp
     zero, B, ckpt = strategy.zero_stage, strategy.micro_batch_size, strategy.activation_checkpointing
     imbalance = Assumptions().imbalance if imbalance is None else imbalance
     s = shape_of(recipe, imbalance)
-    c = step_components(s, tp, pp, ep, dp, zero, B, ckpt)
+    c = step_components(s, tp, pp, ep, dp, zero, B, ckpt, autoep=autoep)
     step = float(c["step"])
     gpus = tp * pp * dp
     m = float(c["m"])
@@ -302,7 +327,7 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
     busy = m * stage_t
     breakdown = {"pipeline_busy (m x slowest stage)": busy, "pipeline_bubble": float(c["pipeline"]) - busy,
                  "dp_gradient_reduction": float(c["dp_reduce"]), "optimizer_step": float(c["optimizer"]),
-                 "fixed_overhead": s.overhead_s}
+                 "fixed_overhead": s.overhead_s, "zero3_parameter_gathers": float(c["zero3_gather"])}
     hw = recipe.hardware
     return Performance(
         step_time_s=step, throughput_seq_per_s=s.global_batch / step,
@@ -314,4 +339,7 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
                      "gpus_per_node (ASSUMED)": hw.gpus_per_node, "intra_node_gbps (ASSUMED)": hw.intra_node_gbps,
                      "inter_node_gbps (ASSUMED)": hw.inter_node_gbps, "step_overhead_ms": hw.step_overhead_ms,
                      "overlap": "none: TP/EP collectives, pipeline sends and the gradient reduction are exposed",
-                     "routing_imbalance (busiest expert over mean; ep > 1, dropless)": imbalance})
+                     "routing_imbalance (busiest expert over mean; ep > 1, dropless)": imbalance,
+                     "zero3_param_persistence_threshold": s.zero3.persistence_threshold,
+                     "zero3_max_reuse_distance": s.zero3.max_reuse_distance},
+        moe_backend=strategy.moe_backend)

@@ -3,9 +3,10 @@
 The space: tp among the divisors of `gpus_per_node` (tp stays inside a node), pp from 1 to the number of layers (each
 stage then holds at least one MoE layer: every layer is one), ep among the divisors of the expert count, dp and the
 micro-batch among the divisors of the global batch (micro_batch * dp must divide it), ZeRO 0-3, activation
-checkpointing off/on, and tp*pp*dp <= --max-gpus. A combination is legal when `Strategy`'s rules accept it
-(`layout_problem`, DeepSpeed's: tp | heads, ep | experts, ep | dp, no ZeRO-3 with MoE, ZeRO <= 1 with pp > 1;
-`training_problem`: ep a multiple of tp when both exceed 1; `batch_divides`).
+checkpointing off/on, the MoE backend (`legacy` or `autoep`, `Strategy.moe_backend`) and tp*pp*dp <= --max-gpus. A
+combination is legal when `Strategy`'s rules accept it (`layout_problem`, DeepSpeed's: tp | heads, ep | experts,
+ep | dp, ZeRO-3 only with AutoEP where ep > 1 and only with pp 1, ZeRO <= 1 with pp > 1, AutoEP only for gated
+dropless experts at tp 1; `training_problem`: ep a multiple of tp when both exceed 1; `batch_divides`).
 
 Fit: the memory estimator's peak rank (estimate.py) against `hardware.gpu_memory_gb`. The estimator takes ~1 ms per
 layout; the search uses `FastMemory.peak_bytes_many`, the same formulas with every stage's parts cached by the
@@ -96,7 +97,7 @@ class FastMemory:
         return one.backward_peak_bytes, two.backward_peak_bytes - one.backward_peak_bytes
 
     def peak_bytes_many(self, grid: np.ndarray) -> np.ndarray:
-        """Peak bytes of every row (tp pp ep dp zero B ckpt) of `grid`: each stage kind's parts are computed once
+        """Peak bytes of every row (tp pp ep dp zero B ckpt backend) of `grid`: each stage kind's parts are computed once
         per distinct argument tuple (np.unique) and broadcast back, then added up by `estimate.peak_total`."""
         peak = np.zeros(len(grid), dtype=np.int64)
         m_all = self.gbs // (grid[:, 5] * grid[:, 3])
@@ -152,9 +153,13 @@ def _rank_key(objective: str):
     return lambda c: (c["gpus"] * c["step_time_s"], c["step_time_s"])
 
 
+BACKENDS = ("legacy", "autoep")  # column 7 of the grid: the index into this
+
+
 def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, np.ndarray]:
-    """(combinations searched, legal strategies as an int array with columns tp pp ep dp zero B ckpt): those that
-    `Strategy.training_problem`, `Strategy.layout_problem` and the global-batch rule (`batch_divides`) accept."""
+    """(combinations searched, legal strategies as an int array with columns tp pp ep dp zero B ckpt backend, the
+    backend an index into `BACKENDS`): those that `Strategy.training_problem`, `Strategy.layout_problem` and the
+    global-batch rule (`batch_divides`) accept."""
     m, hw, gbs = recipe.model, recipe.hardware, recipe.train.global_batch_size
     tps, pps, eps = divisors(hw.gpus_per_node), range(1, m.num_hidden_layers + 1), divisors(m.num_local_experts)
     batch = divisors(gbs)
@@ -167,16 +172,17 @@ def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, n
                 for dp in batch:
                     gpus_ok = max_gpus is None or tp * pp * dp <= max_gpus
                     for zero in (0, 1, 2, 3):
-                        searched += 2 * len(batch)
-                        if not gpus_ok:
-                            continue
-                        strategy = Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero)
-                        if strategy.training_problem() or strategy.layout_problem(m, hw.gpus_per_node):
-                            continue
-                        for B in micro_batches[dp]:
-                            rows.append((tp, pp, ep, dp, zero, B, 0))
-                            rows.append((tp, pp, ep, dp, zero, B, 1))
-    return searched, np.array(rows, dtype=np.int64).reshape(-1, 7)
+                        for backend, name in enumerate(BACKENDS):
+                            searched += 2 * len(batch)
+                            if not gpus_ok:
+                                continue
+                            strategy = Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero, moe_backend=name)
+                            if strategy.training_problem() or strategy.layout_problem(m, hw.gpus_per_node):
+                                continue
+                            for B in micro_batches[dp]:
+                                rows.append((tp, pp, ep, dp, zero, B, 0, backend))
+                                rows.append((tp, pp, ep, dp, zero, B, 1, backend))
+    return searched, np.array(rows, dtype=np.int64).reshape(-1, 8)
 
 
 def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assumptions()) -> dict[str, np.ndarray]:
@@ -189,14 +195,19 @@ def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assump
     for pp in range(1, max_pp + 1):
         table[:, pp] = stage_shape(s.L, pp)
     tp, pp, ep, dp, zero, B, ckpt = (grid[:, i].astype(np.float64) for i in range(7))
-    c = step_components(s, tp, grid[:, 1], ep, dp, zero, B, ckpt, pp_table=table)
+    c = step_components(s, tp, grid[:, 1], ep, dp, zero, B, ckpt, pp_table=table, autoep=grid[:, 7] == 1)
     step = np.asarray(c["step"], dtype=np.float64)
     return {"peak": peak, "step": step, "gpus": grid[:, 0] * grid[:, 1] * grid[:, 3],
             "fits": peak <= budget_bytes(recipe)}
 
 
+def strategy_of_row(row) -> Strategy:
+    """The `Strategy` of one grid row (tp pp ep dp zero B ckpt backend)."""
+    return Strategy(*row[:6], activation_checkpointing=bool(row[6]), moe_backend=BACKENDS[row[7]])
+
+
 def _candidate(row, peak, step, gbs, fits=True) -> dict:
-    strategy = Strategy(*row[:6], activation_checkpointing=bool(row[6]))
+    strategy = strategy_of_row(row)
     return {"parallel": strategy.as_parallel(), "gpus": strategy.gpus, "step_time_s": float(step),
             "throughput_seq_per_s": gbs / float(step), "peak_bytes": int(peak), "fits": bool(fits)}
 

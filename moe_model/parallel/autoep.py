@@ -90,3 +90,25 @@ class AutoEPBlock(nn.Module):
         router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
                               expert_counts(experts_TK.detach(), cfg.num_local_experts))
         return y_BSD, router
+
+
+def block_state(autoep_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AutoEP's parameter names and layout -> `MoESparseBlock`'s, for whole experts ([E, ...], as DeepSpeed's
+    universal checkpoint consolidates them): `<p>.mlp.moe.router.gate.weight` -> `<p>.mlp.gate.weight`;
+    `<p>.mlp.moe.experts.w1` (gate) and `w3` (up), [E, I, D] each -> `<p>.mlp.experts.gate_up_proj` [E, 2I, D];
+    `w2` -> `down_proj`. Other names pass unchanged. The one home of this mapping (export, and resuming an AutoEP
+    run on the legacy backend)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in autoep_state.items():
+        prefix, sep, part = name.partition(".mlp.moe.")
+        if not sep:
+            state[name] = tensor
+        elif part == "router.gate.weight":
+            state[f"{prefix}.mlp.gate.weight"] = tensor
+        elif part == "experts.w1":
+            state[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([tensor, autoep_state[f"{prefix}.mlp.moe.experts.w3"]], 1)
+        elif part == "experts.w2":
+            state[f"{prefix}.mlp.experts.down_proj"] = tensor
+        elif part != "experts.w3":
+            raise KeyError(f"unknown AutoEP parameter {name}")
+    return state

@@ -8,7 +8,13 @@ model-parallel file holds which pipeline stage and tp slice) and the run's recip
 - DeepSpeed's MoE layer stores the router as `mlp.moe.deepspeed_moe.gate.wg.weight` and each expert in a file of its
   own under its global id (`...deepspeed_experts.<id>.<name>`): experts are stacked back into `[E, ...]` tensors;
 - tensor-parallel q/k/v are concatenated by output rows and o by input columns over the tp ranks; everything else is
-  replicated over tp and taken from tp rank 0.
+  replicated over tp and taken from tp rank 0;
+- AutoEP stores the router as `mlp.moe.router.gate.weight` and each expert's gate, up and down matrices in the same
+  per-expert files (`...mlp.moe.experts.w1.<id>`, `w3`, `w2`); they are stacked, then renamed and fused back into
+  the block's (`parallel.autoep.block_state`);
+- ZeRO-3 checkpoints (the module files hold no weights) are read whole through DeepSpeed's universal checkpoint
+  conversion (`universal`): the fp32 master weights. (That conversion refuses pipeline checkpoints of AutoEP,
+  whose expert files repeat per stage, which is why the files above are read directly.)
 
 `native` writes `MoEForCausalLM` (safetensors + config + the model code for trust_remote_code); `mixtral` writes
 transformers' own `MixtralForCausalLM` (silu experts only: the parameter sets are identical).
@@ -27,9 +33,10 @@ import torch
 from ..configuration import MoEConfig
 from ..errors import UserError
 from ..recipe import ModelSection
-from . import checkpoint
+from . import checkpoint, universal
 
 EXPERT_KEY = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
+AUTOEP_EXPERT_KEY = re.compile(r"(?P<prefix>.*\.mlp\.moe\.experts)\.(?P<name>w[123])\.(?P<id>\d+)$")
 TP_ROWS = ("q_proj", "k_proj", "v_proj")
 
 
@@ -55,17 +62,31 @@ def hf_key(key: str, pipelined: bool, num_layers: int) -> str:
     return key.replace(".mlp.moe.deepspeed_moe.gate.wg.weight", ".mlp.gate.weight")
 
 
-def merged_state_dict(directory: Path, config: MoEConfig) -> dict[str, torch.Tensor]:
+def merged_state_dict(directory: Path, config: MoEConfig, scratch: Path | None = None) -> dict[str, torch.Tensor]:
+    """The single-device model's state dict from one checkpoint tag. A universal conversion, where needed, writes
+    its temporary folder inside `scratch` (default: the checkpoint's parent)."""
     manifest = checkpoint.read_manifest(directory)
     layout = manifest["layout"]
     pipelined, L = layout["pp"] > 1, config.num_hidden_layers
+    from ..parallel.autoep import block_state
+
+    if universal.needs_universal(directory):
+        try:
+            with universal.converted(directory, scratch or directory.parent) as folder:
+                states = universal.read_states(folder, universal.param_shapes(directory))
+        except RuntimeError as err:
+            raise ExportError("checkpoint", str(err)) from None
+        return block_state({hf_key(k, pipelined, L): v for k, v in states.items()})
     slices: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
 
     def place(key: str, tensor: torch.Tensor, tp_rank: int) -> None:
         match = EXPERT_KEY.match(hf_key(key, pipelined, L))
+        autoep = AUTOEP_EXPERT_KEY.match(hf_key(key, pipelined, L))
         if match:
-            experts[(match["prefix"], match["name"])][int(match["id"])] = tensor
+            experts[(f"{match['prefix']}.mlp.experts", match["name"])][int(match["id"])] = tensor
+        elif autoep:
+            experts[(autoep["prefix"], autoep["name"])][int(autoep["id"])] = tensor
         else:
             slices[hf_key(key, pipelined, L)][tp_rank] = tensor
 
@@ -91,8 +112,8 @@ def merged_state_dict(directory: Path, config: MoEConfig) -> dict[str, torch.Ten
         if sorted(by_id) != list(range(config.num_local_experts)):
             raise ExportError("checkpoint", f"{directory}: {prefix} has experts {sorted(by_id)}, expected "
                                             f"0..{config.num_local_experts - 1}")
-        state[f"{prefix}.mlp.experts.{name}"] = torch.stack([by_id[e] for e in range(config.num_local_experts)])
-    return state
+        state[f"{prefix}.{name}"] = torch.stack([by_id[e] for e in range(config.num_local_experts)])
+    return block_state(state)
 
 
 def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = None,
@@ -129,7 +150,7 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
         raise ExportError("--format", "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
 
     model = MoEForCausalLM(config)
-    state = merged_state_dict(directory, config)
+    state = merged_state_dict(directory, config, scratch=out_dir.parent)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

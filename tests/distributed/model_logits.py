@@ -17,6 +17,7 @@ from moe_model import MoEForCausalLM
 from moe_model.launch import rank_program_parser
 from moe_model.parallel import Layout
 from moe_model.recipe import load_recipe
+from moe_model.strategy import Strategy
 from moe_model.train.engine import build_engine
 from moe_model.train.distributed import init_distributed
 
@@ -31,7 +32,7 @@ def main() -> int:
     recipe = load_recipe(args.recipe, args.set)
     rank, world = init_distributed()
     p = recipe.parallel
-    layout = Layout(tp=p.tp, pp=p.pp, ep=p.ep, dp=world // (p.tp * p.pp))
+    layout = Layout.of(Strategy.from_recipe(recipe, world)[0])
 
     torch.manual_seed(recipe.train.seed)
     reference = MoEForCausalLM(recipe.moe_config()).eval()
@@ -71,7 +72,7 @@ def train_and_save(recipe, layout, engine, step, steps, run_dir: Path) -> None:
     batches = StepBatches(recipe, layout.dp, layout.coords(dist.get_rank())["data"])
     for s in range(steps):
         step(batches.micro_batches(s))
-    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp}
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp, "moe_backend": layout.moe_backend}
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"recipe": recipe.model_dump(), "layout": sizes}))
