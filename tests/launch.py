@@ -7,11 +7,11 @@ import subprocess
 from pathlib import Path
 
 from moe_model.launch import deepspeed_command, free_port, rank_env
+from tests.layouts import SINGLE_RANK  # re-exported: the tests' one-rank overrides
 
 __all__ = ["ROOT", "SINGLE_RANK", "failure", "free_port", "launch"]
 
 ROOT = Path(__file__).resolve().parents[1]
-SINGLE_RANK = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=null")
 
 
 def launch(num_ranks: int, *overrides: str, script: str = "scripts/train.py", recipe: str = "recipes/tiny_cpu.yaml",

@@ -8,38 +8,20 @@ import pytest
 from moe_model.train.distributed import cpu_threads_per_rank
 from moe_model.train.tracking import read_metrics
 from tests.launch import SINGLE_RANK, failure, launch
+from tests.layouts import LAYOUTS, micro_batch_overrides
 
 STEPS = ("train.steps=7", "train.warmup_steps=2", "train.log_every=1", "tracking.wandb.mode=disabled")
 # DeepSpeed's WarmupCosineLR runs its first two steps at lr 0: 7 steps give 5 real updates
-# tiny_cpu is gated (silu): moe_backend auto runs DeepSpeed's AutoEP wherever ep > 1 and tp = 1, legacy with tp > 1
-LAYOUTS = {
-    "ep1_autoep": (1, *SINGLE_RANK, "parallel.moe_backend=autoep"),  # AutoEP's grouped experts, no exchange
-    "dp2_ep2_zero1_autoep": (2, "parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2"),
-    "dp2_ep2_zero3_autoep": (2, "parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2",
-                             "parallel.zero_stage=3"),
-    "dp4_ep2_zero3_autoep_mb2": (4, "parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=4",
-                                 "parallel.zero_stage=3", "parallel.micro_batch_size=2"),
-    "pp2_dp2_ep2_zero1_ckpt_autoep": (4, "parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2",
-                                      "parallel.activation_checkpointing=true"),
-    # ZeRO-0 fp32: the engine's own clip (`clip_keeping_norm`) must count every stage and expert once
-    "pp2_dp2_ep2_zero0_legacy": (4, "parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2",
-                                 "parallel.zero_stage=0", "parallel.moe_backend=legacy"),
-    "tp2_dp2_ep2_zero2": (4, "parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2",
-                          "parallel.zero_stage=2"),
-    "tp2_pp2_dp2_ep2_zero1": (8, "parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2"),
-}
-
-
 @pytest.fixture(scope="module")
 def single_rank(tmp_path_factory):
     """The 1-rank run (the model's own block, no DeepSpeed MoE) per micro-batch size: the aux loss is a mean over
     micro-batches of a per-micro-batch statistic, so a layout is compared with the reference of its micro-batch."""
     runs = {}
 
-    def metrics(micro_batch: str) -> list[dict]:
+    def metrics(micro_batch: tuple[str, ...]) -> list[dict]:
         if micro_batch not in runs:
             out = tmp_path_factory.mktemp("single")
-            result = launch(1, *SINGLE_RANK, *STEPS, f"train.output_dir={out}", *micro_batch.split())
+            result = launch(1, *SINGLE_RANK, *STEPS, f"train.output_dir={out}", *micro_batch)
             assert result.returncode == 0, failure(result)
             runs[micro_batch] = read_metrics(out)
         return runs[micro_batch]
@@ -51,7 +33,7 @@ def single_rank(tmp_path_factory):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_losses_equal_one_rank(tmp_path, single_rank, name):
     ranks, *overrides = LAYOUTS[name]
-    single_rank = single_rank(" ".join(o for o in overrides if o.startswith("parallel.micro_batch_size")))
+    single_rank = single_rank(micro_batch_overrides(overrides))
     result = launch(ranks, *overrides, *STEPS, f"train.output_dir={tmp_path}")
     assert result.returncode == 0, failure(result)
     run = json.loads((tmp_path / "run.json").read_text())
