@@ -1,7 +1,8 @@
 """Run by tests through the deepspeed launcher: what a live ZeRO-3 engine all-gathers per micro-batch.
 
-Builds the recipe's engine (`train.engine.build_engine`, ZeRO-3) with `stage3_param_persistence_threshold` and
-`stage3_max_reuse_distance` set from the command line, counts the elements of every parameter DeepSpeed's
+Builds the recipe's engine (`train.engine.build_engine`, ZeRO-3) with `stage3_param_persistence_threshold`,
+`stage3_max_reuse_distance`, `stage3_prefetch_bucket_size` and `stage3_max_live_parameters` set from the command
+line, counts the elements of every parameter DeepSpeed's
 `PartitionedParameterCoordinator` all-gathers (those not already available), split into forward and backward and
 into dense and expert parameters, over the last of three micro-batches (the first records the module trace), and the
 elements of the parameters it keeps whole (`ds_persist`). Rank 0 writes OUT/zero3.json.
@@ -27,6 +28,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--persistence", type=int, required=True)
     parser.add_argument("--reuse", type=int, required=True)
+    parser.add_argument("--prefetch", type=int, required=True)
+    parser.add_argument("--max-live", type=int, required=True)
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.set)
     rank, world = init_distributed()
@@ -37,7 +40,9 @@ def main() -> int:
     def with_stage3(r):
         config = written(r)
         config["zero_optimization"].update(stage3_param_persistence_threshold=args.persistence,
-                                           stage3_max_reuse_distance=args.reuse)
+                                           stage3_max_reuse_distance=args.reuse,
+                                           stage3_prefetch_bucket_size=args.prefetch,
+                                           stage3_max_live_parameters=args.max_live)
         return config
 
     engine_module.deepspeed_config = with_stage3
