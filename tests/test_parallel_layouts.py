@@ -65,3 +65,19 @@ def test_parallel_logits_equal_the_hf_model(tmp_path, ranks, overrides):
     for report in reports:
         if "gather_shim_max_abs_diff" in report:
             assert report["gather_shim_max_abs_diff"] == 0.0
+
+
+@pytest.mark.multirank
+def test_autoep_block_keeps_the_model_contract(tmp_path):
+    """AutoEP computes no aux loss or z-loss and counts tokens cumulatively; the adapter must give the block's own
+    figures of every forward (z-loss switched on here), with no tensor left on a module."""
+    result = launch(2, "parallel.pp=1", "parallel.dp=2", "model.router_z_loss_coef=0.001",
+                    script="tests/distributed/autoep_contract.py", extra_args=("--out", str(tmp_path)))
+    assert result.returncode == 0, failure(result)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["backend"] == "autoep"
+        for forward in report["forwards"]:
+            assert forward["logits"] < 1e-5 and forward["aux_loss"] < 1e-6 and forward["z_loss"] < 1e-6, forward
+            assert forward["counts_equal"] and forward["routes"] == 4 * 4 * 64 * 2, forward  # L x B x S x k
+        assert report["new_tensor_attributes"] == []
