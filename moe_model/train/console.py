@@ -85,7 +85,8 @@ def header(recipe: Recipe, run_config: dict[str, Any], device: str, wandb_where:
     """Two lines: the layout and the memory estimate's verdict, then where the metrics go."""
     lay = run_config["layout"]
     line = (f"moe: {recipe.name}: {lay['world_size']} {device} rank(s), tp{lay['tp']} pp{lay['pp']} "
-            f"ep{lay['ep']} dp{lay['dp']}, ZeRO-{recipe.parallel.zero_stage}, {recipe.train.precision}, "
+            f"ep{lay['ep']} dp{lay['dp']}, experts on {lay.get('moe_backend', 'legacy')}, "
+            f"ZeRO-{recipe.parallel.zero_stage}, {recipe.train.precision}, "
             f"{recipe.train.steps} steps")
     estimate = run_config.get("estimate", {})
     if "fits" in estimate:
