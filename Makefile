@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 
 CORPUS := data/python_docs.jsonl
 
-.PHONY: install test test-fast smoke plan bench bench-gpu step-time configs lint clean
+.PHONY: install test test-fast smoke plan bench bench-gpu gpu-check step-time configs lint clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ bench: $(STAMP)
 # the same on a GPU machine: bf16, tokens/s and MFU against PEAK_TFLOPS (the card's dense bf16 peak)
 GPUS ?= 1
 PEAK_TFLOPS ?= 989
+# the one check a session lent a GPU runs first (under 8 minutes on one GPU): bf16 training on each MoE backend,
+# the memory estimator against torch.cuda.max_memory_allocated, the speed bench with MFU against PEAK_TFLOPS;
+# one table, JSON in benchmarks/results/gpu_check.json, logs in runs/gpu-check/. Without a GPU: one line, exit 0.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --peak-tflops $(PEAK_TFLOPS)
+
 # the performance model against measured CPU runs of the tiny recipe, 1 and 4 ranks (moe calibrate, then training)
 step-time: $(STAMP)
 	$(BIN)/python benchmarks/step_time_accuracy.py

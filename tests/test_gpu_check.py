@@ -137,7 +137,7 @@ def test_the_cpu_dry_run_trains_both_backends_to_the_same_losses(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out.json"
     env = {**os.environ, "WANDB_MODE": "disabled"}
     result = subprocess.run([sys.executable, str(SCRIPT), "--cpu-dry-run", "--work", str(work), "--out", str(out)],
-                            capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+                            capture_output=True, text=True, timeout=1000, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "gpu-check: CPU dry run" in result.stdout
     report = json.loads(out.read_text())
@@ -157,4 +157,4 @@ def test_the_cpu_dry_run_trains_both_backends_to_the_same_losses(tmp_path):
     memory = [r for r in rows if r["part"] == "memory"]
     assert memory and all(r["error"] == (r["estimate"] - r["measured"]) / r["measured"] for r in memory)
     assert [r["figure"] for r in rows if r["part"] == "speed"] == ["GEMM rate (fp32)"]
-    assert report["moe_speed"]["gemm_flops_s"] > 0
+    assert report["speed"]["gemm_flops_s"] > 0  # the bench's own JSON, kept whole
