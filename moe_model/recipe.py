@@ -108,6 +108,7 @@ class TrainSection(Section):
     save_every: int = Field(0, ge=0)  # 0: no checkpoints
     keep_checkpoints: int = Field(3, ge=0)  # newest complete checkpoints kept (0: all)
     resume: str = "auto"  # auto | never | PATH
+    init_from: str | None = None  # a Hugging Face folder (native or Mixtral) whose weights a fresh run starts from
     overwrite: bool = False  # start over in a directory holding a run: its files go to archive-<time>/ first
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every: int = Field(0, ge=0)  # validation loss every N steps and at the last step (0: never)
@@ -201,6 +202,33 @@ class Recipe(Section):
     hardware: HardwareSection = HardwareSection()
     tracking: TrackingSection = TrackingSection()
     claims: ClaimsSection = ClaimsSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_init_from(cls, raw: Any) -> Any:
+        """With `train.init_from` the model is the folder's: an omitted `model` section (or field) is taken from its
+        config.json; an architecture field stated otherwise is one error naming every field that differs."""
+        train = raw.get("train") if isinstance(raw, dict) else None
+        folder = train.get("init_from") if isinstance(train, dict) else None
+        if not folder:
+            return raw
+        from .formats import architecture_differences, model_fields
+
+        if not Path(folder).is_dir():
+            raise RecipeError("train.init_from", f"{folder!r} is not a folder; pass a Hugging Face model folder "
+                                                 "(config.json and safetensors), e.g. one written by moe export")
+        try:
+            fields = model_fields(Path(folder))
+        except ValueError as err:
+            raise RecipeError("train.init_from", str(err)) from None
+        stated = raw.get("model") or {}
+        if not isinstance(stated, dict):
+            return raw
+        differ = architecture_differences(fields, stated)
+        if differ:
+            raise RecipeError("model", (f"differs from train.init_from's model ({', '.join(differ)}); omit these "
+                                        "fields (or the whole model section) to take the folder's"))
+        return {**raw, "model": {**fields, **stated}}
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> Recipe:

@@ -1,21 +1,26 @@
 """Apply a layout to the single-device model: the model files stay unaware of parallelism.
 
-Every rank builds the full `MoEForCausalLM` from the recipe's seed, then keeps its share: this rank's attention
-heads (tp), its experts inside DeepSpeed's MoE layer (ep), its pipeline stage's blocks (pp). The same weights on
-every layout is what makes the losses of different layouts comparable step for step. (For a model that does not fit
-one host's memory this would become a meta-device build plus a sharded load; the seed model fits.)
+With a `source` (training): the model is built on the meta device, the layout applied there (this rank's attention
+heads for tp, its experts inside DeepSpeed's MoE layer or the AutoEP block for ep, its pipeline stage's blocks for
+pp), and only then are this rank's parameters allocated and filled from the source by name and slice
+(`state_dict_adapter`): no rank ever holds the whole model. The source is the recipe's seed (`SeededInit`: one
+stream per parameter and per expert, so every layout gets the same weights and the losses of different layouts are
+comparable step for step) or a Hugging Face folder (`train.init_from`). Without a source the given (real) model's
+own weights are split as the layout says.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from ..modeling import MoEForCausalLM
 from .groups import RankGroups
 from .layer import parallelize_layer
 from .layout import Layout
+from .state_dict_adapter import Source, global_shapes, materialize, shard_of
 
 
 class ParallelModel(NamedTuple):
@@ -28,8 +33,25 @@ class ParallelModel(NamedTuple):
     pipeline_loss: object | None = None
 
 
-def build_model(model: MoEForCausalLM, layout: Layout, activation_checkpointing: bool = False) -> ParallelModel:
-    """This rank's share of `model` under `layout` (see `ParallelModel`)."""
+def build_model(model: MoEForCausalLM, layout: Layout, activation_checkpointing: bool = False,
+                source: Source | None = None) -> ParallelModel:
+    """This rank's share of `model` under `layout` (see `ParallelModel`); with `source`, `model` is on the meta
+    device and this rank's parameters are allocated and read from `source` (module docstring)."""
+    if source is None:
+        return _apply_layout(model, layout, activation_checkpointing)
+    shapes = global_shapes(model.config)
+    with torch.device("meta"):
+        built = _apply_layout(model, layout, activation_checkpointing)
+    coords = layout.coords(torch.distributed.get_rank()) if torch.distributed.is_initialized() else layout.coords(0)
+    L = model.config.num_hidden_layers
+    shards = {name: shard_of(name, p.shape, shapes, layout.pp > 1, L, coords["model"], coords["expert"], layout.ep,
+                             layout.moe_backend == "autoep")
+              for name, p in built.module.named_parameters()}
+    materialize(built.module, shards, source)
+    return built
+
+
+def _apply_layout(model: MoEForCausalLM, layout: Layout, activation_checkpointing: bool) -> ParallelModel:
     if (layout.tp, layout.pp, layout.ep, layout.moe_backend) == (1, 1, 1, "legacy"):
         if activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -20,6 +20,7 @@ from ..losses import StepStats, training_loss
 from ..modeling import MoEDecoderLayer, MoEForCausalLM, causal_lm_loss, rope_cos_sin
 from .groups import RankGroups
 from .layer import parallelize_layer
+from .state_dict_adapter import allocate
 
 
 def carry_size(config: MoEConfig) -> int:
@@ -31,6 +32,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.embed_tokens = embed_tokens
         self.carry_size = carry_size(config)
+        allocate(self)  # built on meta: the PipelineModule moves its stage next, and `build_model` fills it
 
     def forward(self, ids_BS: torch.Tensor):
         x_BSD = self.embed_tokens(ids_BS)
@@ -45,6 +47,7 @@ class DecoderLayerPipe(nn.Module):
         self.layer = parallelize_layer(layer, groups)
         self.layer_idx = layer_idx
         self.config = config
+        allocate(self)  # built on meta: the PipelineModule moves its stage next, and `build_model` fills it
 
     def forward(self, inputs):
         x_BSD, carry = inputs
@@ -63,6 +66,7 @@ class HeadPipe(nn.Module):
     def __init__(self, norm: nn.Module, lm_head: nn.Linear):
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
+        allocate(self)  # built on meta: the PipelineModule moves its stage next, and `build_model` fills it
 
     def forward(self, inputs):
         x_BSD, carry = inputs

@@ -8,6 +8,7 @@ return zeros, so `StepStats.all_reduce` and `StepStats.mean` give the step's fig
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from ..losses import StepStats
 from ..modeling import MoEForCausalLM
 from ..parallel import Layout, build_model
-from ..recipe import Recipe
+from ..parallel.parallelize import ParallelModel
+from ..recipe import Recipe, RecipeError
 from .ds_config import deepspeed_config
 
 StepFn = Callable[[list[torch.Tensor]], StepStats]
@@ -100,13 +102,41 @@ def clip_keeping_norm(engine, max_norm: float) -> None:
     engine.optimizer.register_step_pre_hook(clip)
 
 
-def build_engine(recipe: Recipe, layout: Layout):
-    """Returns (engine, step function, DeepSpeed JSON config)."""
+def weights_source(recipe: Recipe, resuming: bool = False):
+    """Where the weights come from before a checkpoint (if any) is loaded: `train.init_from`'s folder on a fresh run
+    (read lazily, this rank's slices only), else the recipe's seed (`SeededInit`). A folder that cannot fill the
+    model is a `RecipeError` naming the first tensor missing or shaped otherwise."""
+    from ..parallel.state_dict_adapter import SafetensorsSource, SeededInit, global_shapes
+
+    config = recipe.moe_config()
+    shapes = global_shapes(config)
+    if recipe.train.init_from and not resuming:
+        try:
+            source = SafetensorsSource(Path(recipe.train.init_from))
+        except FileNotFoundError as err:
+            raise RecipeError("train.init_from", f"{err}; pass a folder written by save_pretrained") from None
+        problem = source.problem(shapes)
+        if problem:
+            raise RecipeError("train.init_from", problem)
+        return source
+    return SeededInit(config, recipe.train.seed, shapes)
+
+
+def rank_share(recipe: Recipe, layout: Layout, resuming: bool = False) -> ParallelModel:
+    """This rank's share of the model, built on the meta device and filled from `weights_source`: no rank ever
+    holds the whole model (`parallel.parallelize`)."""
+    with torch.device("meta"):
+        meta = MoEForCausalLM(recipe.moe_config())
+    return build_model(meta, layout, recipe.parallel.activation_checkpointing, source=weights_source(recipe, resuming))
+
+
+def build_engine(recipe: Recipe, layout: Layout, resuming: bool = False, share: ParallelModel | None = None):
+    """Returns (engine, step function, DeepSpeed JSON config) around `share` (default: `rank_share`)."""
     import deepspeed
 
-    torch.manual_seed(recipe.train.seed)
+    torch.manual_seed(recipe.train.seed)  # what else draws (dropout-free model: nothing yet) starts the same
     config = recipe.moe_config()
-    model, groups, pipeline_loss = build_model(MoEForCausalLM(config), layout, recipe.parallel.activation_checkpointing)
+    model, groups, pipeline_loss = share or rank_share(recipe, layout, resuming)
     ds_config = deepspeed_config(recipe)
     keep_norm = drops_clipped_norm(recipe)
     engine, _, _, _ = deepspeed.initialize(

@@ -172,19 +172,10 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
 
 
 def to_mixtral(model):
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
-    c = model.config
-    config = MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, num_local_experts=c.num_local_experts,
-        num_experts_per_tok=c.num_experts_per_tok, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        sliding_window=None, tie_word_embeddings=c.tie_word_embeddings,
-        router_aux_loss_coef=c.router_aux_loss_coef * c.num_experts_per_tok,  # Mixtral's aux is k times ours
-        torch_dtype=model.dtype,
-    )
-    mixtral = MixtralForCausalLM(config)
+    from ..formats import mixtral_config
+
+    mixtral = MixtralForCausalLM(mixtral_config(model.config, model.dtype))
     mixtral.load_state_dict(model.state_dict(), strict=True)
     return mixtral

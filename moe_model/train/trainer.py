@@ -103,8 +103,11 @@ class Trainer:
             raise recipe_error(data_problem)
         from .engine import build_engine
 
-        with library_output():
-            self.engine, self.run_step, ds_config = build_engine(recipe, layout)
+        try:
+            with library_output():
+                self.engine, self.run_step, ds_config = build_engine(recipe, layout, resuming=resume_from is not None)
+        except RecipeError as err:  # train.init_from's folder cannot fill the model: the same on every rank
+            raise recipe_error(err) from None
         self.first_step = 0
         for note in notes:
             self.say(f"moe: {note}")

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_model import MoEForCausalLM
 from moe_model.launch import rank_program_parser
 from moe_model.parallel import Layout
+from moe_model.parallel.state_dict_adapter import seeded_model
 from moe_model.recipe import load_recipe
 from moe_model.strategy import Strategy
 from moe_model.train.distributed import init_distributed
@@ -35,8 +35,7 @@ def main() -> int:
     recipe = load_recipe(args.recipe, args.set)
     rank, world = init_distributed()
     layout = Layout.of(Strategy.from_recipe(recipe, world)[0])
-    torch.manual_seed(recipe.train.seed)
-    reference = MoEForCausalLM(recipe.moe_config()).eval()
+    reference = seeded_model(recipe.moe_config(), recipe.train.seed).eval()  # what every layout's shares add up to
     engine, _, _ = build_engine(recipe, layout)
     before = tensor_attributes(engine.module)
     report = {"rank": rank, "backend": layout.moe_backend, "forwards": []}

@@ -1,0 +1,253 @@
+"""Which part of the single-device model each parameter of this rank's parallel module holds, and filling it.
+
+The parallel module (`build_model`: tensor-parallel attention, pipeline stages, DeepSpeed's legacy MoE layer or the
+AutoEP block, before `deepspeed.initialize`) is built on the meta device and only this rank's parameters are then
+allocated and filled, each from a `Source` read by the single-device model's parameter name (the native and the
+Mixtral checkpoint names are the same) and the slice this rank holds:
+
+    local name                                                  global name                     part
+    <i>.embed_tokens.weight, <i>.layer.<rest>, <i>.norm/lm_head   model.<...>, model.layers.<i-1>.<rest>, ...  (pp > 1)
+    ...self_attn.{q,k,v}_proj.weight                            the same                        rows of tp rank
+    ...self_attn.o_proj.weight                                  the same                        columns of tp rank
+    ...mlp.moe.deepspeed_moe.gate.wg.weight                     ...mlp.gate.weight              all (legacy, ep > 1)
+    ...mlp.moe.deepspeed_moe.experts.deepspeed_experts.<i>.<w>  ...mlp.experts.<w>              expert ep_rank*E/ep + i
+    ...mlp.moe.gate.weight, ...mlp.moe.experts.<w>              ...mlp.gate.weight, experts.<w> AutoEP: this rank's
+                                                                                                experts only (AutoEP
+                                                                                                copies no others)
+
+The one home of these names: `moe export` reads DeepSpeed checkpoints (whose keys are these local names) through
+`global_name` too. Sources: `SeededInit` (the recipe's seed, one stream per parameter and per expert, so every layout
+gets the same weights without any rank generating what it does not hold) and `SafetensorsSource` (a Hugging Face
+folder, read lazily: only the slices this rank holds leave the disk).
+
+Why by hand: torch's `distributed.checkpoint` and DTensor resharding address DTensor shards on a DeviceMesh, and
+DeepSpeed's groups are plain process groups with its own module names; transformers' loading materializes whole
+tensors per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..formats import hub_name, hub_parts
+
+LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
+AUTOEP_BLOCK = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>gate\.weight|experts\.\w+)$")
+TP_ROWS = ("q_proj", "k_proj", "v_proj")
+
+
+def global_name(local: str, pipelined: bool, num_layers: int) -> str:
+    """A parallel module's (or a DeepSpeed checkpoint's) key -> the single-device model's name; a legacy expert key
+    keeps its `.deepspeed_experts.<id>.` part (see `shard_of`)."""
+    key = local
+    if pipelined:
+        index, rest = key.split(".", 1)
+        index = int(index)
+        if index == 0:
+            key = f"model.{rest}"
+        elif index <= num_layers:
+            key = f"model.layers.{index - 1}.{rest.removeprefix('layer.')}"
+        else:
+            key = rest if rest.startswith("lm_head") else f"model.{rest}"
+    return key.replace(".mlp.moe.deepspeed_moe.gate.wg.weight", ".mlp.gate.weight")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`global[name][index]` is what a local parameter holds (`index` () for all of it); `fill` the rows of the local
+    tensor it fills (None: all): the AutoEP block's experts hold all E but only this rank's are read and used."""
+
+    name: str
+    index: tuple = ()
+    fill: slice | None = None
+
+
+def shard_of(local: str, local_shape: torch.Size, global_shapes: dict[str, torch.Size], pipelined: bool,
+             num_layers: int, tp_rank: int, ep_rank: int, ep: int, autoep: bool) -> Shard:
+    """Which part of which global parameter the local parameter `local` holds (module docstring's table)."""
+    name = global_name(local, pipelined, num_layers)
+    expert = LEGACY_EXPERT.match(name)
+    if expert:  # the module numbers its experts from 0 on every rank (its checkpoint files by global id)
+        stacked = f"{expert['prefix']}.mlp.experts.{expert['name']}"
+        return Shard(stacked, (ep_rank * global_shapes[stacked][0] // ep + int(expert["id"]),))
+    block = AUTOEP_BLOCK.match(name) if autoep else None
+    if block:
+        name = f"{block['prefix']}.mlp.{block['rest']}"
+        if block["rest"].startswith("experts."):
+            E = global_shapes[name][0]
+            mine = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
+            return Shard(name, (mine,), fill=mine)
+    whole = global_shapes[name]
+    if tuple(local_shape) == tuple(whole):
+        return Shard(name)
+    proj = name.rsplit(".", 2)[-2]
+    if proj in TP_ROWS:
+        rows = local_shape[0]
+        return Shard(name, (slice(tp_rank * rows, (tp_rank + 1) * rows),))
+    if proj == "o_proj":
+        cols = local_shape[1]
+        return Shard(name, (slice(None), slice(tp_rank * cols, (tp_rank + 1) * cols)))
+    raise ValueError(f"{local} {tuple(local_shape)} is no known part of {name} {tuple(whole)}")
+
+
+class Source(Protocol):
+    def read(self, name: str, index: tuple) -> torch.Tensor:
+        """`global[name][index]` as a new fp32 (or stored-dtype) CPU tensor."""
+
+
+class SeededInit:
+    """The model's initialisation (normal(0, initializer_range) for matrices, ones for norms, the padding row of the
+    embedding zero) drawn from one generator per parameter, and per expert for stacked expert tensors, each seeded by
+    a hash of (seed, name[, expert]): any part of the model comes out the same whoever draws it and whatever else
+    they draw."""
+
+    def __init__(self, config, seed: int, global_shapes: dict[str, torch.Size]):
+        self.config, self.seed, self.shapes = config, seed, global_shapes
+
+    def _stream(self, *key) -> torch.Generator:
+        digest = hashlib.sha256(":".join(str(k) for k in (self.seed, *key)).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    def _draw(self, name: str, shape, *key) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        tensor = torch.empty(shape).normal_(0.0, self.config.initializer_range, generator=self._stream(name, *key))
+        pad = self.config.pad_token_id
+        if name == "model.embed_tokens.weight" and pad is not None:
+            tensor[pad] = 0.0
+        return tensor
+
+    def read(self, name: str, index: tuple) -> torch.Tensor:
+        shape = self.shapes[name]
+        if ".mlp.experts." not in name:
+            return self._draw(name, shape)[index]
+        first, rest = (index[0] if index else slice(None)), index[1:]
+        if isinstance(first, int):
+            return self._draw(name, shape[1:], first)[rest]
+        experts = range(shape[0])[first]
+        return torch.stack([self._draw(name, shape[1:], e) for e in experts])[(slice(None), *rest)]
+
+
+class SafetensorsSource:
+    """A Hugging Face folder's weights (one `model.safetensors` or shards named by `model.safetensors.index.json`),
+    read lazily: `safe_open(...).get_slice(name)[index]` reads only the slice's bytes."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        else:
+            single = folder / "model.safetensors"
+            if not single.is_file():
+                raise FileNotFoundError(f"{folder} has no model.safetensors nor model.safetensors.index.json")
+            with safe_open(single, framework="pt") as handle:
+                files = {key: single.name for key in handle.keys()}
+        self.folder, self.files, self._open = folder, files, safe_open
+        self.handles: dict[str, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def problem(self, shapes: dict[str, torch.Size]) -> str | None:
+        """What keeps this folder from filling a model of these parameter shapes (`global_shapes`): the first
+        missing or differently shaped tensor, named; None when every one is there (headers only are read)."""
+        for name, shape in shapes.items():
+            if name in self.files:
+                found = self.shape(name)
+            elif hub_parts(name, 0) is not None:
+                parts = [key for e in range(shape[0]) for key in hub_parts(name, e)]
+                if any(key not in self.files for key in parts):
+                    return f"{self.folder} has no {name} (nor the Mixtral tensors {parts[0]}, ...)"
+                found = torch.Size([shape[0], sum(self.shape(k)[0] for k in hub_parts(name, 0)),
+                                    *self.shape(parts[0])[1:]])
+            elif hub_name(name) in self.files:
+                found = self.shape(hub_name(name))
+            else:
+                return f"{self.folder} has no tensor {name}"
+            if found != shape:
+                return f"{self.folder}: {name} is {tuple(found)}, the model's is {tuple(shape)}"
+        return None
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._handle(name).get_slice(name).get_shape())
+
+    def _handle(self, name: str):
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = self._open(self.folder / file, framework="pt")
+        return self.handles[file]
+
+    def read(self, name: str, index: tuple) -> torch.Tensor:
+        if name not in self.files:
+            return self._read_hub(name, index)
+        part = self._handle(name).get_slice(name)
+        if not index:
+            return part[:]
+        if isinstance(index[0], int):  # one expert: read its row block, then drop the expert dimension
+            e = index[0]
+            return part[(slice(e, e + 1), *index[1:])][0]
+        return part[index]
+
+    def _read_hub(self, name: str, index: tuple) -> torch.Tensor:
+        """A parameter of a Hub-format Mixtral folder (`formats`: one tensor per expert, gate and up apart)."""
+        if hub_parts(name, 0) is None:
+            return self._handle(hub_name(name)).get_slice(hub_name(name))[index or (slice(None),)]
+        layer = name.partition(".mlp.experts.")[0]
+        experts = sum(1 for key in self.files
+                      if key.startswith(f"{layer}.block_sparse_moe.experts.") and key.endswith(".w2.weight"))
+        first, rest = (index[0] if index else slice(None)), index[1:]
+        chosen = [first] if isinstance(first, int) else list(range(experts))[first]
+        blocks = [torch.cat([self._handle(key).get_slice(key)[:] for key in hub_parts(name, e)]) for e in chosen]
+        return (blocks[0] if isinstance(first, int) else torch.stack(blocks))[rest]
+
+
+def allocate(module: nn.Module) -> nn.Module:
+    """Give `module`'s meta parameters (uninitialised) CPU memory, keeping what DeepSpeed and the tensor-parallel
+    code marked on them (`allreduce`, `group_name`, `tensor_model_parallel`, ...): `to_empty` makes new Parameter
+    objects when the device changes and would drop those attributes."""
+    if not any(p.is_meta for p in module.parameters()):
+        return module
+    marks = {name: dict(vars(p)) for name, p in module.named_parameters()}
+    module.to_empty(device="cpu", recurse=True)
+    for name, p in module.named_parameters():
+        vars(p).update(marks[name])
+    return module
+
+
+def materialize(module: nn.Module, shards: dict[str, Shard], source: Source) -> None:
+    """Allocate `module`'s meta parameters on the CPU (`allocate`) and fill each from `source` by its `Shard`."""
+    allocate(module)
+    with torch.no_grad():
+        for local, param in module.named_parameters():
+            shard = shards[local]
+            target = param if shard.fill is None else param[shard.fill]
+            target.copy_(source.read(shard.name, shard.index).to(param.dtype))
+
+
+def global_shapes(config) -> dict[str, torch.Size]:
+    """Every parameter's shape in the single-device model (built on the meta device: no memory)."""
+    from ..modeling import MoEForCausalLM
+
+    with torch.device("meta"):
+        return {name: p.shape for name, p in MoEForCausalLM(config).named_parameters()}
+
+
+def seeded_model(config, seed: int):
+    """The whole single-device model with `SeededInit`'s weights: what every layout's shares add up to."""
+    from ..modeling import MoEForCausalLM
+
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    shapes = global_shapes(config)
+    materialize(model, {name: Shard(name) for name, _ in model.named_parameters()}, SeededInit(config, seed, shapes))
+    return model

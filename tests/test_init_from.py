@@ -1,0 +1,84 @@
+"""`train.init_from`: a run starts from a Hugging Face folder (native or Mixtral, read slice by slice per rank)."""
+
+import copy
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from moe_model.cli import main as moe
+from moe_model.formats import mixtral_config
+from moe_model.recipe import RecipeError, load_recipe
+from moe_model.train.data import StepBatches
+from moe_model.train.tracking import read_metrics
+from tests.conftest import ROOT
+from tests.launch import failure, launch
+
+TINY = yaml.safe_load((ROOT / "recipes/tiny_cpu.yaml").read_text())
+
+
+def mixtral_folder(path):
+    """transformers' own Mixtral with tiny_cpu's shape and random weights, saved as transformers saves it."""
+    from transformers import MixtralForCausalLM
+
+    config = load_recipe(ROOT / "recipes/tiny_cpu.yaml").moe_config()
+    torch.manual_seed(11)
+    model = MixtralForCausalLM(mixtral_config(config)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def recipe_from(tmp_path, folder, **train):
+    raw = copy.deepcopy(TINY)
+    raw.pop("model")  # the folder's config.json is the model
+    raw["train"].update(init_from=str(folder), **train)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_model_section_comes_from_the_folder_or_must_agree(tmp_path):
+    mixtral_folder(tmp_path / "hf")
+    recipe = load_recipe(recipe_from(tmp_path, tmp_path / "hf"))
+    assert recipe.model.hidden_act == "silu" and recipe.model.num_local_experts == 8
+    assert recipe.model.router_aux_loss_coef == pytest.approx(0.01)  # Mixtral's coefficient is k times ours
+    stated = load_recipe(recipe_from(tmp_path, tmp_path / "hf"), ["model.router_z_loss_coef=0.001"])
+    assert stated.model.router_z_loss_coef == 0.001 and stated.model.hidden_size == 64  # a training field may differ
+    with pytest.raises(RecipeError, match=r"model: differs from train.init_from's model \(hidden_size 128 -> 64, "
+                                          r"num_local_experts 4 -> 8\)"):
+        load_recipe(recipe_from(tmp_path, tmp_path / "hf"), ["model.hidden_size=128", "model.num_local_experts=4"])
+    with pytest.raises(RecipeError, match="train.init_from: '/nowhere' is not a folder"):
+        load_recipe(recipe_from(tmp_path, "/nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match="has no config.json"):
+        load_recipe(recipe_from(tmp_path, tmp_path / "empty"))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ranks, layout", [
+    (4, ()),  # tiny_cpu: pp2 x dp2 x ep2 on AutoEP
+    (4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2")),  # legacy MoE with tensor parallelism
+], ids=["pp2_dp2_ep2_autoep", "tp2_dp2_ep2_legacy"])
+def test_first_loss_is_the_source_models_and_export_returns_its_weights(tmp_path, ranks, layout):
+    source = mixtral_folder(tmp_path / "hf")
+    run = tmp_path / "run"
+    # 2 steps inside the warmup: DeepSpeed's WarmupCosineLR runs them at lr 0, so no weight may change
+    recipe_path = recipe_from(tmp_path, tmp_path / "hf", steps=2, warmup_steps=2, save_every=2, log_every=1,
+                              output_dir=str(run))
+    result = launch(ranks, *layout, "tracking.wandb.mode=disabled", recipe=str(recipe_path))
+    assert result.returncode == 0, failure(result)
+    recipe = load_recipe(recipe_path, list(layout))
+    dp = ranks // (recipe.parallel.tp * recipe.parallel.pp)
+    batches = [ids for rank in range(dp) for ids in StepBatches(recipe, dp, rank).micro_batches(0)]
+    with torch.no_grad():
+        expected = sum(source(ids, labels=ids).loss.item() for ids in batches) / len(batches)
+    first = read_metrics(run)[0]
+    assert abs(first["lm_loss"] - expected) <= 1e-5 * expected, (first["lm_loss"], expected)
+
+    assert moe(["export", str(run), str(tmp_path / "out"), "--format", "mixtral"]) == 0
+    with safe_open(tmp_path / "hf/model.safetensors", "pt") as before, \
+            safe_open(tmp_path / "out/model.safetensors", "pt") as after:
+        assert set(before.keys()) == set(after.keys())
+        worst = max((before.get_tensor(k) - after.get_tensor(k)).abs().max().item() for k in before.keys())
+    assert worst == 0.0, worst
