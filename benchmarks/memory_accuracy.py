@@ -9,14 +9,22 @@ benchmarks/results/memory_accuracy.json.
 What is measured:
 - activations: the bytes autograd saves for backward in one forward of the real `MoEForCausalLM` (fp32 and bf16,
   CPU), seen through `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters left out;
-  compared with `activations.model_saved`.
+  compared with `activations.model_saved`. The AutoEP cases convert the blocks with DeepSpeed's own AutoEP at
+  ep = 1 in this process (`convert_to_autoep`).
 - model states: the tensors live DeepSpeed engines hold on CPU ranks (fp32), built by the training code's own
   `build_engine` and stepped by its own step function: the module's parameters and gradients and everything the
   optimizer object reaches (`engine_state_bytes`), recorded as each gradient lands, after each backward, and around
   the optimizer step; compared with `memory.model_states` through the full `estimate` of the same recipe, stage by
-  stage. `CASE_SETS` covers ZeRO 0/1/2 on dp 1 and 2, expert parallelism (ep 2) and pipelines (pp 2, pp 2 x ep 2);
-  each set is one launch through the real deepspeed launcher. On pp = 1 engines the engine's own module (DeepSpeed's
-  MoE layer where ep = 2) is also measured for activations, against the estimate at the measured dispatch depths.
+  stage. `CASE_SETS` covers ZeRO 0/1/2/3 on dp 1, 2 and 4, expert parallelism (ep 2) on both MoE backends (the
+  legacy layer, AutoEP), ZeRO-3 with AutoEP, and pipelines (pp 2, pp 2 x ep 2); each set is one launch through the
+  real deepspeed launcher, the layout and backend resolved as `moe train` resolves them. On pp = 1 engines the
+  engine's own module (DeepSpeed's legacy MoE layer or AutoEP where ep = 2) is also measured for activations, against
+  the estimate at the routing measured on the ranks (each layer's dispatch depth; AutoEP: the rows each layer's
+  experts receive, read from DeepSpeed's `permute_by_local_expert` as it runs).
+- memory as spent: a third real step (the training code's step function), every storage its tensor ops create
+  tracked: the bytes still alive when it calls `engine.backward` (`alive_for_backward`), against the estimate's
+  saved + held activations (the logits the step keeps). The issue's held-out config is one
+  of these cases (`HELD_OUT_MODEL`).
 - GPU mode (only where CUDA is available): the allocator's peak over a training step on one GPU,
   `torch.cuda.max_memory_allocated`, against the estimate's total less the reserve outside PyTorch's allocator and
   the fragmentation allowance.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import subprocess
@@ -38,6 +47,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -60,14 +72,31 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     return saved_tensor_bytes_and_output(model, input_ids)[0]
 
 
+def parameter_storages(model: torch.nn.Module) -> set[int]:
+    """The storages a module's parameters use now: their data (whole where ZeRO-3 gathered them) and ZeRO-3's
+    partitions (`ds_tensor`)."""
+    out = set()
+    for p in model.parameters():
+        out.add(p.untyped_storage().data_ptr())
+        partition = getattr(p, "ds_tensor", None)
+        if isinstance(partition, torch.Tensor):
+            out.add(partition.untyped_storage().data_ptr())
+    return out
+
+
 def saved_tensor_bytes_and_output(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[int, Any]:
-    """`saved_tensor_bytes` and the forward's output (its `expert_counts_LE` among others)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """`saved_tensor_bytes` and the forward's output (its `expert_counts_LE` among others). A tensor on a parameter's
+    storage is left out as the parameters are when it is saved (ZeRO-3 gathers them during the forward)."""
+    zero3 = any(hasattr(p, "ds_tensor") for p in model.parameters())
+    param_storages = parameter_storages(model)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal param_storages
         storage = t.untyped_storage()
         key = storage.data_ptr()
+        if zero3 and key not in param_storages and key not in seen:
+            param_storages = parameter_storages(model)
         if key not in param_storages and key not in seen:
             seen[key] = storage.nbytes()
         return t
@@ -87,6 +116,7 @@ class ActivationCase:
     seq_len: int
     checkpointing: bool = False
     skew: bool = False  # every token routed to experts 0..k-1: the busiest expert takes all T tokens
+    autoep: bool = False  # the blocks converted to DeepSpeed's AutoEPMoELayer (ep = 1: one process, no exchange)
 
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -104,20 +134,49 @@ ACTIVATION_CASES = [
     ActivationCase("silu E8 k2 B2 S32 z-loss", {**SMALL, "hidden_act": "silu", "num_local_experts": 8,
                                                "router_z_loss_coef": 1e-3}, 2, 32),
     ActivationCase("gelu E8 k2 B2 S32 all tokens to 2 experts", {**SMALL, "num_local_experts": 8}, 2, 32, skew=True),
+    ActivationCase("silu E8 k2 B2 S32 AutoEP", {**SMALL, "hidden_act": "silu", "num_local_experts": 8}, 2, 32,
+                   autoep=True),
+    ActivationCase("silu E8 k3 B4 S32 L3 AutoEP z-loss", {**SMALL, "hidden_act": "silu", "num_local_experts": 8,
+                                                          "num_experts_per_tok": 3, "num_hidden_layers": 3,
+                                                          "router_z_loss_coef": 1e-3}, 4, 32, autoep=True),
+    ActivationCase("silu E4 k2 B2 S16 AutoEP ckpt", {**SMALL, "hidden_act": "silu"}, 2, 16, checkpointing=True,
+                   autoep=True),
+    ActivationCase("silu E8 k2 B2 S32 AutoEP all tokens to 2 experts", {**SMALL, "hidden_act": "silu",
+                                                                         "num_local_experts": 8}, 2, 32, skew=True,
+                   autoep=True),
 ]
 ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def convert_to_autoep(model: MoEForCausalLM) -> None:
+    """Every block as the autoep backend runs it on one expert-parallel rank: the project's adapter
+    (`parallel.autoep.AutoEPBlock`) around the block, converted by DeepSpeed's own AutoEP with the DeepSpeed config
+    section the training writes (`autoep_section`), as `deepspeed.initialize` converts it."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+
+    from moe_model.parallel.autoep import AutoEPBlock, autoep_section
+
+    for layer in model.model.layers:
+        layer.mlp = AutoEPBlock(layer.mlp)
+    converter = AutoEP(model, parse_autoep_config(autoep_section(model.config, 1)))
+    converter.replace_moe_layers(converter.ep_parser(), ep_size=1, ep_rank=0)
+
+
 def build_model(case: ActivationCase, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
     torch.manual_seed(0)
-    model = MoEForCausalLM(MoEConfig(**case.model)).to(dtype)
+    model = MoEForCausalLM(MoEConfig(**case.model))
+    if case.autoep:
+        convert_to_autoep(model)
+    model = model.to(dtype)
     if case.checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if case.skew:  # the real routing code runs on router logits that favour experts 0..k-1 by a wide margin
         bias_E = torch.zeros(case.model["num_local_experts"], dtype=dtype)
         bias_E[: case.model["num_experts_per_tok"]] = 1e4
         for layer in model.model.layers:
-            layer.mlp.gate.register_forward_hook(lambda _module, _inputs, logits_TE: logits_TE + bias_E)
+            gate = layer.mlp.moe.router.gate if case.autoep else layer.mlp.gate
+            gate.register_forward_hook(lambda _module, _inputs, logits_TE: logits_TE + bias_E)
     return model
 
 
@@ -129,7 +188,8 @@ def measure_activation_case(case: ActivationCase, precision: str = "fp32") -> di
     busiest = int(out.expert_counts_LE.max())
     if case.skew:
         assert busiest == case.micro_batch * case.seq_len, "the skewed router did not send every token to one expert"
-    mb = MicroBatch(case.micro_batch, case.seq_len, dtype_bytes=torch.finfo(ACTIVATION_DTYPES[precision]).bits // 8)
+    mb = MicroBatch(case.micro_batch, case.seq_len, dtype_bytes=torch.finfo(ACTIVATION_DTYPES[precision]).bits // 8,
+                    moe_backend="autoep" if case.autoep else "legacy", triton=False)
     estimate = model_saved(model.config, mb, case.checkpointing).total
     return {**row("activations", f"{case.name} {precision}", estimate, measured), "busiest_expert_routes": busiest}
 
@@ -168,12 +228,17 @@ def _walk(obj: Any, path: str, out: list[tuple[str, torch.Tensor]], seen: set[in
 def engine_state_bytes(engine: Any) -> dict[str, int]:
     """Bytes of distinct storages an engine holds, by kind: params, grads, optimizer (master + moments), buckets.
 
-    Parameters: the module's parameter storages (flat ZeRO buffers count once). Gradients: `param.grad` and every
-    optimizer buffer whose attribute path names a gradient (averaged_gradients, grads_in_partition, ...). Buckets:
-    the gradient-reduction buckets (`ipg_*`). Optimizer: the rest the optimizer holds (Adam moments, fp32 master
-    weights). Works for any engine: pipeline and expert-parallel engines hold the same kinds of objects.
+    Parameters: the module's parameter storages (flat ZeRO buffers count once; ZeRO-3: the partitions' flat buffer,
+    `ds_tensor`, and whatever is gathered whole at that moment). Gradients: `param.grad` and every optimizer buffer
+    whose attribute path names a gradient (averaged_gradients, grads_in_partition, grad_partitions_flat_buffer, ...).
+    Buckets: the gradient-reduction buckets (`ipg_*`). Optimizer: the rest the optimizer holds (Adam moments, fp32
+    master weights). Works for any engine: pipeline and expert-parallel engines hold the same kinds of objects.
     """
-    params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in engine.module.parameters()}
+    params = {}
+    for p in engine.module.parameters():
+        for tensor in (p, getattr(p, "ds_tensor", None)):
+            if isinstance(tensor, torch.Tensor):
+                params[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     found: list[tuple[str, torch.Tensor]] = []
     for p in engine.module.parameters():
         for name in ("grad", "grad_accum"):
@@ -210,41 +275,62 @@ class StateCase:
     pp: int = 1
     ep: int = 1
     checkpointing: bool = False
+    moe_backend: str = "auto"  # `parallel.moe_backend`; auto is AutoEP where ep > 1 (the state model is gated)
+    shape: str = "state"  # a key of SHAPES
+
+    def strategy(self, world: int):
+        from moe_model.strategy import Strategy
+
+        return Strategy.from_recipe(state_recipe(self, world), world)[0]
 
     def name(self, world: int) -> str:
         dp = world // self.pp
-        return (f"ZeRO-{self.zero_stage} pp{self.pp} ep{self.ep} dp{dp} m{self.micro_steps} fp32"
-                + (" ckpt" if self.checkpointing else ""))
+        backend = " AutoEP" if self.strategy(world).moe_backend == "autoep" else " legacy" if self.ep > 1 else ""
+        return (f"ZeRO-{self.zero_stage} pp{self.pp} ep{self.ep}{backend} dp{dp} m{self.micro_steps} fp32"
+                + (" ckpt" if self.checkpointing else "") + (f" {self.shape}" if self.shape != "state" else ""))
 
 
 STATE_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, hidden_act="silu",
                    max_position_embeddings=64)
 STATE_MICRO_BATCH, STATE_SEQ_LEN = 2, 16
+# the issue's held-out config: fp32, 2 layers, hidden 128, 4 gelu experts, vocab 512, micro-batch 2 x 256 tokens
+HELD_OUT_MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu",
+                      max_position_embeddings=256)
+SHAPES = {"state": (STATE_MODEL, STATE_MICRO_BATCH, STATE_SEQ_LEN), "held-out": (HELD_OUT_MODEL, 2, 256)}
 STATE_CASES = [StateCase(0, 1), StateCase(1, 1), StateCase(1, 2), StateCase(2, 2)]
 CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cases in one process group
-    "test-dp1": (1, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 1)]),  # tests/test_estimate_memory.py
-    "test-dp2": (2, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 2), StateCase(1, 2, ep=2),
+    "test-dp1": (1, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 1),  # tests/test_estimate_memory.py
+                     StateCase(1, 1, shape="held-out")]),
+    "test-dp2": (2, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 2), StateCase(1, 2, ep=2, moe_backend="legacy"),
+                     StateCase(1, 2, ep=2), StateCase(3, 2), StateCase(3, 2, ep=2),
                      StateCase(1, 2, pp=2, checkpointing=True)]),
-    "dp1": (1, STATE_CASES),
-    "dp2": (2, STATE_CASES),
-    "ep2": (2, [StateCase(0, 1, ep=2), StateCase(1, 2, ep=2), StateCase(2, 2, ep=2),
-                StateCase(1, 1, ep=2, checkpointing=True)]),
+    "dp1": (1, STATE_CASES + [StateCase(0, 1, shape="held-out")]),
+    "dp2": (2, STATE_CASES + [StateCase(3, 1), StateCase(3, 2), StateCase(3, 1, checkpointing=True)]),
+    "ep2": (2, [StateCase(0, 1, ep=2, moe_backend="legacy"), StateCase(1, 2, ep=2, moe_backend="legacy"),
+                StateCase(2, 2, ep=2, moe_backend="legacy"),
+                StateCase(1, 1, ep=2, checkpointing=True, moe_backend="legacy"),
+                StateCase(0, 1, ep=2), StateCase(1, 2, ep=2), StateCase(2, 2, ep=2), StateCase(3, 1, ep=2),
+                StateCase(3, 2, ep=2), StateCase(1, 1, ep=2, checkpointing=True)]),
     "pp2": (2, [StateCase(0, 2, pp=2), StateCase(1, 2, pp=2), StateCase(1, 2, pp=2, checkpointing=True)]),
     "pp2-ep2": (4, [StateCase(1, 2, pp=2, ep=2)]),
+    "zero3-dp4": (4, [StateCase(3, 1), StateCase(3, 1, ep=2)]),  # experts partitioned over dp/ep = 2
 }
 
 
 def state_recipe(case: StateCase, world: int):
-    """The recipe a state case trains: fp32, tiny, tp 1, the case's ZeRO stage, pp, ep and micro-batches."""
+    """The recipe a state case trains: fp32, tiny, tp 1, the case's ZeRO stage, pp, ep, backend and micro-batches."""
     from moe_model.recipe import recipe_from_dict
 
     dp = world // case.pp
+    model, micro_batch, seq_len = SHAPES[case.shape]
     return recipe_from_dict({
-        "name": "memory-accuracy", "model": STATE_MODEL,
+        "name": "memory-accuracy", "model": model,
         "parallel": {"tp": 1, "pp": case.pp, "ep": case.ep, "dp": dp, "zero_stage": case.zero_stage,
-                     "micro_batch_size": STATE_MICRO_BATCH, "activation_checkpointing": case.checkpointing},
-        "train": {"global_batch_size": STATE_MICRO_BATCH * case.micro_steps * dp, "seq_len": STATE_SEQ_LEN,
+                     "micro_batch_size": micro_batch, "activation_checkpointing": case.checkpointing,
+                     "moe_backend": case.moe_backend},
+        "train": {"global_batch_size": micro_batch * case.micro_steps * dp, "seq_len": seq_len,
                   "precision": "fp32", "steps": 10, "warmup_steps": 1},
         "tracking": {"wandb": {"mode": "disabled"}},
     })
@@ -284,9 +370,82 @@ def track_state_peaks(engine: Any) -> dict[str, int]:
     return peak
 
 
+class AutoEPRows:
+    """The routed rows N each AutoEP layer's experts receive on this rank, as they run: DeepSpeed's own
+    `permute_by_local_expert` (deepspeed/module_inject/auto_ep_layer.py) is wrapped while the context is open and
+    the rows it is handed (after the all-to-all) are recorded, layer by layer."""
+
+    def __enter__(self) -> list[int]:
+        from deepspeed.module_inject import auto_ep_layer
+
+        self.module, self.original, self.rows = auto_ep_layer, auto_ep_layer.permute_by_local_expert, []
+
+        def permute(tokens, local_counts):
+            self.rows.append(int(tokens.shape[0]))
+            return self.original(tokens, local_counts)
+        auto_ep_layer.permute_by_local_expert = permute
+        return self.rows
+
+    def __exit__(self, *exc) -> None:
+        self.module.permute_by_local_expert = self.original
+
+
+class NewStorages(TorchDispatchMode):
+    """Every storage a tensor op creates while the mode is on (not views, not in-place results: the outputs that
+    share no input's storage), held by weak reference: `alive_bytes` sums those not freed since."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict[int, tuple[Any, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in inputs and (key not in self.made or self.made[key][0].expired()):
+                    self.made[key] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def alive_bytes(self, leave_out: set[int]) -> int:
+        return sum(n for key, (ref, n) in self.made.items() if not ref.expired() and key not in leave_out)
+
+
+def alive_for_backward(engine: Any, step: Any, ids: torch.Tensor) -> tuple[int, Any]:
+    """Memory as the real training step spends it, and the step's `StepStats`: the bytes of the storages the step's
+    tensor ops created before it calls `engine.backward` and that are still alive at that call (`NewStorages`),
+    parameters left out (ZeRO-3 gathers them: model states), plus the input ids (made before the step, held through
+    it). Storages, not allocator events: gloo's communicators allocate and keep buffers of their own through the CPU
+    allocator (up to 9% of these tiny steps, varying from run to run, seen with torch.profiler's `profile_memory`);
+    on GPUs NCCL's live outside PyTorch's allocator, in the estimate's reserve."""
+    tracker = NewStorages()
+    alive: list[int] = []
+    original = engine.backward
+
+    def backward(*args, **kwargs):
+        if not alive:  # the first backward of the step: stop tracking, count what is alive
+            tracker.__exit__(None, None, None)
+            alive.append(tracker.alive_bytes(parameter_storages(engine.module)))
+        return original(*args, **kwargs)
+    engine.backward = backward
+    tracker.__enter__()
+    try:
+        stats = step([ids])
+    finally:
+        if not alive:
+            tracker.__exit__(None, None, None)
+        engine.backward = original
+    return alive[0] + ids.untyped_storage().nbytes(), stats
+
+
 def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
     """Rank-side program (run under the deepspeed launcher): build each case's engine with the training code's own
-    `build_engine`, run two optimizer steps with its own step function, and record each kind's largest bytes."""
+    `build_engine` (the layout and MoE backend resolved as `moe train` resolves them), run two optimizer steps with
+    its own step function, and record each kind's largest bytes; then, on pp = 1, what the engine's module saves in
+    one forward and what a third real step holds when its backward starts."""
     import torch.distributed as dist
 
     from moe_model.parallel import Layout
@@ -297,21 +456,26 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
     results = []
     for case in cases:
         recipe = state_recipe(case, world)
-        layout = Layout(tp=1, pp=case.pp, ep=case.ep, dp=world // case.pp)
+        layout = Layout.of(case.strategy(world))
+        model, micro_batch, seq_len = SHAPES[case.shape]
         engine, step, _ = build_engine(recipe, layout)
         peak = track_state_peaks(engine)
-        generator = torch.Generator().manual_seed(layout.coords(rank)["data"])
+        batch = functools.partial(torch.randint, 0, model["vocab_size"], (micro_batch, seq_len),
+                                  generator=torch.Generator().manual_seed(layout.coords(rank)["data"]))
         for _ in range(2):  # the second step runs with the optimizer states in place
-            step([torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
-                  for _ in range(case.micro_steps)])
+            step([batch() for _ in range(case.micro_steps)])
         result = {**dataclasses.asdict(case), "world": world, "rank": rank, "stage": layout.coords(rank)["pipe"],
-                  **peak, "optimizer_class": type(engine.optimizer).__name__}
-        if case.pp == 1:  # the engine's own module (DeepSpeed's MoE layer where ep > 1): what autograd saves
-            ids = torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
-            result["activations"], out = saved_tensor_bytes_and_output(engine.module, ids)
-            result["depths"] = dispatch_depths(out.expert_counts_LE)
+                  **peak, "optimizer_class": type(engine.optimizer).__name__, "moe_backend": layout.moe_backend}
+        if case.pp == 1 and not case.checkpointing:  # a third real step, as the trainer runs it
+            with AutoEPRows() as rows:
+                result["alive"], stats = alive_for_backward(engine, step, batch())
+            result["alive_depths"], result["alive_rows"] = dispatch_depths(stats.expert_counts_LE), rows
+        if case.pp == 1:  # the engine's own module (DeepSpeed's MoE layer or AutoEP where ep > 1), one forward
+            with AutoEPRows() as rows:
+                result["activations"], out = saved_tensor_bytes_and_output(engine.module, batch())
+            result["depths"], result["rows"] = dispatch_depths(out.expert_counts_LE), rows
         elif case.ep == 1:  # what one forward pass of this pipeline stage saves, per micro-batch (largest seen)
-            result["activations"] = pipeline_forward_saved_bytes(engine, step, case, generator)
+            result["activations"] = pipeline_forward_saved_bytes(engine, step, case, batch)
         results.append(result)
         del engine, step
     gathered: list[Any] = [None] * world
@@ -320,7 +484,7 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
         out_path.write_text(json.dumps([r for rank_results in gathered for r in rank_results], indent=2))
 
 
-def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, generator: torch.Generator) -> int:
+def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, batch: Any) -> int:
     """Run one more optimizer step with the pipeline engine's forward passes under saved_tensors_hooks: the largest
     bytes one micro-batch's forward pass saves on this stage (parameters excluded, each storage once)."""
     from deepspeed.runtime.pipe import schedule
@@ -344,15 +508,15 @@ def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, genera
         return result
     # the engine dispatches its schedule through a class-level table: give this engine its own copy
     engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, schedule.ForwardPass: forward_pass}
-    step([torch.randint(0, STATE_MODEL["vocab_size"], (STATE_MICRO_BATCH, STATE_SEQ_LEN), generator=generator)
-          for _ in range(case.micro_steps)])
+    step([batch() for _ in range(case.micro_steps)])
     del engine._INSTRUCTION_MAP
     return largest
 
 
 def dispatch_depths(expert_counts_LE: torch.Tensor) -> list[int]:
     """Each MoE layer's buffer depth C in a forward: the busiest expert's load over the expert-parallel group (what
-    DeepSpeed's layer pads every expert to, dropless), from the routes each rank counted (the forward's output)."""
+    DeepSpeed's legacy layer pads every expert to, dropless), from the routes each rank counted (the forward's
+    output)."""
     import torch.distributed as dist
 
     depths = []
@@ -363,7 +527,7 @@ def dispatch_depths(expert_counts_LE: torch.Tensor) -> list[int]:
     return depths
 
 
-def launch_state_measurement(case_set: str, out_path: Path, timeout: int = 900) -> list[dict[str, Any]]:
+def launch_state_measurement(case_set: str, out_path: Path, timeout: int = 1800) -> list[dict[str, Any]]:
     """Run one of `CASE_SETS` through the real deepspeed launcher (a free port) and return every rank's peaks."""
     ranks = CASE_SETS[case_set][0]
     command = deepspeed_command(ranks, Path(__file__).resolve(), ["--measure-states", str(out_path), "--cases", case_set])
@@ -375,22 +539,41 @@ def launch_state_measurement(case_set: str, out_path: Path, timeout: int = 900) 
     return json.loads(out_path.read_text())
 
 
+# what the CPU ranks run: no foreach AdamW temporary (the engines' AdamW is fused), AutoEP's PyTorch fallbacks
+CPU_ASSUMPTIONS = Assumptions(foreach_adam_temporary=False, autoep_triton_kernels=False)
+
+
 def estimate_states(case: StateCase, world: int, stage: int) -> dict[str, int]:
-    """The estimate's model states for the rank of `stage` (no optimizer-step temporaries: CPU AdamW is not foreach)."""
+    """The estimate's model states for the rank of `stage` (`CPU_ASSUMPTIONS`)."""
     from moe_model.estimate.estimate import estimate
 
-    est = estimate(state_recipe(case, world), world_size=world,
-                   assumptions=Assumptions(foreach_adam_temporary=False))
+    est = estimate(state_recipe(case, world), world_size=world, assumptions=CPU_ASSUMPTIONS)
     states = est.stages[stage].states
     return {"params": states.params_bytes, "grads": states.grads_bytes, "optimizer": states.optimizer_bytes,
             "buckets": states.bucket_bytes}
+
+
+def module_activations(case: StateCase, world: int, m: dict[str, Any], prefix: str = "") -> tuple[int, int]:
+    """The estimate for one forward of a pp = 1 engine's module, at the routing the ranks measured (each layer's
+    dispatch depth on DeepSpeed's legacy layer, its received rows on AutoEP): (saved by autograd, held otherwise
+    through the backward: the logits)."""
+    from moe_model.estimate.activations import logits_held
+
+    cfg = state_recipe(case, world).moe_config()
+    _, micro_batch, seq_len = SHAPES[case.shape]
+    mb = MicroBatch(micro_batch, seq_len, dtype_bytes=4, ep=case.ep, moe_backend=m["moe_backend"], triton=False)
+    legacy_layer = m["moe_backend"] == "legacy" and case.ep > 1
+    saved = model_saved(cfg, mb, case.checkpointing, m[prefix + "depths"] if legacy_layer else None,
+                        m[prefix + "rows"] if m["moe_backend"] == "autoep" else None).total
+    return saved, logits_held(cfg, mb)
 
 
 def state_rows(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per kind for each case and pipeline stage (the first rank of each stage)."""
     rows, seen = [], set()
     for m in measured:
-        case = StateCase(m["zero_stage"], m["micro_steps"], m["pp"], m["ep"], m["checkpointing"])
+        case = StateCase(m["zero_stage"], m["micro_steps"], m["pp"], m["ep"], m["checkpointing"], m["moe_backend"],
+                         m["shape"])
         if (case, m["stage"]) in seen:
             continue
         seen.add((case, m["stage"]))
@@ -401,15 +584,20 @@ def state_rows(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "activations" in m and case.pp > 1:
             from moe_model.estimate.estimate import estimate
 
-            stage = estimate(state_recipe(case, m["world"]), world_size=m["world"]).stages[m["stage"]]
+            stage = estimate(state_recipe(case, m["world"]), world_size=m["world"],
+                             assumptions=CPU_ASSUMPTIONS).stages[m["stage"]]
             per_micro_batch = sum(v for k, v in stage.activations.per_micro_batch.items() if not k.startswith("held."))
             rows.append(row("activations (pipeline stage, per micro-batch)", name, per_micro_batch, m["activations"]))
         elif "activations" in m:
-            cfg = state_recipe(case, m["world"]).moe_config()
-            mb = MicroBatch(STATE_MICRO_BATCH, STATE_SEQ_LEN, dtype_bytes=4, ep=case.ep)
-            estimate = model_saved(cfg, mb, case.checkpointing, m["depths"] if case.ep > 1 else None).total
-            label = "activations (DeepSpeed MoE layer)" if case.ep > 1 else "activations (engine module)"
-            rows.append(row(label, f"{name} C={m['depths']}" if case.ep > 1 else name, estimate, m["activations"]))
+            saved, _ = module_activations(case, m["world"], m)
+            autoep = m["moe_backend"] == "autoep"
+            label = ("activations (AutoEP layer)" if autoep else "activations (DeepSpeed MoE layer)" if case.ep > 1
+                     else "activations (engine module)")
+            routing = f" N={m['rows']}" if autoep else f" C={m['depths']}" if case.ep > 1 else ""
+            rows.append(row(label, name + routing, saved, m["activations"]))
+        if "alive" in m:
+            saved, held = module_activations(case, m["world"], m, "alive_")
+            rows.append(row("activations alive at backward (real step)", name, saved + held, m["alive"]))
     return rows
 
 

@@ -9,8 +9,9 @@ training a shrunken copy of the layout; see moe_model/calibrate/machine.py), whi
 (so its run.json records them); measured = median `step_time_s`, the first 2 steps left out. The run is repeated (a, b):
 `moe calibrate --from` refits the rates from run a, and that prediction is checked against run b (what a finished
 run adds for the next one on the same machine); the two runs also show how much this machine's step times wander.
-Prints the table and writes benchmarks/results/step_time_accuracy.json. Each case takes about two minutes here;
-nothing else should run meanwhile.
+Prints the table and writes benchmarks/results/step_time_accuracy.json (the cases run replace their rows, the others
+stay). Each case takes about two minutes here; nothing else should run meanwhile. The 2-rank cases put the MoE
+backends side by side at dp2 x ep2 (legacy, AutoEP at ZeRO-1 and at ZeRO-3).
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ sys.path.insert(0, str(ROOT))
 from moe_model.calibrate import (hardware_rates, measure_machine, measured_imbalance, measured_step_time,  # noqa: E402
                                  predict_step_s, refit_factor, refit_overrides, run_recipe)
 from moe_model.recipe import load_recipe, recipe_from_dict  # noqa: E402
+from moe_model.strategy import Strategy  # noqa: E402
 
 ONE_RANK = ("parallel.pp=1", "parallel.ep=1", "parallel.dp=null", "parallel.zero_stage=0")
 CASES = {
     "tiny-cpu-1rank": ("recipes/tiny_cpu.yaml", ONE_RANK),
     "tiny-cpu-4ranks": ("recipes/tiny_cpu.yaml", ()),  # pp2 x dp2, experts over ep2, ZeRO-1: make smoke's layout
     "tiny-text-4ranks": ("recipes/tiny_text.yaml", ()),  # make smoke itself: real text, BPE of 2048, sequences of 128
+    # dp2 x ep2 on each MoE backend, and AutoEP under ZeRO-3 (its parameter gathers and per-micro-batch reduce-scatter)
+    "tiny-cpu-2ranks-legacy": ("recipes/tiny_cpu.yaml", ("parallel.pp=1", "parallel.moe_backend=legacy")),
+    "tiny-cpu-2ranks-autoep": ("recipes/tiny_cpu.yaml", ("parallel.pp=1", "parallel.moe_backend=autoep")),
+    "tiny-cpu-2ranks-autoep-zero3": ("recipes/tiny_cpu.yaml", ("parallel.pp=1", "parallel.moe_backend=autoep",
+                                                               "parallel.zero_stage=3")),
 }
 RESULTS = ROOT / "benchmarks/results/step_time_accuracy.json"
 
@@ -87,17 +94,18 @@ def main(argv: list[str]) -> int:
                     refitted = recipe_from_dict(ran.model_dump(), refit_overrides(ran, f))
                     refit = predict_step_s(refitted, *hardware_rates(refitted), imbalance=run_skew)
             p = recipe.parallel
-            rows.append({"case": name, "layout": f"tp{p.tp} pp{p.pp} ep{p.ep} dp{p.dp or 1} zero{p.zero_stage}",
+            backend = Strategy.from_recipe(recipe)[0].moe_backend
+            rows.append({"case": name, "layout": f"tp{p.tp} pp{p.pp} ep{p.ep} dp{p.dp or 1} zero{p.zero_stage} {backend}",
                          "ranks": calibration["ranks"], "measured_run_a_s": measured[0], "measured_run_b_s": measured[1],
                          "predicted_calibrated_s": predicted, "error_calibrated_a": predicted / measured[0] - 1,
                          "error_calibrated_b": predicted / measured[1] - 1, "refit_factor_from_a": f,
                          "predicted_refit_from_a_s": refit, "error_refit_b": refit / measured[1] - 1,
                          "routing_imbalance_calibrated": skew, "routing_imbalance_logged_run_a": run_skew,
                          "calibration": calibration})
-    print(f"\n{'case':<17}{'layout':<24}{'run a s':>9}{'run b s':>9}{'calibrated s':>14}{'err a':>7}{'err b':>7}"
+    print(f"\n{'case':<29}{'layout':<31}{'run a s':>9}{'run b s':>9}{'calibrated s':>14}{'err a':>7}{'err b':>7}"
           f"{'refit(a) s':>12}{'err b':>7}")
     for r in rows:
-        print(f"{r['case']:<17}{r['layout']:<24}{r['measured_run_a_s']:>9.4f}{r['measured_run_b_s']:>9.4f}"
+        print(f"{r['case']:<29}{r['layout']:<31}{r['measured_run_a_s']:>9.4f}{r['measured_run_b_s']:>9.4f}"
               f"{r['predicted_calibrated_s']:>14.4f}{r['error_calibrated_a']:>7.0%}{r['error_calibrated_b']:>7.0%}"
               f"{r['predicted_refit_from_a_s']:>12.4f}{r['error_refit_b']:>7.0%}")
         c = r["calibration"]
@@ -105,7 +113,13 @@ def main(argv: list[str]) -> int:
               f"GFLOP/s, copy {c['memory_bandwidth_tbps'] * 1e3:.1f} GB/s, mfu {c['mfu']:.3f}, fixed "
               f"{c['step_overhead_s'] * 1e3:.1f} ms/step, routing skew {r['routing_imbalance_calibrated']:.2f} "
               f"(run a logged, step-aggregated: {r['routing_imbalance_logged_run_a']:.2f})")
-    RESULTS.write_text(json.dumps({"steps": args.steps, "cases": rows}, indent=2) + "\n")
+    # the cases run now replace their earlier rows; the others' rows stay (each row records its own steps)
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for r in rows:
+        r["steps"] = args.steps
+    kept = [{**r, "steps": r.get("steps", earlier.get("steps"))} for r in earlier.get("cases", [])
+            if r["case"] not in names]
+    RESULTS.write_text(json.dumps({"cases": kept + rows}, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0
 

@@ -44,11 +44,33 @@ def test_rank_model_does_the_arithmetic_of_one_rank_of_the_layout():
         assert one_device[op] == on_the_rank[op], op
 
 
-@pytest.mark.multirank
-def test_rank_work_through_deepspeeds_moe_layer_on_two_ranks():
+def test_rank_model_runs_the_backend_the_recipe_resolves_to():
+    """tiny_cpu's gated dropless experts at ep 2 resolve to AutoEP: the expert-parallel work recipe keeps it (and a
+    stated legacy backend), the one-device work (ep 1) runs the model's own block."""
     recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
+    assert rank_model_recipe(recipe, expert_parallel=True).parallel.moe_backend == "autoep"
+    legacy = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2", "parallel.moe_backend=legacy"])
+    assert rank_model_recipe(legacy, expert_parallel=True).parallel.moe_backend == "legacy"
+    assert rank_model_recipe(recipe).parallel.moe_backend == "legacy"
+
+
+def test_fit_mfu_prices_the_recipes_backend():
+    """The fit inverts the time of the backend the recipe runs: AutoEP's routed rows, not the legacy buffers."""
+    recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
+    p = recipe.parallel
+    s = dataclasses.replace(shape_of(recipe, 3.0), compute_flops=1e11 * 0.3, hbm_bytes_s=2e10)
+    args = (s, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe), False)
+    autoep, legacy = float(stage_compute_time(*args, True)), float(stage_compute_time(*args, False))
+    assert autoep < legacy
+    assert fit_mfu(recipe, 1e11, 2e10, autoep, imbalance=3.0) == pytest.approx(0.3, rel=1e-6)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("backend,layer", [("auto", "DeepSpeed's AutoEP layer"), ("legacy", "DeepSpeed's MoE layer")])
+def test_rank_work_through_deepspeeds_moe_layer_on_two_ranks(backend, layer):
+    recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2", f"parallel.moe_backend={backend}"])
     work = measure_work(recipe, threads=1)
-    assert work["where"] == "DeepSpeed's MoE layer on 2 ranks"
+    assert work["where"] == f"{layer} on 2 ranks"
     assert work["full_s"] > 0 and work["shrunken_s"] > 0
     assert work["routing_imbalance"] >= 1.0  # the busiest expert's load over the mean
 

@@ -7,8 +7,8 @@ import torch
 from benchmarks.memory_accuracy import ACTIVATION_CASES, SMALL, ActivationCase, build_model, measure_activation_case
 from benchmarks.memory_accuracy import saved_tensor_bytes
 from moe_model import MoEConfig
-from moe_model.estimate.activations import (MicroBatch, decoder_layer, dispatch_depth, experts_dispatched,
-                                            recomputed_layer, stage_activations)
+from moe_model.estimate.activations import (MicroBatch, autoep_buffer_rows, decoder_layer, dispatch_depth,
+                                            experts_dispatched, recomputed_layer, stage_activations)
 from moe_model.estimate.estimate import estimate
 from moe_model.recipe import load_recipe
 from tests.conftest import ROOT
@@ -87,3 +87,41 @@ def test_imbalance_headroom_only_where_buffers_are_padded():
     assert estimate(own_block).peak.imbalance_headroom_bytes == 0
     capped = load_recipe(ROOT / "recipes/seed_4b.yaml", ["model.capacity_factor=1.25"])
     assert estimate(capped).peak.imbalance_headroom_bytes == 0
+
+
+@pytest.mark.parametrize("counts", [[10, 0, 27], [[5, 0, 13], [5, 0, 14]], [[1, 2], [3, 4], [0, 0], [9, 9]], [[64], [3]],
+                                    [[0, 0, 0, 0], [0, 0, 0, 1]]])
+def test_autoep_buffer_is_deepspeeds_padded_permutation(counts):
+    """P, the rows of AutoEP's expert-major buffer, is the row count of DeepSpeed's own `permute_by_local_expert` for
+    the N received rows (counts per source rank and local expert), and every expert's rounding fits inside it."""
+    from deepspeed.module_inject.auto_ep_layer import permute_by_local_expert
+
+    counts_SE = torch.tensor(counts)
+    ep, local = (1, counts_SE.shape[0]) if counts_SE.ndim == 1 else tuple(counts_SE.shape)
+    rows = int(counts_SE.sum())
+    permuted_PD, _, aligned_E, _ = permute_by_local_expert(torch.zeros(rows, 3), counts_SE)
+    cfg = MoEConfig(**{**SMALL, "hidden_act": "silu", "num_local_experts": local * ep})
+    assert permuted_PD.shape[0] == autoep_buffer_rows(cfg, MicroBatch(1, 8, 4, ep=ep), rows)
+    assert int(aligned_E.sum()) <= permuted_PD.shape[0]
+
+
+def test_autoep_recomputes_one_autoep_layer():
+    """Under checkpointing one converted layer is recomputed at a time: the hooks' difference between AutoEP models
+    of 3 and 2 layers is the estimate's AutoEP layer."""
+    shape = {**SMALL, "hidden_act": "silu", "num_local_experts": 8}
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    measured = [saved_tensor_bytes(build_model(ActivationCase("", {**shape, "num_hidden_layers": n}, 2, 24,
+                                                              autoep=True)), ids) for n in (2, 3)]
+    mb = MicroBatch(2, 24, dtype_bytes=4, moe_backend="autoep", triton=False)
+    assert measured[1] - measured[0] == decoder_layer(MoEConfig(**shape), mb).total
+
+
+def test_autoep_pads_only_the_rows_it_receives():
+    """The seed made gated runs on AutoEP at ep 8 (auto): its routing-imbalance headroom (the busiest rank's extra
+    received rows) is far below the legacy layer's, which pads every expert's buffer to the busiest expert's depth."""
+    autoep = estimate(load_recipe(ROOT / "recipes/seed_4b.yaml", ["model.hidden_act=silu"]))
+    legacy = estimate(load_recipe(ROOT / "recipes/seed_4b.yaml", ["model.hidden_act=silu",
+                                                                  "parallel.moe_backend=legacy"]))
+    assert (autoep.strategy.moe_backend, legacy.strategy.moe_backend) == ("autoep", "legacy")
+    assert 0 < autoep.peak.imbalance_headroom_bytes < legacy.peak.imbalance_headroom_bytes / 4
+    assert autoep.peak.activations_bytes < legacy.peak.activations_bytes

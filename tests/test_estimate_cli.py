@@ -41,6 +41,14 @@ def test_seed_json_has_designs_keys_and_the_true_parameter_count(capsys):
     # throughput is the global batch over the step time
     assert abs(out["throughput_seq_per_s"] * out["step_time_s"] - 128) < 1e-6 * 128
     assert out["gpus"] == 8 and out["layout"]["dp_assumed"] is True  # dp unset: the smallest legal dp, ep = 8
+    assert out["layout"]["moe_backend"] == "legacy"  # gelu experts: AutoEP serves gated ones only
+
+
+def test_json_says_which_moe_backend_it_assumed(capsys):
+    code, out = run_json(capsys, SEED, "--set", "model.hidden_act=silu")
+    assert code == 0 and out["layout"]["moe_backend"] == "autoep"  # auto, ep 8, gated, tp 1
+    code, out = run_json(capsys, SEED, "--set", "model.hidden_act=silu", "--set", "parallel.moe_backend=legacy")
+    assert out["layout"]["moe_backend"] == "legacy"
 
 
 def test_seed_plan_does_not_fit_and_exits_1(capsys):

@@ -1,7 +1,11 @@
 """The performance model: FLOPs against multiply-adds counted by hand for a tiny shape, the roofline, the 1F1B
-bubble, link placement of TP/EP/DP traffic, the training rule and the wiring into `moe estimate`."""
+bubble, link placement of TP/EP/DP traffic, the training rule and the wiring into `moe estimate`; the MoE backends'
+rows and all-to-all bytes (AutoEP's against DeepSpeed's own permutation sizes), the ZeRO stages' collectives, and
+ZeRO-3's parameter gathers against a live engine's."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 
@@ -184,3 +188,146 @@ def test_calibrate_refit_reproduces_a_runs_step_time(tmp_path):
 
 def load_recipe_like(recipe, overrides):
     return recipe_from_dict(recipe.model_dump(), overrides)
+
+
+# ---- the MoE backends and the ZeRO stages (estimate/traffic.py) ----
+
+def test_autoep_rows_are_what_deepspeeds_permutation_sizes_for_the_routed_counts():
+    """4 experts, top-1, 2 ranks of 90 tokens at skew 2: 180 routed copies, the mean expert load 45, the busiest 90 and
+    the other three 30 each. Rank 0 holds experts 0 and 1: it receives 90 + 30 rows and DeepSpeed's own permutation
+    (`generate_permute_indices`, per source rank's counts) rounds them to 96 + 32 for the grouped GEMM."""
+    import torch
+    from deepspeed.moe.ep_kernels import generate_permute_indices
+
+    from moe_model.estimate.traffic import autoep_rows
+
+    s = shape(E=4, k=1)
+    received, computed = autoep_rows(s, 90, 2, 2.0)
+    counts = torch.tensor([45, 15, 45, 15])  # [source rank 0: experts 0, 1; source rank 1: experts 0, 1]
+    _, m_sizes, _ = generate_permute_indices(counts, 2, 2, 256, 8, use_cpu=True)
+    assert received == int(counts.sum()) == 120
+    assert computed == int(m_sizes.sum()) == 128
+    assert autoep_rows(s, 90, 2, 1.0)[0] == 90  # balanced: the rank's own T*k routed copies, nothing more
+
+
+@pytest.mark.parametrize("skew", [1.0, 3.0])
+def test_all_to_all_bytes_per_backend(skew):
+    """AutoEP moves the routed rows the busiest rank receives (T*k when balanced), the legacy layer E buffers of the
+    busiest expert's depth C = ceil(s*T*k/E): 4 exchanges a layer, (e-1)/e of each leaving the rank."""
+    s = dataclasses.replace(shape(), imbalance=skew)
+    T, k, E, e, D, b = 1024, 2, 64, 8, 1024, 2
+    hot = skew * e * T * k / E
+    received = hot + (E // e - 1) * (e * T * k - hot) / (E - 1)
+    depth = math.ceil(skew * T * k / E)
+    autoep = step_components(s, 1, 1, e, e, 1, 1, False, autoep=True)
+    legacy = step_components(s, 1, 1, e, e, 1, 1, False)
+    assert float(autoep["ep_comm"]) == pytest.approx(4 * received * D * b * (e - 1) / e / 400e9, rel=1e-12)
+    assert float(legacy["ep_comm"]) == pytest.approx(4 * E * depth * D * b * (e - 1) / e / 400e9, rel=1e-12)
+    if skew == 1.0:
+        assert received == T * k == E * depth
+    else:  # the legacy layer computes and sends the padding; AutoEP does not
+        assert float(autoep["ep_comm"]) < float(legacy["ep_comm"]) / 2
+        assert layer_forward_flops(s, 1, 1, e, True)["experts"] < layer_forward_flops(s, 1, 1, e)["experts"] / 2
+
+
+def test_performance_prices_the_backend_the_strategy_resolves_to():
+    silu = load_recipe(SEED, ["model.hidden_act=silu", "parallel.dp=8"])
+    auto, legacy = performance(silu), performance(silu, moe_backend="legacy")
+    assert auto.moe_backend == "autoep" and legacy.moe_backend == "legacy"
+    assert auto.per_micro_batch["comm.ep_all_to_all"] < legacy.per_micro_batch["comm.ep_all_to_all"]
+    assert performance(load_recipe(SEED, ["parallel.dp=8"])).moe_backend == "legacy"  # gelu: AutoEP cannot run it
+
+
+def test_zero2_reduce_scatters_every_micro_batch_and_zero0_1_at_the_step():
+    s = shape(global_batch=64)
+    m = 64 / (2 * 8)  # micro-batch 2, dp 8
+    one = step_components(s, 1, 1, 1, 8, 1, 2, False)
+    two = step_components(s, 1, 1, 1, 8, 2, 2, False)
+    zero = step_components(s, 1, 1, 1, 8, 0, 2, False)
+    assert float(zero["dp_reduce"]) == float(one["dp_reduce"])  # all-reduce = reduce-scatter + all-gather
+    assert float(two["dp_reduce"]) == pytest.approx(float(one["dp_reduce"]) * (m + 1) / 2, rel=1e-12)
+    assert float(one["zero3_gather"]) == float(two["zero3_gather"]) == 0.0
+
+
+def tensors_by_hand(E_local, gated_autoep):
+    """(gathered, persistent) elements of the seed-shaped rank (ep 8, the default threshold 1e5), tensor by tensor."""
+    D, V, L = 1024, 32000, 16
+    attention = [D * 1024] * 4 + [D]  # q, k, v, o, input norm
+    moe_dense = [D, 64 * D]  # post-attention norm, router [E, D]
+    experts = [E_local * 2048 * D] * (3 if gated_autoep else 2)
+    layer = attention + moe_dense + experts
+    ends = [V * D, D, V * D]  # embedding, final norm, LM head
+    tensors = layer * L + ends
+    return sum(n for n in tensors if n > 100_000), sum(n for n in tensors if n <= 100_000)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 4])
+def test_zero3_gathers_every_partitioned_tensor_each_micro_batch_and_reduce_scatters_its_gradients(micro_batch):
+    """The seed's rank with gated experts on AutoEP at ep 8 (8 experts: gate, up, down [8, 2048, 1024] each) and
+    dp 16: every tensor above the persistence threshold all-gathered in each micro-batch's forward, nothing again in
+    the backward (the default reuse distance and look-ahead keep them), the small ones once after the step; dense
+    over dp 16, experts over dp/ep = 2; gradients reduce-scattered each micro-batch, as ZeRO-2 does, which instead
+    all-gathers the updated weights once after the step."""
+    s = shape(global_batch=64, g=3)
+    dp, ep, b, bw = 16, 8, 2, 50e9  # 16 data-parallel ranks span two nodes
+    m = 64 / (micro_batch * dp)
+    gathered, persistent = tensors_by_hand(8, gated_autoep=True)
+    experts = 16 * 3 * 8 * 2048 * 1024
+    ring = lambda n: (n - 1) / n  # noqa: E731
+    gathers = b * (ring(dp) * (gathered - experts) + ring(dp // ep) * experts)
+    after_step = b * ring(dp) * persistent
+    z3 = step_components(s, 1, 1, ep, dp, 3, micro_batch, False, autoep=True)
+    assert float(z3["zero3_gather"]) == pytest.approx((m * gathers + after_step) / bw, rel=1e-12)
+    z2 = step_components(s, 1, 1, ep, dp, 2, micro_batch, False, autoep=True)
+    once = float(z2["dp_reduce"]) / (m + 1)  # one reduce-scatter of every gradient
+    assert float(z3["dp_reduce"]) == pytest.approx(m * once, rel=1e-12)
+
+
+def test_zero3_gathers_again_in_the_backward_what_the_reuse_distance_released():
+    """With DeepSpeed's look-ahead off, the layers whose backward lies beyond stage3_max_reuse_distance are gathered
+    again: none at an unbounded distance, all (and the embedding, and the head at 0) at none, in between the earlier
+    layers, more of them as the distance shrinks."""
+    from moe_model.estimate.traffic import Zero3Settings, zero3_gathers
+
+    s = shape()
+    at = lambda reuse: zero3_gathers(s, layers=16, first=1, last=1, tp=1, ep=8,  # noqa: E731
+                                     zero3=Zero3Settings(max_reuse_distance=reuse, prefetch_bucket_size=0))
+    never, always = at(10**15), at(0)
+    assert never.backward_dense == never.backward_expert == 0
+    assert (always.backward_dense, always.backward_expert) == (always.forward_dense, always.forward_expert)
+    between = [at(r) for r in (2 * 10**8, 5 * 10**8, 10**9)]
+    regathered = [g.backward_expert / (8 * 2 * 2048 * 1024) for g in between]
+    assert regathered == sorted(regathered, reverse=True) and 0 < regathered[-1] < regathered[0] < 16
+    assert all(r == int(r) for r in regathered)  # whole layers
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,ckpt,reuse,bucket,live", [
+    (1, True, 1_000_000, 0, 10**9),  # the model's own block, recompute: the reuse distance alone keeps the last layers
+    (2, False, 0, 50_000_000, 300_000),  # AutoEP: the prefetcher's look-ahead alone, capped by max_live_parameters
+])
+def test_zero3_gathers_equal_a_live_engines(tmp_path, ep, ckpt, reuse, bucket, live):
+    """A ZeRO-3 engine on 2 CPU ranks (tiny_cpu, persistence threshold 1000 so that both kinds of tensor occur):
+    the elements DeepSpeed's coordinator all-gathers per micro-batch (forward + backward; it books a prefetch issued
+    in the forward, or a recomputed forward, as forward) and those it keeps whole equal `zero3_gathers`."""
+    from moe_model.estimate.traffic import Zero3Settings, zero3_gathers
+    from tests.launch import failure, launch
+
+    sets = ["parallel.pp=1", f"parallel.ep={ep}", "parallel.dp=2", "parallel.zero_stage=3",
+            "train.global_batch_size=8", f"parallel.activation_checkpointing={str(ckpt).lower()}"]
+    result = launch(2, *sets, script="tests/distributed/zero3_traffic.py",
+                    extra_args=("--out", str(tmp_path), "--persistence", "1000", "--reuse", str(reuse),
+                                "--prefetch", str(bucket), "--max-live", str(live)))
+    assert result.returncode == 0, failure(result)
+    live_engine = json.loads((tmp_path / "zero3.json").read_text())
+    assert live_engine["zero_stage"] == 3
+    assert ("AutoEPMoELayer" in live_engine["modules"]) == (ep > 1)
+    recipe = load_recipe(str(ROOT / "recipes/tiny_cpu.yaml"), sets)
+    g = zero3_gathers(recipe.moe_config(), layers=4, first=1, last=1, tp=1, ep=ep, ckpt=ckpt, autoep=ep > 1,
+                      zero3=Zero3Settings(1000, reuse, bucket, live))
+    regathered = g.backward_dense + g.backward_expert
+    assert 0 < regathered < g.forward_dense + g.forward_expert  # the case keeps some layers and releases others
+    for kind in ("dense", "expert"):
+        engine = live_engine.get(f"forward_{kind}", 0) + live_engine.get(f"backward_{kind}", 0)
+        assert engine == getattr(g, f"forward_{kind}") + getattr(g, f"backward_{kind}"), kind
+        assert live_engine[f"persistent_{kind}"] == getattr(g, f"persistent_{kind}"), kind

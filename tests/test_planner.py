@@ -1,14 +1,16 @@
-"""`moe plan`: the fast search path equals the full estimator, every candidate is legal and fits, the ranking and the
-Pareto front hold, the search is fast, the CLI keys and bad input."""
+"""`moe plan`: the fast search path equals the full estimator, every candidate is legal (backend and ZeRO stage
+included) and fits, the ranking and the Pareto front hold, the search is fast, the CLI keys and bad input."""
 
 import json
 import random
 
+import numpy as np
 import pytest
 
 from moe_model.cli import main
 from moe_model.strategy import training_problem
-from moe_model.estimate.planner import BACKENDS, enumerate_legal, evaluate, full_candidate, pareto_front, plan
+from moe_model.estimate.planner import (BACKENDS, _candidate, enumerate_legal, evaluate, full_candidate, pareto_front, plan,
+                                       strategy_of_row)
 from moe_model.recipe import load_recipe
 from moe_model.strategy import layout_problem
 from tests.conftest import ROOT
@@ -30,12 +32,38 @@ def test_fast_path_equals_the_full_estimator_on_a_sample(path, overrides):
     recipe = load_recipe(path, overrides)
     _, grid = enumerate_legal(recipe)
     ev = evaluate(recipe, grid)
-    for i in random.Random(7).sample(range(len(grid)), 40):
+    rng = random.Random(7)
+    sample = rng.sample(range(len(grid)), 40)
+    for rows in (np.flatnonzero(grid[:, 4] == 3), np.flatnonzero(grid[:, 7] == 1)):  # ZeRO-3, AutoEP: 10 each
+        sample += rng.sample(rows.tolist(), min(10, len(rows)))
+    for i in sample:
         full = full_candidate(recipe, as_parallel(grid[i]))
         assert full["peak_bytes"] == ev["peak"][i], as_parallel(grid[i])
         assert full["fits"] == bool(ev["fits"][i])
         assert full["step_time_s"] == pytest.approx(float(ev["step"][i]), rel=1e-12)
         assert full["gpus"] == ev["gpus"][i]
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.hidden_act=silu", "model.intermediate_size=1368"]])
+def test_backends_and_zero_stages_searched_only_where_the_strategy_rules_allow(overrides):
+    """Every legal row passes `Strategy.problem` (trainable) with its backend stated; the gated model gets both
+    backends and ZeRO-3 on AutoEP at ep > 1, the gelu seed the legacy layer only and ZeRO-3 only at ep 1."""
+    recipe = load_recipe(SEED, overrides)
+    _, grid = enumerate_legal(recipe, max_gpus=64)
+    for row in grid[random.Random(3).sample(range(len(grid)), 300)]:
+        strategy = strategy_of_row(row.tolist())
+        assert strategy.problem(recipe.model, 8, 128, trainable=True) is None, strategy
+        candidate = _candidate(row.tolist(), 1, 1.0, 128)  # the JSON's row, written out without `Strategy`
+        assert candidate["parallel"] == strategy.as_parallel() and candidate["gpus"] == strategy.gpus
+    backends = set(grid[:, 7].tolist())
+    zero3 = grid[grid[:, 4] == 3]
+    assert len(zero3) and set(zero3[:, 1].tolist()) == {1}  # pp 1 only
+    if overrides:
+        assert backends == {0, 1}
+        assert set(zero3[zero3[:, 2] > 1][:, 7].tolist()) == {1}  # split experts under ZeRO-3: AutoEP only
+        assert set(grid[grid[:, 7] == 1][:, 0].tolist()) == {1}  # AutoEP: tp 1
+    else:
+        assert backends == {0} and set(zero3[:, 2].tolist()) == {1}
 
 
 def test_every_candidate_is_legal_fits_and_is_ranked():
@@ -45,7 +73,8 @@ def test_every_candidate_is_legal_fits_and_is_ranked():
     budget = recipe.hardware.gpu_memory_gb * 1e9
     for c in result.candidates:
         p = c["parallel"]
-        assert layout_problem(recipe.model, p["tp"], p["pp"], p["ep"], p["dp"], p["zero_stage"], 8) is None
+        assert layout_problem(recipe.model, p["tp"], p["pp"], p["ep"], p["dp"], p["zero_stage"], 8,
+                              p["moe_backend"]) is None
         assert training_problem(p["tp"], p["ep"]) is None
         assert c["gpus"] == p["tp"] * p["pp"] * p["dp"] <= 64
         assert c["fits"] and c["peak_bytes"] <= budget
@@ -89,6 +118,7 @@ def test_cli_json_keys_and_bad_input(capsys):
     first = out["candidates"][0]
     assert set(first) >= {"parallel", "gpus", "step_time_s", "throughput_seq_per_s", "peak_bytes", "fits"}
     assert set(first["parallel"]) == set(KEYS)
+    assert {c["parallel"]["moe_backend"] for c in out["candidates"]} <= {"legacy", "autoep"}
     with pytest.raises(SystemExit) as err:
         main(["plan", TINY, "--objective", "fastest"])
     assert err.value.code == 2

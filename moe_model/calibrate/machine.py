@@ -8,7 +8,8 @@ as `train.distributed.share_cpu_cores` sets them):
 - memory bandwidth: 2 x bytes per `copy_` of a 128 MB fp32 tensor (read + write; median), `hardware.hbm_bandwidth_tbps`
   with `bandwidth_utilization` = 1;
 - efficiency, `hardware.mfu`: one rank's work (`work_probe`: its stage's layers, its heads and experts; with ep > 1
-  through DeepSpeed's MoE layer on ep launched ranks, else as a one-device model), forward + backward of a micro-batch
+  through the recipe's MoE backend, DeepSpeed's legacy MoE layer or its AutoEP layer, on ep launched ranks, else as
+  a one-device model), forward + backward of a micro-batch
   timed (median of 15) less the same at shrunken widths (below) and less the all-to-alls' measured size-dependent
   time; mfu is the compute efficiency at which the model's time for that work (`perf.stage_compute_time`, with the
   measured bandwidth) equals the difference. On small shapes it absorbs what the roofline leaves out (SDPA and
@@ -16,12 +17,13 @@ as `train.distributed.share_cpu_cores` sets them):
 - links, `hardware.intra_node_gbps` (2 ranks or more): `measure_link_gbps`, the recipe's own messages between ranks;
 - the fixed cost of a step, `hardware.step_overhead_ms`: the recipe trained through the deepspeed launcher on its own
   layout (ranks, tp/pp/ep/dp, ZeRO stage, micro-batches, layers, experts, top-k, sequence) with every width shrunk to
-  almost nothing (head_dim 2, expert FFN 2*tp; the vocabulary and data kept), 40 steps: the median step time (first
+  almost nothing (head_dim 2, expert FFN 8*tp; the vocabulary and data kept), 40 steps: the median step time (first
   2 left out) less what the model computes for that shrunken model. What remains is what a step costs whatever its size: op
   dispatch, DeepSpeed's engine and pipeline instructions, collective latencies, the optimizer's per-tensor work.
   `--no-overhead` skips it (0).
 The routing skew the timed rank work showed (busiest expert's load over the mean per micro-batch, `routing_imbalance`)
-is what the fit and the prediction use for DeepSpeed's capacity-deep expert buffers (ep > 1, dropless).
+is what the fit and the prediction use for DeepSpeed's capacity-deep expert buffers (legacy, ep > 1, dropless) and
+for the rows AutoEP's busiest rank receives (`estimate.traffic`).
 
 """
 
@@ -95,13 +97,17 @@ def check_local_ranks(recipe: Recipe) -> int:
 def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: float, imbalance: float = 1.0) -> float:
     """The compute efficiency at which the model's time for one rank's stage (`perf.stage_compute_time`, routing
     skewed by `imbalance`) equals the measured `measured_s`; 1 if even the peak rate is slower than measured."""
+    from ..strategy import Strategy
+
     p = recipe.parallel
     base = dataclasses.replace(shape_of(recipe, imbalance), hbm_bytes_s=hbm_bytes_s)
     layers = stage_layers_timed(recipe)
+    autoep = Strategy.from_recipe(recipe)[0].moe_backend == "autoep"
 
     def model_s(mfu: float) -> float:
         s = dataclasses.replace(base, compute_flops=peak_flops * mfu)
-        return float(stage_compute_time(s, p.micro_batch_size, p.tp, p.ep, layers, p.activation_checkpointing))
+        return float(stage_compute_time(s, p.micro_batch_size, p.tp, p.ep, layers, p.activation_checkpointing,
+                                        autoep))
 
     if model_s(1.0) >= measured_s:
         return 1.0
@@ -149,13 +155,17 @@ def _recipe_file(recipe: Recipe, folder: str) -> str:
 
 def measure_work(recipe: Recipe, threads: int) -> dict:
     """`work_probe` for the recipe: one rank's work at full and shrunken widths, and its routing skew."""
+    from ..strategy import Strategy
+
     p = recipe.parallel
-    if p.ep > 1 and p.tp == 1:  # DeepSpeed's MoE layer, on a stage's ep ranks
+    if p.ep > 1 and p.tp == 1:  # the recipe's MoE backend, on a stage's ep ranks
+        layer = ("DeepSpeed's AutoEP layer" if Strategy.from_recipe(recipe)[0].moe_backend == "autoep" else
+                 "DeepSpeed's MoE layer")
         with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
             out = Path(tmp, "work.json")
             _launch(p.ep, "moe_model.calibrate.work_probe", ["--recipe", _recipe_file(recipe, tmp), "--out", str(out)],
                     "timing one rank's work on the expert-parallel ranks", threads)
-            return {**json.loads(out.read_text()), "where": f"DeepSpeed's MoE layer on {p.ep} ranks"}
+            return {**json.loads(out.read_text()), "where": f"{layer} on {p.ep} ranks"}
     with torch_threads(threads):
         work = rank_model_recipe(recipe)
         full, skew = time_work(work)

@@ -22,8 +22,8 @@ def predict_step_s(recipe: Recipe, compute_flops: float, hbm_bytes_s: float, ove
     p = Strategy.from_recipe(recipe)[0]
     s = dataclasses.replace(shape_of(recipe, imbalance), compute_flops=compute_flops, hbm_bytes_s=hbm_bytes_s,
                             overhead_s=overhead_s)
-    return float(step_components(s, p.tp, p.pp, p.ep, p.dp, p.zero_stage,
-                                 p.micro_batch_size, p.activation_checkpointing)["step"])
+    return float(step_components(s, p.tp, p.pp, p.ep, p.dp, p.zero_stage, p.micro_batch_size,
+                                 p.activation_checkpointing, autoep=p.moe_backend == "autoep")["step"])
 
 
 def calibrated_prediction(recipe: Recipe, overrides: list[str], imbalance: float = 1.0) -> float:

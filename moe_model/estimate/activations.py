@@ -1,10 +1,13 @@
 """Activation bytes: what autograd saves for backward in this model's real forward, per micro-batch.
 
-Every term was read off the forward of `MoEForCausalLM` (and of DeepSpeed's MoE layer for ep > 1) by listing the
-tensors `torch.autograd.graph.saved_tensors_hooks` sees, each storage counted once. `benchmarks/memory_accuracy.py`
-and the tests compare the totals with that measurement (fp32 and bf16, gelu and silu, top-1/2/3, z-loss,
-checkpointing, skewed routing, DeepSpeed's MoE layer on 2 ranks, a pipeline stage's forward pass): they agree to
-the byte.
+Every term was read off the forward of `MoEForCausalLM` (and of DeepSpeed's legacy MoE layer and AutoEP layer for ep
+> 1) by listing the tensors `torch.autograd.graph.saved_tensors_hooks` sees, each storage counted once.
+`benchmarks/memory_accuracy.py` and the tests compare the totals with that measurement (fp32 and bf16, gelu and
+silu, top-1/2/3, z-loss, checkpointing, skewed routing, the blocks converted by DeepSpeed's AutoEP in one process,
+DeepSpeed's legacy and AutoEP layers on 2 ranks under ZeRO-1 and ZeRO-3, a pipeline stage's forward pass): they
+agree to the byte; and what a real training step holds when its backward starts with the saved and held bytes
+together, within 0.3% (the legacy layer keeps its last router logits on the module). AutoEP's CUDA-only Triton path
+(`MicroBatch.triton`) is read from DeepSpeed's source, not measured: CPU ranks run its PyTorch fallbacks.
 Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") is the template; this
 model differs from their GPT block (no dropout, RMSNorm computed in fp32, SDPA keeps no score matrix, an MoE block
 instead of the MLP), so the coefficients are this model's own.
@@ -27,7 +30,7 @@ Per decoder layer:
                       recomputes the activation in backward) + b*R*D (expert outputs) + b*R (gate weights)
                       + b*R*D (weighted outputs). Every expert's rows are slices of one buffer of R rows, so the
                       bytes are the same for balanced and for skewed routing (measured): no imbalance term here.
-    experts, ep > 1   DeepSpeed's `MOELayer` with sparse routes: every expert's buffer is C rows deep, C the busiest
+    experts, legacy   DeepSpeed's `MOELayer` with sparse routes: every expert's buffer is C rows deep, C the busiest
                       expert's load over the expert-parallel group (dropless) or the capacity (capacity_factor set);
                       with tp > 1 each tp rank runs C/t of them. 8*(E*C + 1) (dispatch index) + b*E*C/t*(D + I*m)
                       (expert inputs and FFN: m = 2 gelu, its input and output; m = 4 gated silu, the [2I]
@@ -35,13 +38,34 @@ Per decoder layer:
                       index) + b*K*T*D (gathered outputs) + 4*K*T (fp32 gates). Balanced routing gives
                       C = ceil(T*K/E); an imbalance factor f (busiest over mean expert load) gives
                       C = min(ceil(f*T*K/E), T): the difference is the imbalance headroom.
+    experts, autoep   DeepSpeed's AutoEP (`parallel.moe_backend` autoep; `deepspeed/module_inject/auto_ep_layer.py`
+                      `_forward`): no capacity padding. N = the routed rows this rank's E/ep experts receive through
+                      the variable-split all-to-all (`traffic.autoep_rows`: T*K balanced, the busiest rank's rows
+                      under the imbalance assumption; or measured). `permute_by_local_expert` gathers them into one
+                      expert-major buffer of P = 8*ceil(N/8) + 8*E/ep rows (`padded_max_len`: the per-expert
+                      rounding of `generate_permute_indices` to multiples of 8, at least 8, fits inside it), which
+                      the grouped GEMMs read whole. Saved: 8*T*K (sort order) + 8*T*K (token of each copy) + 4*P
+                      (int32 permutation) + 4*E/ep (int32 group offsets) + b*P*D (the permuted input, saved by the
+                      gate/up GEMMs) + b*P*I*m (m = 3 with DeepSpeed's Triton SwiGLU on CUDA: gate, up and the
+                      product; 4 under PyTorch's fallback on CPU ranks, which also saves silu(gate)) + b*T*K*D (the
+                      un-permuted expert outputs [T, K, D] of the weighted combine) + 4*T*K (their fp32 weights);
+                      with Triton (CUDA) the gather-based permute and un-permute each save an int64 inverse
+                      permutation of the N rows, 16*N. The all-to-all's send and receive buffers are not saved.
+                      The router is DeepSpeed's (the terms above; its softmax and top-k weights, the same
+                      tensors) and `parallel.autoep.AutoEPBlock` adds its own fp32 softmax for the aux loss, 4*T*E.
 
 Once per micro-batch: 8*T (token ids, the embedding's index), 2*b*S*d (RoPE cos/sin, shared by the layers; each
 pipeline layer computes its own), the final RMSNorm, b*T*D (LM-head input), 4*T*V (fp32 log-softmax over every
 position: the labels are shifted and padded, the logits are not sliced), 8*T (those labels), 4 (the loss's total
-weight). The training step also holds the logits b*T*V through backward (the output object; the pipeline
-engine's output buffer): not saved by autograd, reported apart (`held_bytes`). The loss's backward briefly holds
-two fp32 [T, V] gradients (`head_backward_transient`).
+weight). The training step also holds the logits b*T*V through backward (`train.engine`'s step keeps the forward's
+output object until `engine.backward` returns; the pipeline engine's output buffer): not saved by autograd, reported
+apart (`held_bytes`). It is a storage of its own: cross_entropy saves its log-softmax output, a new [T, V], never
+the logits (in fp32 `logits.float()` is the logits themselves, in bf16 a copy nothing saves). So the saved tensors
+alone miss one [T, V] of memory as spent: on the held-out fp32 config of issue 16 (2 layers, hidden 128, 4 gelu
+experts, vocab 512, 2 x 256 tokens) they are 12,507,172 bytes by storage, the real step holds 13,555,828 in storages
+its ops created when its backward starts (`benchmarks/memory_accuracy.py`; torch.profiler's allocation events:
+13,555,860), the estimate's saved + held 13,555,748. The loss's backward briefly holds two fp32 [T, V] gradients
+(`head_backward_transient`).
 
 Activation checkpointing (transformers' non-reentrant checkpoint per decoder layer; DeepSpeed's per pipeline
 layer): a layer keeps only its input, b*T*D; backward recomputes one layer at a time, which holds its full set
@@ -60,8 +84,10 @@ import math
 from dataclasses import dataclass, field
 
 from ..configuration import MoEConfig
+from ..strategy import Strategy
 from ..units import FP32
 from .shapes import expert_depth, routed_rows
+from .traffic import ALIGN_ROWS, autoep_rows
 
 INDEX_BYTES = 8  # int64 ids, sort orders, dispatch indices
 
@@ -74,11 +100,20 @@ class MicroBatch:
     seq_len: int
     dtype_bytes: int  # 2 bf16/fp16, 4 fp32
     tp: int = 1
-    ep: int = 1  # ep > 1: DeepSpeed's MoE layer with capacity-deep expert buffers
+    ep: int = 1
+    moe_backend: str = "auto"  # `Strategy.moe_backend`: auto resolves as the recipe does (`backend`)
+    triton: bool = True  # AutoEP's kernels: DeepSpeed's Triton permute and SwiGLU (CUDA); False: PyTorch's (CPU)
 
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
+
+    def backend(self, cfg) -> str:
+        """The MoE backend this micro-batch runs: `autoep`, or `legacy` (the model's own block at ep = 1,
+        DeepSpeed's MoE layer at ep > 1); `auto` resolved by `Strategy.with_backend`, the recipe's own rule."""
+        if self.moe_backend != "auto":
+            return self.moe_backend
+        return Strategy(tp=self.tp, ep=self.ep).with_backend(cfg).moe_backend
 
 
 @dataclass
@@ -114,12 +149,16 @@ def attention(cfg: MoEConfig, mb: MicroBatch) -> Terms:
             .add("attn.sdpa_logsumexp", FP32 * T * hq))
 
 
-def router(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+def router(cfg: MoEConfig, mb: MicroBatch, autoep: bool = False) -> Terms:
+    """The router's saved tensors; `autoep`: DeepSpeed's router saves the same, and the adapter's softmax for the
+    aux loss is one more fp32 [T, E]."""
     T, E, K = mb.tokens, cfg.num_local_experts, cfg.num_experts_per_tok
     terms = (Terms().add("router.input", mb.dtype_bytes * T * cfg.hidden_size)
              .add("router.probs_fp32", FP32 * T * E)
              .add("router.topk", INDEX_BYTES * T * K + FP32 * T * K + FP32 * T)
              .add("router.aux_f", FP32 * E))
+    if autoep:
+        terms.add("router.aux_probs_fp32", FP32 * T * E)
     if cfg.router_z_loss_coef > 0:
         terms.add("router.z_loss", FP32 * T * E + FP32 * T)
     return terms
@@ -171,12 +210,50 @@ def experts_dispatched(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, d
             .add("experts.gates_fp32", FP32 * K * T))
 
 
-def decoder_layer(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, depth: int | None = None) -> Terms:
+def autoep_received_rows(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0) -> int:
+    """N, the routed rows this rank's experts receive per AutoEP layer (`traffic.autoep_rows`, whole rows)."""
+    return math.ceil(autoep_rows(cfg, mb.tokens, mb.ep, imbalance)[0])
+
+
+def autoep_buffer_rows(cfg: MoEConfig, mb: MicroBatch, rows: int) -> int:
+    """P, the rows of AutoEP's expert-major buffer for N = `rows` received rows: `permute_by_local_expert`'s
+    `padded_max_len` = N + 8 per local expert, rounded up to a multiple of 8."""
+    return ALIGN_ROWS * math.ceil((rows + ALIGN_ROWS * (cfg.num_local_experts // mb.ep)) / ALIGN_ROWS)
+
+
+def experts_autoep(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, rows: int | None = None) -> Terms:
+    """DeepSpeed's AutoEP layer on this rank (module docstring): `rows` gives N directly (measured), else
+    `autoep_received_rows` at `imbalance`."""
+    T, b, D, K = mb.tokens, mb.dtype_bytes, cfg.hidden_size, cfg.num_experts_per_tok
+    N = rows if rows is not None else autoep_received_rows(cfg, mb, imbalance)
+    P = autoep_buffer_rows(cfg, mb, N)
+    terms = (Terms().add("experts.sort_order", INDEX_BYTES * T * K)
+             .add("experts.token_index", INDEX_BYTES * T * K)
+             .add("experts.permutation", 4 * P + 4 * (cfg.num_local_experts // mb.ep))
+             .add("experts.input", b * P * D)
+             .add("experts.ffn", b * P * cfg.intermediate_size * (3 if mb.triton else 4))
+             .add("experts.gathered_output", b * T * K * D)
+             .add("experts.gates_fp32", FP32 * T * K))
+    if mb.triton:
+        terms.add("experts.inverse_permutation", 2 * INDEX_BYTES * N)
+    return terms
+
+
+def experts(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, depth: int | None = None,
+            rows: int | None = None) -> Terms:
+    """The MoE block's experts on the backend `mb` runs: the model's own block (legacy, ep = 1), DeepSpeed's MoE
+    layer (legacy, ep > 1; `depth` a measured C) or AutoEP (`rows` a measured N)."""
+    if mb.backend(cfg) == "autoep":
+        return experts_autoep(cfg, mb, imbalance, rows)
+    return experts_dispatched(cfg, mb, imbalance, depth) if mb.ep > 1 else experts_sorted(cfg, mb)
+
+
+def decoder_layer(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, depth: int | None = None,
+                  rows: int | None = None) -> Terms:
     """Everything one decoder layer saves for backward, without checkpointing (RoPE tables excluded)."""
     T, D, b = mb.tokens, cfg.hidden_size, mb.dtype_bytes
-    experts = experts_dispatched(cfg, mb, imbalance, depth) if mb.ep > 1 else experts_sorted(cfg, mb)
-    return (Terms().merge(rms_norm(T, D, b), times=2).merge(attention(cfg, mb)).merge(router(cfg, mb))
-            .merge(experts))
+    return (Terms().merge(rms_norm(T, D, b), times=2).merge(attention(cfg, mb))
+            .merge(router(cfg, mb, autoep=mb.backend(cfg) == "autoep")).merge(experts(cfg, mb, imbalance, depth, rows)))
 
 
 def rope_tables(cfg: MoEConfig, mb: MicroBatch) -> Terms:
@@ -211,10 +288,12 @@ def checkpointed_layer(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return Terms().add("checkpoint.layer_input", mb.dtype_bytes * mb.tokens * cfg.hidden_size)
 
 
-def model_saved(cfg: MoEConfig, mb: MicroBatch, checkpointing: bool, depths: list[int] | None = None) -> Terms:
+def model_saved(cfg: MoEConfig, mb: MicroBatch, checkpointing: bool, depths: list[int] | None = None,
+                rows: list[int] | None = None) -> Terms:
     """What the hooks see for one forward of the whole `MoEForCausalLM` (pp = 1), per micro-batch.
 
-    With ep > 1, `depths` gives each layer's measured C (busiest expert's load); without it routing is balanced.
+    DeepSpeed's MoE layer (legacy, ep > 1): `depths` gives each layer's measured C (busiest expert's load); AutoEP:
+    `rows` each layer's measured N on this rank; without them routing is balanced.
     Under transformers' non-reentrant checkpointing the RoPE tables reach the layers inside a tuple, so they are
     kept by the checkpoint's closure rather than saved through the hooks: they are not counted here.
     """
@@ -224,7 +303,8 @@ def model_saved(cfg: MoEConfig, mb: MicroBatch, checkpointing: bool, depths: lis
     else:
         terms.merge(rope_tables(cfg, mb))
         for layer in range(cfg.num_hidden_layers):
-            terms.merge(decoder_layer(cfg, mb, depth=depths[layer] if depths else None))
+            terms.merge(decoder_layer(cfg, mb, depth=depths[layer] if depths else None,
+                                      rows=rows[layer] if rows else None))
     return terms.merge(lm_head_and_loss(cfg, mb))
 
 
@@ -288,8 +368,8 @@ def stage_activations(cfg: MoEConfig, mb: MicroBatch, *, layers: int, first: boo
             held.add("held.pipe_output_buffer", hidden)
     saved = per_mb.total * in_flight
     headroom = 0
-    if mb.ep > 1 and cfg.capacity_factor is None and imbalance > 1:
-        skew = experts_dispatched(cfg, mb, imbalance).total - experts_dispatched(cfg, mb).total
+    if mb.ep > 1 and cfg.capacity_factor is None and imbalance > 1:  # dropless: the busiest rank's extra rows
+        skew = experts(cfg, mb, imbalance).total - experts(cfg, mb).total
         headroom = skew * (1 if checkpointing else layers * in_flight)
     if checkpointing and layers:
         saved += recomputed_layer(cfg, mb, rope_inside=pp > 1)

@@ -12,8 +12,10 @@ the loss-head gradient buffers (or the step transients where the step is the pea
 
 The budget is `hardware.gpu_memory_gb * 1e9` bytes (decimal GB: a little below what a "64 GB" GPU reports, on
 the safe side). dp comes from, in order: the world size at launch, `parallel.dp`, else the smallest legal dp
-(= ep) and the report says it was assumed (`Strategy.resolved`). `peak_total` is the one formula of a rank's
-total at its peak; the planner's fast path calls it on arrays.
+(= ep) and the report says it was assumed (`Strategy.resolved`). The MoE backend is the strategy's, `auto` resolved
+by `Strategy.with_backend` as the launch resolves it (the JSON's `layout.moe_backend`): AutoEP's activations and
+ZeRO-3's gathered parameters follow from it. `peak_total` is the one formula of a rank's total at its peak; the
+planner's fast path calls it on arrays.
 
 Step time, throughput and MFU come from the performance model (perf.py) for the same layout.
 """
@@ -28,7 +30,7 @@ from ..recipe import Recipe
 from ..strategy import Strategy
 from ..units import GB
 from .activations import MicroBatch, StageActivations, stage_activations
-from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_layers
+from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_layers, zero3_residency
 from .params import ParamCounts, count_params
 from .shapes import RankParams, rank_params
 
@@ -143,7 +145,8 @@ class Estimate:
             "performance": self.performance.as_json() if self.performance else None,
             "recipe": self.recipe,
             "layout": {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp, "dp_assumed": self.dp_assumed,
-                       "zero_stage": self.zero_stage, "precision": self.precision,
+                       "zero_stage": self.zero_stage, "moe_backend": self.strategy.moe_backend,
+                       "precision": self.precision,
                        "micro_batches_per_step": self.micro_steps},
             "stages": [{"stage": s.stage, "first_rank": s.first_rank, "ranks": s.ranks, "layers": s.layers,
                         "in_flight_micro_batches": s.in_flight, "peak_at": s.peak_at,
@@ -161,16 +164,22 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
     else:
         recipe.check_strategy(strategy)
         dp_assumed = False
+    strategy = strategy.with_backend(recipe.model)  # the MoE backend the run would take (auto resolved)
     t, tp, pp, ep, dp = recipe.train, strategy.tp, strategy.pp, strategy.ep, strategy.dp
     micro_steps = strategy.micro_batches(t.global_batch_size)
     cfg = recipe.moe_config()
-    mb = MicroBatch(strategy.micro_batch_size, t.seq_len, PRECISION_BYTES[t.precision], tp=tp, ep=ep)
+    autoep = strategy.moe_backend == "autoep"
+    mb = MicroBatch(strategy.micro_batch_size, t.seq_len, PRECISION_BYTES[t.precision], tp=tp, ep=ep,
+                    moe_backend=strategy.moe_backend, triton=assumptions.autoep_triton_kernels)
     stages = []
     for s, layers in enumerate(stage_layers(cfg.num_hidden_layers, pp)):
         first, last = s == 0, s == pp - 1
         params = rank_params(cfg, layers=layers, first=first, last=last, tp=tp, ep=ep)
+        zero3 = (zero3_residency(cfg, layers=layers, first=first, last=last, tp=tp, ep=ep, autoep=autoep,
+                                 checkpointing=strategy.activation_checkpointing, assumptions=assumptions)
+                 if strategy.zero_stage == 3 else None)
         states = model_states(params, precision=t.precision, zero_stage=strategy.zero_stage, dp=dp, ep=ep, pp=pp,
-                              assumptions=assumptions)
+                              assumptions=assumptions, zero3=zero3)
         in_flight = min(micro_steps, pp - s)
         acts = stage_activations(cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=in_flight,
                                  checkpointing=strategy.activation_checkpointing, imbalance=assumptions.imbalance)

@@ -45,7 +45,7 @@ def candidate_overrides(recipe: Recipe, base: Estimate) -> list[dict[str, object
         out.append({"parallel.micro_batch_size": micro})
         micro //= 2
     # illegal changes are left to `Strategy`'s rules: `_try` drops what the recipe check refuses
-    if p.zero_stage < 2:
+    if p.zero_stage < 3:  # ZeRO-3 where the rules allow it (pp 1; AutoEP where ep > 1)
         out.append({"parallel.zero_stage": p.zero_stage + 1})
     for ep in divisors(m.num_local_experts):
         if ep > p.ep and base.dp % ep == 0:  # on the same dp (an unset dp would otherwise follow ep)

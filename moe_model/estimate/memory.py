@@ -16,13 +16,36 @@ parameters; "P/N" below means P_dense/N_dense + P_expert/N_expert.
     ZeRO-1: DeepSpeedZeroOptimizer              bP       bP (full until reduced,      4P/N + 8P/N  (also in fp32:
                                                          also with one micro-batch)       the master is a clone)
     ZeRO-2: DeepSpeedZeroOptimizer              bP       bP/N (+ the bucket)          4P/N + 8P/N
+    ZeRO-3: DeepSpeedZeroOptimizer_Stage3       bP/N + bW    bP/N (+ the bucket)          4P/N + 8P/N  (a separate
+                                                                                          fp32 master in fp32 too)
 
 `ds_config.py` sets no `data_types.grad_accum_dtype`, so gradients accumulate in the parameters' dtype. Checked
-against the tensors of live engines on CPU ranks (fp32; ZeRO 0/1/2 on dp 1 and 2, ep 2, pp 2, pp 2 x ep 2) by
-`benchmarks/memory_accuracy.py` and `tests/test_estimate_memory.py`; the bf16/fp16 rows are read from DeepSpeed
-0.19's optimizers (a bf16 engine on CPU showed the same structure: bf16 flat parameters and gradients, a 1 GB bf16
-bucket, fp32 master and moments). DeepSpeed pads each flat group to a multiple of (2 * dp) elements and each
-parameter to 16 bytes; that padding (a few elements per tensor, < 0.01% measured) is not modelled.
+against the tensors of live engines on CPU ranks (fp32; ZeRO 0/1/2 on dp 1 and 2, ep 2 on both MoE backends, pp 2,
+pp 2 x ep 2, ZeRO-3 on dp 2 and on dp 2 x ep 2 AutoEP) by `benchmarks/memory_accuracy.py` and
+`tests/test_estimate_memory.py`; the bf16/fp16 rows are read from DeepSpeed 0.19's optimizers (a bf16 engine on CPU
+showed the same structure: bf16 flat parameters and gradients, a 1 GB bf16 bucket, fp32 master and moments).
+DeepSpeed pads each flat group to a multiple of (2 * dp) elements and each parameter to 16 bytes (ZeRO-3: to a
+multiple of N); that padding (a few elements per tensor, < 0.01% measured) is not modelled. AutoEP's experts
+(`AutoEPMoELayer`'s w1, w2, w3) are expert parameters like the legacy layer's: partitioned over dp/ep.
+
+ZeRO-3 (`runtime/zero/stage3.py`, `partition_parameters.py`, `partitioned_param_coordinator.py`): every parameter
+lives as its 1/N partition in one flat buffer (the P/N above, dense over dp, experts over the expert-data-parallel
+group); W is what the rank holds whole beside it, in elements (`zero3_residency`), only where the group has N > 1
+ranks (with N = 1 the gathered parameter is its partition):
+    persistent   each tensor of at most `stage3_param_persistence_threshold` elements (`ds_persist`) stays
+                 gathered from its first use on (tensor by tensor, `traffic.persistent_parts`);
+    kept         a partitioned tensor gathered in the forward is not released where DeepSpeed's trace uses it
+                 again within `stage3_max_reuse_distance` elements, or where the prefetch look-ahead
+                 (`stage3_prefetch_bucket_size` elements) already reached its backward use
+                 (`__params_to_release`): `traffic.zero3_gathers` says which (decoder layer j of a stage's L is
+                 used again after (2 + ckpt) (L-1-j) n_layer + 2 n_head elements), so at the start of the backward
+                 (the activation peak) the stage's last layers, the LM head, and the embedding where everything
+                 fits the distance, are held whole; the prefetch's share under `stage3_max_live_parameters`
+                 (`zero3_residency`).
+Gradients are reduced into a flat partition buffer (`grad_partitions_flat_buffer`, b*P/N) through an IPG bucket
+of `reduce_bucket_size` elements allocated at engine start and alive throughout (the step included); the step
+flattens each parameter group's gradient partition into an fp32 copy (4*P/N). W counts in the parameters (the step
+releases the gathered tensors, so it overstates the step's figure by the gathered part).
 
 Transient buffers (stated, configurable assumptions, `Assumptions`):
     gradient bucket   ZeRO-1/2 reduce gradients through `reduce_bucket_size` elements (5e8 by default, in the
@@ -37,11 +60,13 @@ Transient buffers (stated, configurable assumptions, `Assumptions`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from ..units import FP32
 from .shapes import RankParams
+from .traffic import Zero3Settings, zero3_gathers
 
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -56,6 +81,12 @@ class Assumptions:
     fragmentation: float = 0.05  # caching-allocator overhead, a fraction of the allocated peak
     imbalance: float = 3.0  # busiest expert's load over the mean, early in training (dropless, ep > 1)
     foreach_adam_temporary: bool = True  # torch AdamW's foreach path on GPUs allocates one partition-sized temp
+    autoep_triton_kernels: bool = True  # AutoEP's permute and SwiGLU run DeepSpeed's Triton kernels (CUDA)
+    # ZeRO-3, DeepSpeed's zero_optimization defaults (runtime/zero/config.py; train/ds_config.py sets none)
+    zero3_param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold: tensors kept whole
+    zero3_max_reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance: not released if reused within
+    zero3_prefetch_bucket_elements: int = 50_000_000  # stage3_prefetch_bucket_size: gathered ahead of use
+    zero3_max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters: cap on gathered elements
 
 
 def partition_balanced(weights: list[int], parts: int) -> list[int]:
@@ -107,7 +138,50 @@ class ModelStates:
     optimizer_kind: str
 
 
+@dataclass(frozen=True)
+class Zero3Residency:
+    """Elements a ZeRO-3 rank holds whole beside its partitions at the activation peak (module docstring)."""
+
+    persistent_dense: float = 0
+    persistent_expert: float = 0
+    gathered_dense: float = 0  # gathered in the forward and kept to the backward (reuse distance, prefetch)
+    gathered_expert: float = 0
+
+
+def zero3_settings(assumptions: Assumptions) -> Zero3Settings:
+    """The stage-3 settings of `assumptions` in the form the time model's `traffic.zero3_gathers` reads."""
+    return Zero3Settings(persistence_threshold=assumptions.zero3_param_persistence_threshold,
+                         max_reuse_distance=assumptions.zero3_max_reuse_distance,
+                         prefetch_bucket_size=assumptions.zero3_prefetch_bucket_elements)
+
+
+def zero3_residency(model, *, layers: int, first: bool, last: bool, tp: int, ep: int, autoep: bool,
+                    checkpointing: bool, assumptions: Assumptions = Assumptions()) -> Zero3Residency:
+    """What one ZeRO-3 rank of a stage holds whole beside its partitions at the start of the backward (module
+    docstring), in elements, before the group-size test of `model_states`: the persistent tensors, and the
+    partitioned ones gathered in the forward and not released before their backward use. The latter are what
+    `traffic.zero3_gathers` (the one home of DeepSpeed's release rule) gathers in the forward but not again in the
+    backward; the share kept by the prefetch look-ahead alone is capped by `stage3_max_live_parameters`, which
+    throttles the prefetch only (`fetch_sub_module`: at most max_live - available elements ahead)."""
+    shape = dict(layers=layers, first=first, last=last, tp=tp, ep=ep, ckpt=checkpointing, autoep=autoep)
+    settings = zero3_settings(assumptions)
+    g = zero3_gathers(model, **shape, zero3=settings)
+    by_reuse = zero3_gathers(model, **shape, zero3=dataclasses.replace(settings, prefetch_bucket_size=0))
+    kept_dense, kept_expert = g.forward_dense - g.backward_dense, g.forward_expert - g.backward_expert
+    reuse_dense = by_reuse.forward_dense - by_reuse.backward_dense
+    reuse_expert = by_reuse.forward_expert - by_reuse.backward_expert
+    persistent = g.persistent_dense + g.persistent_expert
+    room = max(assumptions.zero3_max_live_parameters - persistent - reuse_dense - reuse_expert, 0)
+    ahead_dense, ahead_expert = kept_dense - reuse_dense, kept_expert - reuse_expert
+    scale = min(1.0, room / max(ahead_dense + ahead_expert, 1))
+    return Zero3Residency(persistent_dense=float(g.persistent_dense), persistent_expert=float(g.persistent_expert),
+                          gathered_dense=float(reuse_dense + scale * ahead_dense),
+                          gathered_expert=float(reuse_expert + scale * ahead_expert))
+
+
 def optimizer_kind(precision: str, zero_stage: int, pp: int) -> str:
+    if zero_stage == 3:
+        return "DeepSpeedZeroOptimizer_Stage3"
     if zero_stage >= 1:
         return "DeepSpeedZeroOptimizer"
     if precision == "fp32":
@@ -118,8 +192,10 @@ def optimizer_kind(precision: str, zero_stage: int, pp: int) -> str:
 
 
 def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int, ep: int, pp: int,
-                 assumptions: Assumptions = Assumptions()) -> ModelStates:
-    """Bytes of one rank's model states during a backward pass (the activation peak) and at the optimizer step."""
+                 assumptions: Assumptions = Assumptions(), zero3: Zero3Residency | None = None) -> ModelStates:
+    """Bytes of one rank's model states during a backward pass (the activation peak) and at the optimizer step.
+    ZeRO-3: `zero3` is what the rank holds whole beside its partitions (`zero3_residency`); None counts the
+    partitions alone (a lower bound)."""
     if dp % ep:
         raise ValueError(f"ep={ep} must divide dp={dp}")
     b = PRECISION_BYTES[precision]
@@ -127,7 +203,16 @@ def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int
     partition = params.dense / dp + params.expert / (dp // ep)  # what ZeRO leaves on this rank
     kind = optimizer_kind(precision, zero_stage, pp)
     bucket = 0
-    if kind == "torch AdamW (no wrapper)":
+    params_bytes = b * P
+    if kind == "DeepSpeedZeroOptimizer_Stage3":
+        z = zero3 or Zero3Residency()
+        whole = ((z.persistent_dense + z.gathered_dense) * (dp > 1)
+                 + (z.persistent_expert + z.gathered_expert) * (dp // ep > 1))  # N = 1: the partition is whole
+        params_bytes = b * (partition + whole)
+        grads, optimizer = b * partition, 3 * FP32 * partition
+        bucket = b * assumptions.reduce_bucket_elements  # allocated at engine start, alive at the step as well
+        step, adam_elements = FP32 * partition + bucket, partition
+    elif kind == "torch AdamW (no wrapper)":
         grads, optimizer = b * P, 2 * FP32 * P
         step = b * min(P, assumptions.reduce_bucket_elements) if dp > 1 else 0
         adam_elements = P
@@ -145,5 +230,6 @@ def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int
         adam_elements = partition
     if assumptions.foreach_adam_temporary:
         step += FP32 * adam_elements
-    return ModelStates(params_bytes=b * P, grads_bytes=math.ceil(grads), optimizer_bytes=math.ceil(optimizer),
-                       bucket_bytes=bucket, step_transient_bytes=math.ceil(step), optimizer_kind=kind)
+    return ModelStates(params_bytes=math.ceil(params_bytes), grads_bytes=math.ceil(grads),
+                       optimizer_bytes=math.ceil(optimizer), bucket_bytes=bucket,
+                       step_transient_bytes=math.ceil(step), optimizer_kind=kind)

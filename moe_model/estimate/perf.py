@@ -69,6 +69,7 @@ runs exactly the routed rows). MFU = model FLOPs (3x the forward of every token,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -112,7 +113,7 @@ class Shape:
     zero3: Zero3Settings = Zero3Settings()  # DeepSpeed's stage-3 gather settings (traffic.py)
 
 
-def shape_of(recipe: Recipe, imbalance: float = 1.0) -> Shape:
+def shape_of(recipe: Recipe, imbalance: float = 1.0, zero3: Zero3Settings = Zero3Settings()) -> Shape:
     m, hw, t = recipe.model, recipe.hardware, recipe.train
     cfg = recipe.moe_config()
     return Shape(D=cfg.hidden_size, Dq=cfg.num_attention_heads * cfg.head_dim,
@@ -124,7 +125,7 @@ def shape_of(recipe: Recipe, imbalance: float = 1.0) -> Shape:
                  gpus_per_node=hw.gpus_per_node, intra_bytes_s=hw.intra_node_gbps * 1e9,
                  inter_bytes_s=hw.inter_node_gbps * 1e9, peak_flops=hw.peak_tflops * 1e12,
                  overhead_s=hw.step_overhead_ms * 1e-3, capacity_factor=m.capacity_factor or 0.0,
-                 min_capacity=m.min_capacity, imbalance=imbalance)
+                 min_capacity=m.min_capacity, imbalance=imbalance, zero3=zero3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,11 +297,12 @@ class Performance:
 
 
 def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Strategy | None = None,
-                imbalance: float | None = None, **changes) -> Performance:
+                imbalance: float | None = None, zero3: Zero3Settings | None = None, **changes) -> Performance:
     """Step time of `recipe`'s strategy on `world_size` GPUs, of another `strategy` (dp set), or of the recipe's with
     `changes` to `Strategy` fields (dp then defaults to ep where tp or pp change). `imbalance`: the busiest expert's
-    load over the mean (default: the estimator's assumption). A strategy breaking a layout rule is a `RecipeError`."""
-    from .memory import Assumptions
+    load over the mean, `zero3`: DeepSpeed's stage-3 settings (defaults: the estimator's assumptions). A strategy
+    breaking a layout rule is a `RecipeError`."""
+    from .memory import Assumptions, zero3_settings
 
     if strategy is None:
         strategy = _changed(recipe, world_size, {name: v for name, v in changes.items() if v is not None})
@@ -310,7 +312,7 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
     tp, pp, ep, dp = strategy.tp, strategy.pp, strategy.ep, strategy.dp
     zero, B, ckpt = strategy.zero_stage, strategy.micro_batch_size, strategy.activation_checkpointing
     imbalance = Assumptions().imbalance if imbalance is None else imbalance
-    s = shape_of(recipe, imbalance)
+    s = shape_of(recipe, imbalance, zero3_settings(Assumptions()) if zero3 is None else zero3)
     c = step_components(s, tp, pp, ep, dp, zero, B, ckpt, autoep=autoep)
     step = float(c["step"])
     gpus = tp * pp * dp
@@ -340,6 +342,5 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
                      "inter_node_gbps (ASSUMED)": hw.inter_node_gbps, "step_overhead_ms": hw.step_overhead_ms,
                      "overlap": "none: TP/EP collectives, pipeline sends and the gradient reduction are exposed",
                      "routing_imbalance (busiest expert over mean; ep > 1, dropless)": imbalance,
-                     "zero3_param_persistence_threshold": s.zero3.persistence_threshold,
-                     "zero3_max_reuse_distance": s.zero3.max_reuse_distance},
+                     "zero3 (DeepSpeed stage-3 settings)": dataclasses.asdict(s.zero3)},
         moe_backend=strategy.moe_backend)

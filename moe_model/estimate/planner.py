@@ -31,15 +31,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..recipe import Recipe, RecipeError
-from ..strategy import Strategy, batch_divides
+from ..strategy import FIELDS, Strategy, batch_divides
 from ..units import divisors
 from .activations import MicroBatch, stage_activations
 from .estimate import budget_bytes, estimate, peak_total
-from .memory import PRECISION_BYTES, Assumptions, model_states, stage_layers
+from .memory import PRECISION_BYTES, Assumptions, model_states, stage_layers, zero3_residency, zero3_settings
 from .perf import shape_of, stage_shape, step_components
 from .shapes import dims, rank_params
 
 OBJECTIVES = ("latency", "throughput", "cost")
+BACKENDS = ("legacy", "autoep")  # column 7 of the grid (tp pp ep dp zero B ckpt backend): the index into this
 _CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                   "num_experts_per_tok", "router_z_loss_coef", "intermediate_size", "hidden_act", "capacity_factor",
                   "min_capacity", "vocab_size", "num_hidden_layers", "tie_word_embeddings")
@@ -81,16 +82,21 @@ class FastMemory:
             seen.setdefault((layers, s == 0, s == pp - 1), s)
         return tuple((*k, s) for k, s in seen.items())
 
-    def _states(self, layers, first, last, tp, ep, zero, dp, pp_multi):
+    def _states(self, layers, first, last, tp, ep, zero, dp, pp_multi, autoep, ckpt):
+        """The model states' parts (`autoep` and `ckpt` matter at ZeRO-3 only: callers pass False elsewhere)."""
         params = rank_params(self.cfg, layers=layers, first=first, last=last, tp=tp, ep=ep)
+        zero3 = (zero3_residency(self.cfg, layers=layers, first=first, last=last, tp=tp, ep=ep, autoep=autoep,
+                                 checkpointing=ckpt, assumptions=self.a) if zero == 3 else None)
         st = model_states(params, precision=self.precision, zero_stage=zero, dp=dp, ep=ep, pp=2 if pp_multi else 1,
-                          assumptions=self.a)
+                          assumptions=self.a, zero3=zero3)
         return st.params_bytes + st.grads_bytes + st.optimizer_bytes, st.bucket_bytes, st.step_transient_bytes
 
-    def _acts_line(self, B, tp, ep_multi, layers, first, last, pp_multi, ckpt):
+    def _acts_line(self, B, tp, ep, backend, layers, first, last, pp_multi, ckpt):
         """(bytes at one micro-batch in flight, bytes per extra one): every term of `stage_activations` is
-        constant or proportional to the in-flight count, so two evaluations give all of them exactly."""
-        mb = MicroBatch(B, self.S, self.b, tp=tp, ep=2 if ep_multi else 1)
+        constant or proportional to the in-flight count, so two evaluations give all of them exactly. `ep`: the
+        legacy layer's buffers depend only on whether ep > 1 (callers pass min(ep, 2)), AutoEP's rows on ep."""
+        mb = MicroBatch(B, self.S, self.b, tp=tp, ep=ep, moe_backend=BACKENDS[backend],
+                        triton=self.a.autoep_triton_kernels)
         pp = 2 if pp_multi else 1
         one, two = (stage_activations(self.cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=f,
                                       checkpointing=ckpt, imbalance=self.a.imbalance) for f in (1, 2))
@@ -104,17 +110,20 @@ class FastMemory:
         for pp in np.unique(grid[:, 1]).tolist():
             sel = np.flatnonzero(grid[:, 1] == pp)
             g = grid[sel]
-            tp, ep, dp, zero, B, ckpt = g[:, 0], g[:, 2], g[:, 3], g[:, 4], g[:, 5], g[:, 6]
+            tp, ep, dp, zero, B, ckpt, backend = g[:, 0], g[:, 2], g[:, 3], g[:, 4], g[:, 5], g[:, 6], g[:, 7]
             m = m_all[sel]
             best = np.zeros(len(sel), dtype=np.int64)
+            z3 = zero == 3
             for layers, first, last, s in self.kinds(pp):
-                uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp], axis=1))
-                svals = np.array([self.states(layers, first, last, int(a), int(e), int(z), int(d), pp > 1)
-                                  for a, e, z, d in uniq.tolist()], dtype=np.int64).reshape(-1, 3)[inv.reshape(-1)]
+                uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp, backend * z3, ckpt * z3], axis=1))
+                svals = np.array([self.states(layers, first, last, int(a), int(e), int(z), int(d), pp > 1, bool(k),
+                                              bool(c)) for a, e, z, d, k, c in uniq.tolist()],
+                                 dtype=np.int64).reshape(-1, 3)[inv.reshape(-1)]
                 in_flight = np.minimum(m, pp - s)
-                uniq, inv = _unique_rows(np.stack([B, tp, ep > 1, ckpt], axis=1))
-                line = np.array([self.acts_line(int(b), int(a), bool(e), layers, first, last, pp > 1, bool(c))
-                                 for b, a, e, c in uniq.tolist()], dtype=np.int64).reshape(-1, 2)[inv.reshape(-1)]
+                ep_key = np.where(backend == 1, ep, np.minimum(ep, 2))
+                uniq, inv = _unique_rows(np.stack([B, tp, ep_key, backend, ckpt], axis=1))
+                line = np.array([self.acts_line(int(b), int(a), int(e), int(k), layers, first, last, pp > 1, bool(c))
+                                 for b, a, e, k, c in uniq.tolist()], dtype=np.int64).reshape(-1, 2)[inv.reshape(-1)]
                 avals = line[:, 0] + (in_flight - 1) * line[:, 1]
                 _, _, total = peak_total(svals[:, 0], svals[:, 1], svals[:, 2], avals, self.a)
                 best = np.maximum(best, total)
@@ -153,9 +162,6 @@ def _rank_key(objective: str):
     return lambda c: (c["gpus"] * c["step_time_s"], c["step_time_s"])
 
 
-BACKENDS = ("legacy", "autoep")  # column 7 of the grid: the index into this
-
-
 def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, np.ndarray]:
     """(combinations searched, legal strategies as an int array with columns tp pp ep dp zero B ckpt backend, the
     backend an index into `BACKENDS`): those that `Strategy.training_problem`, `Strategy.layout_problem` and the
@@ -167,13 +173,16 @@ def enumerate_legal(recipe: Recipe, max_gpus: int | None = None) -> tuple[int, n
     searched = 0
     rows = []
     for tp in tps:
+        # AutoEP's own rule (`Strategy.autoep_problem`: model and tp only) asked once per tp, not per combination
+        backends = [(i, name) for i, name in enumerate(BACKENDS)
+                    if name != "autoep" or Strategy(tp=tp).autoep_problem(m) is None]
         for pp in pps:
             for ep in eps:
                 for dp in batch:
                     gpus_ok = max_gpus is None or tp * pp * dp <= max_gpus
                     for zero in (0, 1, 2, 3):
-                        for backend, name in enumerate(BACKENDS):
-                            searched += 2 * len(batch)
+                        searched += 2 * len(batch) * len(BACKENDS)
+                        for backend, name in backends:
                             if not gpus_ok:
                                 continue
                             strategy = Strategy(tp=tp, pp=pp, ep=ep, dp=dp, zero_stage=zero, moe_backend=name)
@@ -189,7 +198,7 @@ def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assump
     """Peak bytes and step time of every row of `grid` (fast path)."""
     fast = FastMemory(recipe, assumptions)
     peak = fast.peak_bytes_many(grid)
-    s = shape_of(recipe, assumptions.imbalance)
+    s = shape_of(recipe, assumptions.imbalance, zero3_settings(assumptions))
     max_pp = int(grid[:, 1].max()) if len(grid) else 1
     table = np.zeros((3, max_pp + 1), dtype=np.int64)
     for pp in range(1, max_pp + 1):
@@ -207,15 +216,18 @@ def strategy_of_row(row) -> Strategy:
 
 
 def _candidate(row, peak, step, gbs, fits=True) -> dict:
-    strategy = strategy_of_row(row)
-    return {"parallel": strategy.as_parallel(), "gpus": strategy.gpus, "step_time_s": float(step),
+    """A candidate of `moe plan`'s JSON for a grid row: `Strategy.as_parallel` of `strategy_of_row`, written out
+    (the grid's columns are `strategy.FIELDS` in order; tens of thousands of rows make the Strategy detour count)."""
+    tp, pp, ep, dp, zero, B, ckpt, backend = row
+    parallel = dict(zip(FIELDS, (tp, pp, ep, dp, zero, B, bool(ckpt), BACKENDS[backend])))
+    return {"parallel": parallel, "gpus": tp * pp * dp, "step_time_s": float(step),
             "throughput_seq_per_s": gbs / float(step), "peak_bytes": int(peak), "fits": bool(fits)}
 
 
 def full_candidate(recipe: Recipe, strategy: Strategy | dict, assumptions: Assumptions = Assumptions()) -> dict:
     """One strategy (or a candidate's `parallel` mapping) through the full estimator and performance model (the
-    reference for the fast path)."""
-    strategy = strategy if isinstance(strategy, Strategy) else Strategy.of(strategy)
+    reference for the fast path); `auto` resolved to the backend the run would take."""
+    strategy = (strategy if isinstance(strategy, Strategy) else Strategy.of(strategy)).with_backend(recipe.model)
     est = estimate(recipe, assumptions=assumptions, strategy=strategy)
     perf = est.performance
     return {"parallel": strategy.as_parallel(), "gpus": est.gpus, "step_time_s": perf.step_time_s,

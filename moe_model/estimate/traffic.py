@@ -29,21 +29,32 @@ runtime/zero/stage_1_and_2.py `reduce_ready_partitions_and_remove_grads`, runtim
     ZeRO-2  gradients reduce-scattered after every micro-batch's backward (partitioned
             gradients), updated weights all-gathered after the step                    (m + 1) (N-1)/N b P
     ZeRO-3  gradients reduce-scattered after every micro-batch's backward                  m (N-1)/N b P
-            and the parameters all-gathered before use (`PartitionedParameterCoordinator.fetch_sub_module`):
-            every partitioned parameter in each forward, and again in that micro-batch's backward where it was
-            released after its forward; parameters of at most `persistence_threshold` elements stay whole
-            (`ds_persist`: never gathered, re-gathered once after the step). A parameter is released after its
-            forward unless it is used again within `max_reuse_distance` elements of parameters fetched in DeepSpeed's
-            trace order (`__params_to_release`): for decoder layer j of L, the later layers' forward and backward,
-            the LM head's both and (with recompute) the later layers' recomputed forward lie between its two uses,
-            (2 + ckpt) (L-1-j) n_layer + 2 n_head elements (n: a module's whole parameters on the rank, ds_numel).
-            The trace restarts every forward (`reset_step`), so every micro-batch gathers again.
+            and the parameters all-gathered before use (`PartitionedParameterCoordinator.fetch_sub_module`),
+            per micro-batch (the trace restarts every forward, `reset_step`):
             m (N-1)/N b (P_gathered + P_regathered) + (N-1)/N b P_persistent
+            P_gathered   every tensor of more than `persistence_threshold` elements, in the forward; smaller ones
+                         stay whole (`ds_persist`: never gathered, re-gathered once after the step's update)
+            P_regathered the parts released after their forward and gathered again for the backward (or its
+                         recompute). A part is kept when either (DeepSpeed `__params_to_release`):
+                reuse      its next use lies within `max_reuse_distance` elements of the parameters fetched in trace
+                           order: for decoder layer j of a stage's L (i = L-1-j later layers) the MoE part is next
+                           used after (2 + ckpt) i n + 2 h (+ the attention's a with recompute), the attention part
+                           after (2 + ckpt) i n + 2 h + (2 - ckpt) m (n = a + m: a layer's whole parameters on the
+                           rank, ds_numel; h the final norm and LM head);
+                lookahead  the prefetcher (up to `prefetch_bucket_size` a fetch) already walked the trace past its
+                           next use, which it does while everything gathered stays under `max_live_parameters`:
+                           the gathered (partitioned) elements from the part to the head, m_g + i n_g + h_g (MoE) or
+                           (i + 1) n_g + h_g (attention) below it. The per-fetch bucket is taken to be no limit
+                           (it is 5e7 elements for every module's fetch).
+            The embedding counts as i = L. Checked against a live ZeRO-3 engine (fp32 CPU ranks, legacy ep 1 and
+            AutoEP ep 2, with and without recompute, each rule alone) by tests/test_perf.py: the elements gathered
+            per micro-batch (forward + backward), dense and expert, and those kept whole, exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,12 +66,14 @@ ALIGN_ROWS = 8  # deepspeed.moe.ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M: rows per ex
 @dataclass(frozen=True)
 class Zero3Settings:
     """DeepSpeed's stage-3 settings the gathers depend on, at DeepSpeed 0.19's defaults (train/ds_config.py sets
-    none): `stage3_param_persistence_threshold`, `stage3_max_reuse_distance` (runtime/zero/config.py).
-    Local to the time model until the memory estimator's `Assumptions` carry the same settings (they also size the
-    gathered parameters a rank holds)."""
+    none): `stage3_param_persistence_threshold`, `stage3_max_reuse_distance`, `stage3_prefetch_bucket_size`,
+    `stage3_max_live_parameters` (runtime/zero/config.py). The memory estimator's `Assumptions` carry the same
+    figures, `--set`-able, and `memory.zero3_settings` turns them into this (they also size what a rank holds)."""
 
     persistence_threshold: int = 100_000
     max_reuse_distance: int = 1_000_000_000
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
 
 
 def ring(n):
@@ -104,21 +117,41 @@ def _persistent(numel, threshold):
     return np.where(numel <= threshold, numel, 0)
 
 
-def persistent_params(model, *, layers, first, last, tp, ep, autoep, threshold):
-    """(dense, expert) parameters of a rank's stage that ZeRO-3 keeps whole (each tensor of at most `threshold`
-    elements), tensor by tensor as the model holds them: q, k, v, o / tp, two norms, the router, the experts (the
-    model's block: gated [E, 2I, D] and [E, D, I], or two [E, I, D]; AutoEP: gate, up and down [E/e, I, D] each),
-    the embedding, the final norm and the LM head."""
+class LayerParts(NamedTuple):
+    """Parameters of one decoder layer on a rank in the order its forward uses them (numbers or arrays)."""
+
+    attention: object  # input norm, q, k, v, o / tp (dense)
+    moe_dense: object  # post-attention norm, router (dense)
+    experts: object  # the rank's E/e experts
+
+
+def layer_parts(model, *, tp, ep) -> LayerParts:
+    """One decoder layer's parameters, split as ZeRO-3 meets them (they add up to `shapes.rank_params` of a layer)."""
+    m = dims(model)
+    layer = rank_params(m, layers=1, first=0, last=0, tp=tp, ep=ep)
+    moe_dense = m.D + m.E * m.D
+    return LayerParts(attention=layer.dense - moe_dense, moe_dense=moe_dense, experts=layer.expert)
+
+
+def persistent_parts(model, *, tp, ep, autoep, threshold) -> tuple[LayerParts, object, object]:
+    """(a decoder layer's `LayerParts`, the embedding, the final norm and LM head) that ZeRO-3 keeps whole: each
+    tensor of at most `threshold` elements, tensor by tensor as the model holds them (q, k, v, o / tp, two norms, the
+    router; the experts: the model's block gated [E, 2I, D] and [E, D, I] or two [E, I, D], AutoEP gate, up and down
+    [E/e, I, D] each)."""
     m = dims(model)
     p = lambda n: _persistent(n, threshold)  # noqa: E731
-    dense_layer = 2 * p(m.Dq * m.D // tp) + 2 * p(m.Dkv * m.D // tp) + 2 * p(m.D) + p(m.E * m.D)
     n = (m.E // ep) * m.I * m.D
-    if m.g == 2:
-        expert_layer = 2 * p(n)
-    else:
-        expert_layer = np.where(autoep, 3 * p(n), p(2 * n) + p(n))
-    dense = layers * dense_layer + first * p(m.V * m.D) + last * (p(m.D) + (0 if m.tied else p(m.V * m.D)))
-    return dense, layers * expert_layer
+    experts = 2 * p(n) if m.g == 2 else np.where(autoep, 3 * p(n), p(2 * n) + p(n))
+    layer = LayerParts(attention=2 * p(m.Dq * m.D // tp) + 2 * p(m.Dkv * m.D // tp) + p(m.D),
+                       moe_dense=p(m.D) + p(m.E * m.D), experts=experts)
+    return layer, p(m.V * m.D), p(m.D) + (0 if m.tied else p(m.V * m.D))
+
+
+def persistent_params(model, *, tp, ep, autoep, threshold):
+    """`persistent_parts` as (dense of a decoder layer, experts of a decoder layer, the embedding, the final norm and
+    LM head): the parameters ZeRO-3 keeps whole."""
+    layer, embed, head = persistent_parts(model, tp=tp, ep=ep, autoep=autoep, threshold=threshold)
+    return layer.attention + layer.moe_dense, layer.experts, embed, head
 
 
 @dataclass(frozen=True)
@@ -136,42 +169,70 @@ class DataParallelTraffic:
                 m * self.gather_per_micro_batch + self.gather_per_step)
 
 
+@dataclass(frozen=True)
+class Zero3Gathers:
+    """Parameters (elements, not bytes) ZeRO-3 all-gathers on one rank per micro-batch, dense (over dp) and expert
+    (over dp/e), and those it keeps whole (numbers or arrays)."""
+
+    forward_dense: object
+    forward_expert: object
+    backward_dense: object  # re-gathered in the backward: released after the forward (reuse distance)
+    backward_expert: object
+    persistent_dense: object  # never gathered in forward or backward; all-gathered once after the step
+    persistent_expert: object
+
+
+def zero3_gathers(model, *, layers, first, last, tp, ep, ckpt=False, autoep=False,
+                  zero3: Zero3Settings = Zero3Settings()) -> Zero3Gathers:
+    """What ZeRO-3 gathers per micro-batch on one rank of a stage with `layers` decoder layers (docstring), a decoder
+    layer taken as two parts, attention then MoE (`LayerParts`), each gathered again in the backward as a whole."""
+    m = dims(model)
+    whole = layer_parts(m, tp=tp, ep=ep)
+    keep, keep_embed, keep_head = persistent_parts(m, tp=tp, ep=ep, autoep=autoep,
+                                                   threshold=zero3.persistence_threshold)
+    got = LayerParts(*(w - k for w, k in zip(whole, keep)))  # the gathered (partitioned) part of each
+    embed, head = first * m.V * m.D, last * (m.D + (0 if m.tied else m.V * m.D))
+    embed_got, head_got = embed - first * keep_embed, head - last * keep_head
+    c = np.asarray(ckpt, dtype=float)
+    n, n_got = sum(whole), sum(got)
+    moe, moe_got = whole.moe_dense + whole.experts, got.moe_dense + got.experts
+    reuse, live = zero3.max_reuse_distance, zero3.max_live_parameters if zero3.prefetch_bucket_size > 0 else 0
+
+    def kept(extra_reuse, extra_live):
+        """Layers from the stage's end (i = L-1-j = 0, 1, ...) whose part stays gathered to its next use."""
+        by_reuse = np.ceil(np.maximum(reuse - 2.0 * head - extra_reuse, 0) / np.maximum((2.0 + c) * n, 1))
+        by_lookahead = np.ceil(np.maximum(live - head_got - extra_live, 0) / np.maximum(n_got, 1))
+        return np.maximum(by_reuse, by_lookahead)
+
+    again_moe = layers - np.minimum(layers, kept(c * whole.attention, moe_got))
+    again_attention = layers - np.minimum(layers, kept((2.0 - c) * moe, n_got))
+    embed_again = kept(0, embed_got) <= layers
+    head_again = (reuse <= 0) & (live <= 0)  # its backward follows its forward at once
+    return Zero3Gathers(
+        forward_dense=layers * (got.attention + got.moe_dense) + embed_got + head_got,
+        forward_expert=layers * got.experts,
+        backward_dense=(again_attention * got.attention + again_moe * got.moe_dense + embed_again * embed_got
+                        + head_again * head_got),
+        backward_expert=again_moe * got.experts,
+        persistent_dense=layers * (keep.attention + keep.moe_dense) + first * keep_embed + last * keep_head,
+        persistent_expert=layers * keep.experts)
+
+
 def data_parallel_traffic(model, b, *, layers, first, last, tp, ep, dp, zero, ckpt=False, autoep=False,
                           zero3: Zero3Settings = Zero3Settings()) -> DataParallelTraffic:
     """The data-parallel collectives of one rank of a stage with `layers` decoder layers (docstring)."""
     m = dims(model)
     dense, expert = rank_params(m, layers=layers, first=first, last=last, tp=tp, ep=ep)
-    rd, rx = ring(dp), ring(dp / ep)
-    once = b * (rd * dense + rx * expert)  # one reduce-scatter (or all-gather) of every parameter
+    once = b * (ring(dp) * dense + ring(dp / ep) * expert)  # one reduce-scatter (or all-gather) of every parameter
     zero = np.asarray(zero)
     gradient_per_step = np.where(zero <= 1, 2.0 * once, np.where(zero == 2, once, 0.0))
     gradient_per_micro_batch = np.where(zero >= 2, once, 0.0)
-    keep_dense, keep_expert = persistent_params(m, layers=layers, first=first, last=last, tp=tp, ep=ep,
-                                                autoep=autoep, threshold=zero3.persistence_threshold)
-    # ZeRO-3's parameter gathers: per decoder layer (whole numel for the reuse distance, the gathered part to move)
-    one = rank_params(m, layers=1, first=0, last=0, tp=tp, ep=ep)
-    per_layer_keep = persistent_params(m, layers=1, first=0, last=0, tp=tp, ep=ep, autoep=autoep,
-                                       threshold=zero3.persistence_threshold)
-    layer_numel = one.dense + one.expert
-    head_numel = last * (m.D + (0 if m.tied else m.V * m.D))
-    embed_numel = first * m.V * m.D
-    ends = rank_params(m, layers=0, first=first, last=last, tp=tp, ep=ep).dense
-    ends_keep = persistent_params(m, layers=0, first=first, last=last, tp=tp, ep=ep, autoep=autoep,
-                                  threshold=zero3.persistence_threshold)[0]
-    ends_gathered = ends - ends_keep
-    embed_gathered = embed_numel - _persistent(embed_numel, zero3.persistence_threshold)
-    # decoder layers whose next use is at least max_reuse_distance elements away: i = L-1-j >= need
-    span = (2.0 + np.asarray(ckpt, dtype=float)) * layer_numel
-    need = np.ceil(np.maximum(zero3.max_reuse_distance - 2.0 * head_numel, 0) / np.maximum(span, 1))
-    regathered_layers = layers - np.minimum(layers, need)
-    embed_again = np.where(layers * span + 2.0 * head_numel >= zero3.max_reuse_distance, embed_gathered, 0)
-    gathered_dense = layers * (one.dense - per_layer_keep[0]) + ends_gathered
-    gathered_expert = layers * (one.expert - per_layer_keep[1])
-    again_dense = regathered_layers * (one.dense - per_layer_keep[0]) + embed_again
-    again_expert = regathered_layers * (one.expert - per_layer_keep[1])
-    gathers = b * (rd * (gathered_dense + again_dense) + rx * (gathered_expert + again_expert))
-    persistent = b * (rd * keep_dense + rx * keep_expert)
+    if not np.any(zero == 3):
+        return DataParallelTraffic(gradient_per_step, gradient_per_micro_batch, 0.0, 0.0)
+    g = zero3_gathers(m, layers=layers, first=first, last=last, tp=tp, ep=ep, ckpt=ckpt, autoep=autoep, zero3=zero3)
+    rd, rx = ring(dp), ring(dp / ep)
+    gathers = b * (rd * (g.forward_dense + g.backward_dense) + rx * (g.forward_expert + g.backward_expert))
+    persistent = b * (rd * g.persistent_dense + rx * g.persistent_expert)
     z3 = zero == 3
-    return DataParallelTraffic(gradient_per_step=gradient_per_step, gradient_per_micro_batch=gradient_per_micro_batch,
-                               gather_per_micro_batch=np.where(z3, gathers, 0.0),
-                               gather_per_step=np.where(z3, persistent, 0.0))
+    return DataParallelTraffic(gradient_per_step, gradient_per_micro_batch, np.where(z3, gathers, 0.0),
+                               np.where(z3, persistent, 0.0))

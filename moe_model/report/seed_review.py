@@ -126,11 +126,12 @@ def build(plan_path: str, model_path: str) -> str:
     best = result.candidates[0]
     w("## The recommended strategy")
     w("")
-    w(f"`moe plan {model_path}` searches {result.searched:,} combinations of (tp, pp, ep, dp, ZeRO stage, "
-      f"micro-batch, activation checkpointing), of which {result.legal:,} are legal (DeepSpeed's layout rules, tp "
-      f"inside a node, ep a multiple of tp for training, every stage with MoE layers) and {result.fitting:,} fit "
-      f"{hw.gpu_memory_gb:g} GB per GPU. The seed asks for the smallest latency with GPUs unlimited, so the "
-      "objective is latency with no GPU limit:")
+    w(f"`moe plan {model_path}` searches {result.searched:,} combinations of (tp, pp, ep, dp, ZeRO stage 0-3, "
+      f"micro-batch, activation checkpointing, MoE backend legacy or AutoEP), of which {result.legal:,} are legal "
+      "(DeepSpeed's layout rules, tp inside a node, ep a multiple of tp for training, every stage with MoE layers, "
+      "ZeRO-3 only with pp 1 and, where experts are split, only on AutoEP; AutoEP only for gated experts, so never "
+      f"for the seed's gelu experts) and {result.fitting:,} fit {hw.gpu_memory_gb:g} GB per GPU. The seed asks for "
+      "the smallest latency with GPUs unlimited, so the objective is latency with no GPU limit:")
     w("")
     w(STRATEGY_HEADER)
     w(_strategy_row(best, "**recommended**: "))
@@ -182,6 +183,7 @@ def build(plan_path: str, model_path: str) -> str:
         w(_strategy_row(c))
     w("")
 
+    gated_what_if(seed, model_path, w)
     w("## Interconnect assumptions and how the answer moves with them")
     w("")
     w(f"The seed gives compute ({hw.peak_tflops:g} TFLOPS at {hw.mfu:.0%} MFU) and memory ({hw.hbm_bandwidth_tbps:g} "
@@ -189,8 +191,9 @@ def build(plan_path: str, model_path: str) -> str:
       f"{hw.gpus_per_node} GPUs per node, {hw.intra_node_gbps:g} GB/s per GPU inside a node (NVLink-class), "
       f"{hw.inter_node_gbps:g} GB/s per GPU across nodes (one 400 Gb/s NIC per GPU). The performance model assumes "
       "no overlap of communication with compute, and that dropless routing early in training sends the busiest "
-      f"expert {Assumptions().imbalance:g}x the mean load: DeepSpeed's MoE layer (ep > 1) computes and exchanges every "
-      "expert's buffer at that depth (moe_model/estimate/perf.py).")
+      f"expert {Assumptions().imbalance:g}x the mean load: DeepSpeed's legacy MoE layer (ep > 1) computes and "
+      "exchanges every expert's buffer at that depth, AutoEP only the rows routed to the busiest rank "
+      "(moe_model/estimate/perf.py, traffic.py).")
     w("")
     w("| scenario | best strategy | GPUs | step s | recommended strategy's step s |")
     w("|---|---|---:|---:|---:|")
@@ -215,6 +218,80 @@ def build(plan_path: str, model_path: str) -> str:
     w("The model is uncalibrated (spec-sheet figures; REFERENCES.md quotes 10-20% error for such models); the "
       "ranking between neighbouring strategies within ~20% of each other is not significant.")
     return "\n".join(out) + "\n"
+
+
+def gated_width(model) -> int:
+    """I' of a gated (silu) expert with the parameters of the two-matrix expert of width I: 3*D*I' = 2*D*I, rounded
+    to the nearest multiple of 8, the width AutoEP's grouped GEMM takes (rows of a multiple of 16 bytes in bf16)."""
+    return 8 * round(2 * model.intermediate_size / 3 / 8)
+
+
+def _best(candidates: list[dict], backend: str | None = None) -> dict | None:
+    return next((c for c in candidates if backend is None or c["parallel"]["moe_backend"] == backend), None)
+
+
+def gated_what_if(seed, model_path: str, w) -> None:
+    """The section: the gelu seed against gated experts of the same parameter count, where AutoEP can run them."""
+    from ..estimate.params import count_params
+
+    width = gated_width(seed.model)
+    sets = ["model.hidden_act=silu", f"model.intermediate_size={width}"]
+    gated = load_recipe(model_path, sets)
+    base, other = count_params(seed.moe_config()), count_params(gated.moe_config())
+    command = f"moe plan {model_path} " + " ".join(f"--set {s}" for s in sets)
+    w("## What-if: gated experts of the same parameter count on AutoEP")
+    w("")
+    w(f"The seed's experts are two-matrix gelu FFNs (2 x D x I = 2 x {seed.model.hidden_size} x "
+      f"{seed.model.intermediate_size} weights each), which DeepSpeed's AutoEP does not serve (it registers gated "
+      "activations only), so the planner gives the seed the legacy layer alone, which pads every expert's buffer to "
+      "the busiest expert's depth and exchanges the padding. Gated (silu) experts of the same parameter count have "
+      f"3 x D x I' weights, I' = 2I/3 = {2 * seed.model.intermediate_size / 3:.1f}, here {width}, the nearest multiple "
+      f"of 8 (AutoEP's grouped GEMM needs rows of a multiple of 16 bytes): {other.total:,} parameters against the "
+      f"seed's {base.total:,} ({other.total / base.total - 1:+.2%}), {other.active_per_token:,} active per token "
+      f"({other.active_per_token / base.active_per_token - 1:+.2%}). `{command}` plans it; both backends are legal "
+      "for it (AutoEP where tp is 1).")
+    w("")
+    w("| model | strategy | GPUs | step s | sequences/s | peak GB per GPU | fits |")
+    w("|---|---|---:|---:|---:|---:|---:|")
+    gelu_all, gated_all = plan(seed).candidates, plan(gated).candidates
+    gelu_128 = plan(seed, max_gpus=128).candidates
+    gated_128 = plan(gated, max_gpus=128).candidates
+    rows = [("gelu seed, fastest", _best(gelu_all)), ("gated, fastest", _best(gated_all)),
+            ("gated, fastest on AutoEP", _best(gated_all, "autoep")),
+            ("gelu seed, fastest on <= 128 GPUs", _best(gelu_128)), ("gated, fastest on <= 128 GPUs", _best(gated_128)),
+            ("gated, fastest on AutoEP on <= 128 GPUs", _best(gated_128, "autoep")),
+            ("gated, fastest on legacy on <= 128 GPUs", _best(gated_128, "legacy"))]
+    start = {name: getattr(seed.parallel, name) for name in ("tp", "pp", "ep", "zero_stage", "micro_batch_size",
+                                                             "activation_checkpointing")}
+    start["dp"] = seed.parallel.dp or seed.parallel.ep
+    for label, recipe, backend in ((f"gelu seed, {model_path}'s starting point", seed, "legacy"),
+                                   ("gated, the same layout on legacy", gated, "legacy"),
+                                   ("gated, the same layout on AutoEP", gated, "autoep")):
+        rows.append((label, full_candidate(recipe, {**start, "moe_backend": backend})))
+    for label, c in rows:
+        if c is not None:
+            w(f"| {label} | {describe(c['parallel'])} | {c['gpus']} | {c['step_time_s']:.3f} | "
+              f"{c['throughput_seq_per_s']:.1f} | {c['peak_bytes'] / GB:.1f} | {'yes' if c['fits'] else '**no**'} |")
+    w("")
+    same_legacy, same_autoep = rows[-2][1], rows[-1][1]
+    w(f"On the same layout the gated model's step is {same_legacy['step_time_s']:.3f} s on the legacy layer and "
+      f"{same_autoep['step_time_s']:.3f} s on AutoEP ({same_autoep['step_time_s'] / same_legacy['step_time_s'] - 1:+.0%}"
+      f"): at the assumed skew the legacy layer computes and sends {Assumptions().imbalance:g}x the routed rows, "
+      "AutoEP only the rows routed to its busiest rank, each expert's rounded up to 8. Where tp > 1 pays (many "
+      "GPUs), only the legacy layer can run; AutoEP refuses tensor parallelism.")
+    pick = rows[4][1]
+    if pick is not None and pick["parallel"]["zero_stage"] == 3:
+        zero1 = full_candidate(gated, {**pick["parallel"], "zero_stage": 1})
+        m = seed.train.global_batch_size // (pick["parallel"]["micro_batch_size"] * pick["parallel"]["dp"])
+        w("")
+        w(f"ZeRO-3 and ZeRO-1 are within {abs(pick['step_time_s'] / zero1['step_time_s'] - 1):.1%} of each other "
+          f"there ({zero1['step_time_s']:.3f} s at ZeRO-1, peak {zero1['peak_bytes'] / GB:.1f} GB): with {m} "
+          f"micro-batch{'' if m == 1 else 'es'} per step ZeRO-3's all-gathers of the parameters (forward; the "
+          "default reuse distance and look-ahead keep them for the backward) move about what ZeRO-1's all-gather "
+          "of the updated "
+          "weights moves; its per-module collectives' latency is left to the calibrated fixed overhead, so the two "
+          "are a tie, not a ranking.")
+    w("")
 
 
 def main(argv: list[str] | None = None) -> int:
