@@ -482,6 +482,10 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         out_path.write_text(json.dumps([r for rank_results in gathered for r in rank_results], indent=2))
+    # an explicit teardown: left to interpreter exit after several engines, a rank once aborted there ("terminate
+    # called without an active exception", exit -6) after every figure was written
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, batch: Any) -> int:

@@ -111,10 +111,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, ranks, lay
 @pytest.mark.multirank
 @pytest.mark.parametrize("ranks, overrides", [
     (4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2")),  # auto: AutoEP, read universally
-    (4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2", "parallel.moe_backend=legacy")),
     (2, ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2", "parallel.zero_stage=3")),  # AutoEP
     (2, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=1", "parallel.dp=1")),
-], ids=["pp2_dp2_ep2_autoep", "pp2_dp2_ep2_legacy", "dp2_ep2_zero3_autoep", "tp2"])
+], ids=["pp2_dp2_ep2_autoep", "dp2_ep2_zero3_autoep", "tp2"])  # legacy experts: test_init_from's tp2 round trip
 def test_export_round_trip_gives_the_engine_logits(tmp_path, ranks, overrides):
     run, logits_dir = tmp_path / "run", tmp_path / "logits"
     logits_dir.mkdir()
