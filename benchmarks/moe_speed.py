@@ -28,7 +28,8 @@ step paths take turns step by step, and each figure is the median of `--steps` t
   gradients, logits and activations are first-touch page faults, which on these virtual machines cost about as
   much as the products themselves (see the `sys` time of a run). The two modes separate the models' arithmetic
   from the machine's page-fault cost; both models always share one mode.
-- DeepSpeed's MoE layer on EP ranks: see `benchmarks/ds_moe_layer.py` (its own launch, 2 ranks).
+- DeepSpeed's MoE layers on EP ranks: see `benchmarks/ds_moe_layer.py` (its own launches, 2 and 4 ranks, AutoEP
+  against legacy at skew 1, 2, 4).
 """
 
 from __future__ import annotations
