@@ -33,11 +33,13 @@ import torch
 from ..configuration import MoEConfig
 from ..errors import UserError
 from ..recipe import ModelSection
+from ..parallel.state_dict_adapter import LEGACY_EXPERT as EXPERT_KEY
+from ..parallel.state_dict_adapter import TP_ROWS
+from ..parallel.state_dict_adapter import global_name as hf_key
 from . import checkpoint, universal
 
-EXPERT_KEY = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
+# the legacy layer's expert keys (`parallel.state_dict_adapter.LEGACY_EXPERT`); its files number experts globally
 AUTOEP_EXPERT_KEY = re.compile(r"(?P<prefix>.*\.mlp\.moe\.experts)\.(?P<name>w[123])\.(?P<id>\d+)$")
-TP_ROWS = ("q_proj", "k_proj", "v_proj")
 
 
 class ExportError(UserError):
@@ -46,20 +48,6 @@ class ExportError(UserError):
     def __init__(self, what: str, message: str):
         self.field, self.message = what, message
         super().__init__(f"{what}: {message}")
-
-
-def hf_key(key: str, pipelined: bool, num_layers: int) -> str:
-    """A DeepSpeed module key -> the single-device model's name (experts still per expert)."""
-    if pipelined:
-        index, rest = key.split(".", 1)
-        index = int(index)
-        if index == 0:
-            key = f"model.{rest}"
-        elif index <= num_layers:
-            key = f"model.layers.{index - 1}.{rest.removeprefix('layer.')}"
-        else:
-            key = rest if rest.startswith("lm_head") else f"model.{rest}"
-    return key.replace(".mlp.moe.deepspeed_moe.gate.wg.weight", ".mlp.gate.weight")
 
 
 def merged_state_dict(directory: Path, config: MoEConfig, scratch: Path | None = None) -> dict[str, torch.Tensor]:
