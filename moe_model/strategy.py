@@ -44,6 +44,8 @@ class ModelShape(Protocol):
     tie_word_embeddings: bool
     hidden_act: str
     capacity_factor: float | None
+    hidden_size: int
+    intermediate_size: int
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class Strategy:
         if model.capacity_factor is not None:
             return (f"is dropless and has no capacity (model.capacity_factor is {model.capacity_factor}); set it "
                     "null")
+        if model.hidden_size % 8 or model.intermediate_size % 8:
+            return (f"needs hidden_size and intermediate_size in multiples of 8 (got {model.hidden_size} and "
+                    f"{model.intermediate_size}): torch's grouped GEMM takes rows of 16-byte multiples in bf16")
         return None
 
     def with_backend(self, model: ModelShape) -> Strategy:

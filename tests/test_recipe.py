@@ -81,6 +81,8 @@ BAD_OVERRIDES = [
      "parallel.moe_backend: autoep needs gated (silu) experts"),
     (["parallel.moe_backend=autoep", "parallel.tp=2"], "parallel.moe_backend: autoep does not run with tensor parallelism"),
     (["parallel.moe_backend=autoep", "model.capacity_factor=1.25"], "autoep is dropless and has no capacity"),
+    (["parallel.moe_backend=autoep", "model.intermediate_size=100"],
+     "autoep needs hidden_size and intermediate_size in multiples of 8 (got 64 and 100)"),
     (["parallel.moe_backend=deepep"], "parallel.moe_backend: input should be 'auto', 'autoep' or 'legacy'"),
     (["parallel.zero_stage=4"], "parallel.zero_stage: input should be 0, 1, 2 or 3"),
     (["parallel.ep=1", "parallel.dp=3"], "train.global_batch_size: 8 is not a multiple of micro_batch_size x dp = 4 x 3"),
@@ -160,3 +162,13 @@ def test_train_refuses_a_layout_it_cannot_train_before_any_rank_starts(capsys):
     assert moe(["train", str(ROOT / "recipes/seed_plan.yaml")]) == 2
     err = capsys.readouterr().err
     assert "parallel.ep: with tp=8, training needs ep to be a multiple of tp (got ep=4)" in err
+
+
+def test_auto_never_picks_a_backend_the_model_cannot_run():
+    """`auto` resolves to AutoEP only where it serves the model; otherwise the legacy layer, and the recipe stays
+    valid (a default never makes a valid recipe invalid)."""
+    assert load_recipe(ROOT / "recipes/tiny_cpu.yaml").strategy(4)[0].moe_backend == "autoep"
+    for change in ("model.intermediate_size=100", "model.hidden_act=gelu", "model.capacity_factor=1.5",
+                   "parallel.tp=2"):
+        recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", [change, "parallel.pp=1"])  # dp 2
+        assert recipe.strategy(2 * recipe.parallel.tp)[0].moe_backend == "legacy", change
