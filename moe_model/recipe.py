@@ -107,7 +107,9 @@ class TrainSection(Section):
     log_every: PositiveInt = 1
     save_every: int = Field(0, ge=0)  # 0: no checkpoints
     keep_checkpoints: int = Field(3, ge=0)  # newest complete checkpoints kept (0: all)
-    resume: str = "auto"  # auto | never | PATH
+    resume: str = "auto"  # auto | never | PATH (a checkpoint of another layout resumes through its portable states)
+    portable_checkpoints: bool = True  # also save states by global name: another layout or ZeRO stage can resume
+    stop_at: PositiveInt | None = None  # end this launch after this step, saving a checkpoint; `steps` sets the schedule
     init_from: str | None = None  # a Hugging Face folder (native or Mixtral) whose weights a fresh run starts from
     overwrite: bool = False  # start over in a directory holding a run: its files go to archive-<time>/ first
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping

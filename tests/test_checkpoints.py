@@ -62,10 +62,19 @@ def test_pruning_keeps_the_checkpoint_just_saved_and_never_touches_newer_folders
     assert sorted(p.name for p in tmp_path.glob("step*")) == [checkpoint.tag_for(s) for s in (4, 6, 8)]
 
 
-def test_another_topology_is_refused_with_the_sizes_that_differ(tmp_path):
-    fake_checkpoint(tmp_path, 2)
-    with pytest.raises(RecipeError, match=r"another layout \(pp 2 -> 1, dp 2 -> 4\)"):
-        checkpoint.find_resume(tmp_path, "auto", {"tp": 1, "pp": 1, "ep": 2, "dp": 4})
+def test_another_layout_resumes_only_from_portable_states(tmp_path):
+    written = fake_checkpoint(tmp_path, 2)
+    other = {"tp": 1, "pp": 1, "ep": 2, "dp": 4, "moe_backend": "autoep"}
+    with pytest.raises(RecipeError, match=r"another layout \(pp 2 -> 1, dp 2 -> 4, moe_backend legacy -> autoep\) "
+                                          r"and without portable states"):
+        checkpoint.find_resume(tmp_path, "auto", other)
+    manifest = checkpoint.read_manifest(written)
+    (written / checkpoint.MANIFEST).write_text(json.dumps({**manifest, "portable": True, "zero_stage": 1}))
+    chosen, _ = checkpoint.find_resume(tmp_path, "auto", other, zero_stage=3)
+    assert chosen == written
+    assert checkpoint.layout_changes(checkpoint.read_manifest(written), other, 3) == [
+        "pp 2 -> 1", "dp 2 -> 4", "moe_backend legacy -> autoep", "ZeRO stage 1 -> 3"]
+    assert checkpoint.layout_changes(checkpoint.read_manifest(written), {**LAYOUT, "moe_backend": "legacy"}, 1) == []
 
 
 def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):

@@ -5,8 +5,9 @@ import torch
 
 from moe_model import MoEConfig, MoEForCausalLM
 from moe_model.parallel import Layout, build_model
-from moe_model.parallel.state_dict_adapter import (SafetensorsSource, SeededInit, Shard, global_name, global_shapes,
-                                                   materialize, seeded_model, shard_of)
+from moe_model.parallel.state_dict_adapter import (PieceSource, SafetensorsSource, SeededInit, Shard, global_name,
+                                                   global_shapes, materialize, piece_key, region, seeded_model,
+                                                   shard_of)
 
 CONFIG = MoEConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, hidden_act="silu",
@@ -67,6 +68,16 @@ def test_shards_name_the_slice_each_rank_holds():
     autoep = shard_of("model.layers.0.mlp.moe.experts.gate_up_proj", torch.Size([4, 48, 16]), pipelined=False,
                       tp_rank=0, ep_rank=1, autoep=True, **args)
     assert autoep == Shard("model.layers.0.mlp.experts.gate_up_proj", (slice(2, 4),), fill=slice(2, 4))
+    # AutoEP's layer (after deepspeed.initialize): w1 the gate rows, w3 the up rows of this rank's experts
+    w3 = shard_of("model.layers.0.mlp.moe.experts.w3", torch.Size([2, 24, 16]), pipelined=False, tp_rank=0,
+                  ep_rank=1, autoep=True, **args)
+    assert w3 == Shard("model.layers.0.mlp.experts.gate_up_proj", (slice(2, 4), slice(24, 48)))
+    w2 = shard_of("1.layer.mlp.moe.experts.w2", torch.Size([2, 16, 24]), pipelined=True, tp_rank=0, ep_rank=0,
+                  autoep=True, **args)
+    assert w2 == Shard("model.layers.0.mlp.experts.down_proj", (slice(0, 2),))
+    router = shard_of("model.layers.1.mlp.moe.router.gate.weight", torch.Size([4, 16]), pipelined=False, tp_rank=0,
+                      ep_rank=1, autoep=True, **args)
+    assert router == Shard("model.layers.1.mlp.gate.weight")
     with pytest.raises(ValueError, match="no known part"):
         shard_of("model.norm.weight", torch.Size([8]), pipelined=False, tp_rank=0, ep_rank=0, autoep=False, **args)
 
@@ -136,3 +147,43 @@ def test_allocating_keeps_what_deepspeed_marked_on_a_parameter():
     block.weight.allreduce, block.weight.group_name = False, "ep_size_2"
     materialize(block, {"weight": Shard("w")}, type("Zeros", (), {"read": lambda self, n, i: torch.zeros(4, 3)})())
     assert not block.weight.is_meta and block.weight.allreduce is False and block.weight.group_name == "ep_size_2"
+
+
+def write_pieces(path, state, name, whole, indices):
+    """`whole[index]` for each index, as pieces of one file (what a rank of some layout writes)."""
+    from safetensors.torch import save_file
+
+    pieces = {}
+    for index in indices:
+        spans, _ = region(index, whole.shape)
+        pieces[piece_key(state, name, spans)] = whole[tuple(slice(a, b) for a, b in spans)].contiguous()
+    save_file(pieces, str(path))
+
+
+def test_pieces_of_one_layout_give_any_slice_of_another(tmp_path):
+    name = "model.layers.0.mlp.experts.gate_up_proj"  # [4 experts, 48, 16]
+    shapes = {name: torch.Size([4, 48, 16])}
+    whole = torch.randn(shapes[name])
+    # written by AutoEP on ep 2: each rank's gate rows (w1) and up rows (w3) of its two experts, in two files
+    write_pieces(tmp_path / "a.safetensors", "exp_avg", name, whole, [(slice(0, 2), slice(0, 24)),
+                                                                      (slice(0, 2), slice(24, 48))])
+    write_pieces(tmp_path / "b.safetensors", "exp_avg", name, whole, [(slice(2, 4), slice(0, 24)),
+                                                                      (slice(2, 4), slice(24, 48))])
+    source = PieceSource(sorted(tmp_path.glob("*.safetensors")), "exp_avg", shapes)
+    # read by the legacy layer on ep 4 (one expert), by a 1-rank layout (all), by an odd slice across pieces
+    assert torch.equal(source.read(name, (3,)), whole[3])
+    assert torch.equal(source.read(name, ()), whole)
+    assert torch.equal(source.read(name, (slice(1, 3), slice(20, 30))), whole[1:3, 20:30])
+    with pytest.raises(LookupError, match="fp32 pieces hold 0 of"):  # another state's pieces are not this one's
+        PieceSource(sorted(tmp_path.glob("*.safetensors")), "fp32", shapes).read(name, (0,))
+
+
+def test_a_missing_piece_is_named_never_filled_with_zeros(tmp_path):
+    name = "model.layers.0.mlp.experts.down_proj"
+    shapes = {name: torch.Size([4, 16, 24])}
+    whole = torch.randn(shapes[name])
+    write_pieces(tmp_path / "rank0.safetensors", "fp32", name, whole, [(slice(0, 2),)])  # rank 1's experts lost
+    source = PieceSource([tmp_path / "rank0.safetensors"], "fp32", shapes)
+    assert torch.equal(source.read(name, (1,)), whole[1])
+    with pytest.raises(LookupError, match=r"hold 768 of the 1536 values of .*down_proj.*a rank's piece is missing"):
+        source.read(name, (slice(0, 4),))

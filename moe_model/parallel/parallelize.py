@@ -20,7 +20,7 @@ from ..modeling import MoEForCausalLM
 from .groups import RankGroups
 from .layer import parallelize_layer
 from .layout import Layout
-from .state_dict_adapter import Source, global_shapes, materialize, shard_of
+from .state_dict_adapter import Source, materialize, rank_shards
 
 
 class ParallelModel(NamedTuple):
@@ -39,14 +39,10 @@ def build_model(model: MoEForCausalLM, layout: Layout, activation_checkpointing:
     device and this rank's parameters are allocated and read from `source` (module docstring)."""
     if source is None:
         return _apply_layout(model, layout, activation_checkpointing)
-    shapes = global_shapes(model.config)
     with torch.device("meta"):
         built = _apply_layout(model, layout, activation_checkpointing)
-    coords = layout.coords(torch.distributed.get_rank()) if torch.distributed.is_initialized() else layout.coords(0)
-    L = model.config.num_hidden_layers
-    shards = {name: shard_of(name, p.shape, shapes, layout.pp > 1, L, coords["model"], coords["expert"], layout.ep,
-                             layout.moe_backend == "autoep")
-              for name, p in built.module.named_parameters()}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    shards = rank_shards(built.module, layout, model.config, rank)
     materialize(built.module, shards, source)
     return built
 

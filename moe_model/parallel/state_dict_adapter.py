@@ -14,11 +14,16 @@ Mixtral checkpoint names are the same) and the slice this rank holds:
     ...mlp.moe.gate.weight, ...mlp.moe.experts.<w>              ...mlp.gate.weight, experts.<w> AutoEP: this rank's
                                                                                                 experts only (AutoEP
                                                                                                 copies no others)
+    ...mlp.moe.router.gate.weight                               ...mlp.gate.weight              all (AutoEP's layer)
+    ...mlp.moe.experts.w1 / w3 / w2                             ...experts.gate_up_proj / down_proj  this rank's experts;
+                                                                                                w1 the gate rows, w3 up
 
 The one home of these names: `moe export` reads DeepSpeed checkpoints (whose keys are these local names) through
-`global_name` too. Sources: `SeededInit` (the recipe's seed, one stream per parameter and per expert, so every layout
-gets the same weights without any rank generating what it does not hold) and `SafetensorsSource` (a Hugging Face
-folder, read lazily: only the slices this rank holds leave the disk).
+`global_name` too, and a checkpoint's layout-free pieces (`train.reshard`) are written and read by them. Sources:
+`SeededInit` (the recipe's seed, one stream per parameter and per expert, so every layout gets the same weights
+without any rank generating what it does not hold), `SafetensorsSource` (a Hugging Face folder, read lazily: only the
+slices this rank holds leave the disk) and `PieceSource` (the pieces another layout's ranks wrote: any slice is
+assembled from the pieces it overlaps).
 
 Why by hand: torch's `distributed.checkpoint` and DTensor resharding address DTensor shards on a DeviceMesh, and
 DeepSpeed's groups are plain process groups with its own module names; transformers' loading materializes whole
@@ -31,6 +36,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +47,7 @@ from ..formats import hub_name, hub_parts
 
 LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
 AUTOEP_BLOCK = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>gate\.weight|experts\.\w+)$")
+AUTOEP_LAYER = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>router\.gate\.weight|experts\.w[123])$")  # converted
 TP_ROWS = ("q_proj", "k_proj", "v_proj")
 
 
@@ -78,6 +85,15 @@ def shard_of(local: str, local_shape: torch.Size, global_shapes: dict[str, torch
     if expert:  # the module numbers its experts from 0 on every rank (its checkpoint files by global id)
         stacked = f"{expert['prefix']}.mlp.experts.{expert['name']}"
         return Shard(stacked, (ep_rank * global_shapes[stacked][0] // ep + int(expert["id"]),))
+    layer = AUTOEP_LAYER.match(name) if autoep else None
+    if layer:  # AutoEP's layer, once `deepspeed.initialize` converted the block: this rank's E/ep experts
+        if layer["rest"] == "router.gate.weight":
+            return Shard(f"{layer['prefix']}.mlp.gate.weight")
+        w = layer["rest"][-2:]
+        stacked = f"{layer['prefix']}.mlp.experts.{'down_proj' if w == 'w2' else 'gate_up_proj'}"
+        E, rows = global_shapes[stacked][0], local_shape[1]
+        mine = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
+        return Shard(stacked, (mine,) if w == "w2" else (mine, slice(0, rows) if w == "w1" else slice(rows, 2 * rows)))
     block = AUTOEP_BLOCK.match(name) if autoep else None
     if block:
         name = f"{block['prefix']}.mlp.{block['rest']}"
@@ -209,6 +225,86 @@ class SafetensorsSource:
         chosen = [first] if isinstance(first, int) else list(range(experts))[first]
         blocks = [torch.cat([self._handle(key).get_slice(key)[:] for key in hub_parts(name, e)]) for e in chosen]
         return (blocks[0] if isinstance(first, int) else torch.stack(blocks))[rest]
+
+
+def region(index: tuple, shape: torch.Size) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """`tensor[index]` for a tensor of `shape` as per-dimension `[start, stop)` spans over every dimension, and the
+    dimensions an integer index drops. `index` holds ints and unit-step slices over the leading dimensions (a
+    `Shard`'s)."""
+    spans, dropped = [], []
+    for dim, size in enumerate(shape):
+        part = index[dim] if dim < len(index) else slice(None)
+        if isinstance(part, int):
+            spans.append((part, part + 1))
+            dropped.append(dim)
+            continue
+        start, stop, step = part.indices(size)
+        if step != 1:
+            raise ValueError(f"{index} steps by {step}: pieces are contiguous blocks")
+        spans.append((start, stop))
+    return tuple(spans), tuple(dropped)
+
+
+PIECE_SEPARATOR = "|"
+
+
+def piece_key(state: str, name: str, spans: tuple[tuple[int, int], ...]) -> str:
+    """A piece's name in a checkpoint's safetensors files: `<state>|<global name>|<start>:<stop>,...` (`region`)."""
+    return PIECE_SEPARATOR.join((state, name, ",".join(f"{a}:{b}" for a, b in spans)))
+
+
+def parse_piece_key(key: str) -> tuple[str, str, tuple[tuple[int, int], ...]]:
+    state, name, spans = key.split(PIECE_SEPARATOR)
+    return state, name, tuple((int(a), int(b)) for a, b in (span.split(":") for span in spans.split(",")))
+
+
+class PieceSource:
+    """One state (`fp32`, `exp_avg`, ...) of a model written in pieces (`piece_key`) over safetensors files by the
+    ranks of another layout: `read(name, index)` assembles `global[name][index]` from the parts of every piece it
+    overlaps (safetensors `get_slice`: only those bytes are read). A slice the pieces do not cover whole (a rank's
+    file lost, a writer that kept only its own experts) is a `LookupError` naming the parameter and how much is
+    missing: never zeros or stale values."""
+
+    def __init__(self, files: list[Path], state: str, global_shapes: dict[str, torch.Size]):
+        from safetensors import safe_open
+
+        self.state, self.shapes = state, global_shapes
+        self.handles = [safe_open(path, framework="pt") for path in files]
+        self.pieces: dict[str, list[tuple[tuple[tuple[int, int], ...], object, str]]] = {}
+        for handle in self.handles:
+            for key in handle.keys():
+                piece_state, name, spans = parse_piece_key(key)
+                if piece_state == state:
+                    self.pieces.setdefault(name, []).append((spans, handle, key))
+
+    def read(self, name: str, index: tuple) -> torch.Tensor:
+        spans, dropped = region(index, self.shapes[name])
+        out = torch.empty([b - a for a, b in spans])
+        covered = 0
+        for piece_spans, handle, key in self.pieces.get(name, []):
+            overlap = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(spans, piece_spans)]
+            if any(a >= b for a, b in overlap):
+                continue
+            source = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(overlap, piece_spans))
+            target = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(overlap, spans))
+            out[target] = handle.get_slice(key)[source]
+            covered += prod(b - a for a, b in overlap)
+        if covered != out.numel():  # pieces never overlap (each written once), so the count is the coverage
+            raise LookupError(f"the checkpoint's {self.state} pieces hold {covered} of the {out.numel()} values of "
+                              f"{name}{list(spans)}: a rank's piece is missing")
+        for dim in reversed(dropped):
+            out = out.squeeze(dim)
+        return out
+
+
+def rank_shards(module: nn.Module, layout, config, rank: int) -> dict[str, Shard]:
+    """Every parameter of `module` (this rank's share under `layout`, before or after `deepspeed.initialize`) ->
+    its `Shard`. A ZeRO-3 parameter's own shape is `ds_shape` (its data is a partition)."""
+    shapes = global_shapes(config)
+    coords = layout.coords(rank)
+    return {name: shard_of(name, getattr(p, "ds_shape", p.shape), shapes, layout.pp > 1, config.num_hidden_layers,
+                           coords["model"], coords["expert"], layout.ep, layout.moe_backend == "autoep")
+            for name, p in module.named_parameters()}
 
 
 def allocate(module: nn.Module) -> nn.Module:

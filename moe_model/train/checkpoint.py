@@ -4,8 +4,9 @@ Layout under `OUTPUT_DIR/checkpoints/`:
 
     step00000010/            DeepSpeed's own files (model, ZeRO optimizer, expert files), plus
         rng_rank<r>.pt       each rank's RNG state and data position
+        portable_*           the states by global name and slice, which another layout resumes from (`reshard`)
         manifest.json        written by rank 0 after every rank has written: files, sizes and SHA-256 digests,
-                             step, layout, the recipe's model section
+                             step, layout and ZeRO stage, the recipe's model section
     latest                   the tag of the newest complete checkpoint, replaced atomically after the manifest
 
 A checkpoint is complete once its manifest exists (the manifest is written after every file, and `latest` moves
@@ -66,9 +67,11 @@ def file_digest(path: Path) -> str:
 
 
 def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
-         model: dict[str, Any] | None = None) -> Path:
+         model: dict[str, Any] | None = None, zero_stage: int | None = None, portable_config=None) -> Path:
     """Every rank calls this at the same step. Returns the checkpoint directory. `model` (the recipe's model
-    section) goes into the manifest so that a resume with another model is refused by name (`model_differences`)."""
+    section) goes into the manifest so that a resume with another model is refused by name (`model_differences`).
+    With `portable_config` (the model's `MoEConfig`) the states are also written free of the layout
+    (`reshard.save`), so that another layout can resume."""
     tag = tag_for(step)
     rank = dist.get_rank()
     if rank == 0:  # a folder of this tag saved before (a run resumed from an older one): incomplete until re-signed
@@ -79,6 +82,10 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
     torch.save({"step": step, "torch": torch.get_rng_state(), "python": random.getstate()},
                directory / f"rng_rank{rank}.pt")
     # which DeepSpeed model-parallel file (mp_rank_XX) holds which pipeline stage and tensor-parallel slice
+    if portable_config is not None:
+        from . import reshard
+
+        reshard.save(engine, directory, Layout(**layout), portable_config, step)
     coords = Layout(**layout).coords(rank)
     mine = torch.tensor([engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0,
                          coords["pipe"], coords["model"]])
@@ -93,7 +100,8 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
     if rank == 0:
         files = {name: (directory / name).stat().st_size for name in names}
         mp_files = {int(m): {"pipe": int(pp), "tp": int(tp)} for m, pp, tp in (t.tolist() for t in everyone)}
-        manifest = {"step": step, "layout": layout, "files": files, "model_parallel_files": mp_files,
+        manifest = {"step": step, "layout": layout, "zero_stage": zero_stage, "portable": portable_config is not None,
+                    "files": files, "model_parallel_files": mp_files,
                     "digest": "sha256", "digests": {k: v for part in digests for k, v in (part or {}).items()}}
         if model is not None:
             manifest["model"] = model
@@ -166,11 +174,22 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[st
             if saved[k] != current[k]]
 
 
-def find_resume(root: Path, resume: str, layout: dict[str, int],
-                model: dict[str, Any] | None = None) -> tuple[Path | None, list[str]]:
+def layout_changes(manifest: dict[str, Any], layout: dict[str, Any], zero_stage: int | None = None) -> list[str]:
+    """`tp 2 -> 1`, ... for every size, the expert backend and the ZeRO stage that differ between the checkpoint's
+    manifest and this run (none: DeepSpeed's own files resume it; any: its portable states, `reshard`)."""
+    saved = {"moe_backend": "legacy", **manifest["layout"]}  # written before the AutoEP backend existed: legacy
+    changes = [f"{k} {saved[k]} -> {layout[k]}" for k in ("tp", "pp", "ep", "dp", "moe_backend")
+               if saved[k] != layout.get(k, "legacy")]
+    if zero_stage is not None and manifest.get("zero_stage") not in (None, zero_stage):
+        changes.append(f"ZeRO stage {manifest['zero_stage']} -> {zero_stage}")
+    return changes
+
+
+def find_resume(root: Path, resume: str, layout: dict[str, int], model: dict[str, Any] | None = None,
+                zero_stage: int | None = None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from (None: start fresh) and notes to show. Raises RecipeError on bad input: no
-    intact checkpoint where there are some, another layout, another model (`model`: the recipe's model section,
-    compared with the one the manifest recorded)."""
+    intact checkpoint where there are some, another layout (or ZeRO stage) where the checkpoint has no portable
+    states, another model (`model`: the recipe's model section, compared with the one the manifest recorded)."""
     warnings: list[str] = []
     if resume == "never":
         return None, warnings
@@ -193,14 +212,12 @@ def find_resume(root: Path, resume: str, layout: dict[str, int],
         if problem:
             raise RecipeError("train.resume", f"{problem}; pick another checkpoint or use resume: auto")
     manifest = read_manifest(chosen)
-    saved = manifest["layout"]
-    saved = {"moe_backend": "legacy", **saved}  # written before the AutoEP backend existed: legacy
-    differ = [f"{k} {saved[k]} -> {layout[k]}" for k in ("tp", "pp", "ep", "dp", "moe_backend")
-              if saved[k] != layout.get(k, "legacy")]
-    if differ:
-        raise RecipeError("train.resume", (f"{chosen} was written with another layout ({', '.join(differ)}); "
-                                           "DeepSpeed cannot reshard MoE + pipeline checkpoints: resume with the "
-                                           "saved layout, or export it (moe export) and start a new run"))
+    changes = layout_changes(manifest, layout, zero_stage)
+    if changes and not manifest.get("portable"):
+        raise RecipeError("train.resume", (f"{chosen} was written with another layout ({', '.join(changes)}) and "
+                                           "without portable states (train.portable_checkpoints: false, or written "
+                                           "before they existed): resume with the saved layout, or export it (moe "
+                                           "export) and start a new run from it (train.init_from)"))
     saved_model = manifest.get("model")
     run_file = root.parent / "run.json"  # checkpoints saved before manifests held the model: the run's own recipe
     if saved_model is None and chosen.parent == root and run_file.is_file():

@@ -102,13 +102,18 @@ def clip_keeping_norm(engine, max_norm: float) -> None:
     engine.optimizer.register_step_pre_hook(clip)
 
 
-def weights_source(recipe: Recipe, resuming: bool = False):
-    """Where the weights come from before a checkpoint (if any) is loaded: `train.init_from`'s folder on a fresh run
-    (read lazily, this rank's slices only), else the recipe's seed (`SeededInit`). A folder that cannot fill the
-    model is a `RecipeError` naming the first tensor missing or shaped otherwise."""
+def weights_source(recipe: Recipe, resuming: bool = False, pieces: Path | None = None):
+    """Where the weights come from before a checkpoint (if any) is loaded: the fp32 pieces of a checkpoint written by
+    another layout (`pieces`, `reshard`), `train.init_from`'s folder on a fresh run (read lazily, this rank's slices
+    only), else the recipe's seed (`SeededInit`). A folder that cannot fill the model is a `RecipeError` naming the
+    first tensor missing or shaped otherwise."""
     from ..parallel.state_dict_adapter import SafetensorsSource, SeededInit, global_shapes
 
     config = recipe.moe_config()
+    if pieces is not None:
+        from .reshard import sources
+
+        return sources(pieces, config, ("fp32",))["fp32"]
     shapes = global_shapes(config)
     if recipe.train.init_from and not resuming:
         try:
@@ -122,21 +127,24 @@ def weights_source(recipe: Recipe, resuming: bool = False):
     return SeededInit(config, recipe.train.seed, shapes)
 
 
-def rank_share(recipe: Recipe, layout: Layout, resuming: bool = False) -> ParallelModel:
+def rank_share(recipe: Recipe, layout: Layout, resuming: bool = False, pieces: Path | None = None) -> ParallelModel:
     """This rank's share of the model, built on the meta device and filled from `weights_source`: no rank ever
     holds the whole model (`parallel.parallelize`)."""
     with torch.device("meta"):
         meta = MoEForCausalLM(recipe.moe_config())
-    return build_model(meta, layout, recipe.parallel.activation_checkpointing, source=weights_source(recipe, resuming))
+    return build_model(meta, layout, recipe.parallel.activation_checkpointing,
+                       source=weights_source(recipe, resuming, pieces))
 
 
-def build_engine(recipe: Recipe, layout: Layout, resuming: bool = False, share: ParallelModel | None = None):
-    """Returns (engine, step function, DeepSpeed JSON config) around `share` (default: `rank_share`)."""
+def build_engine(recipe: Recipe, layout: Layout, resuming: bool = False, share: ParallelModel | None = None,
+                 pieces: Path | None = None):
+    """Returns (engine, step function, DeepSpeed JSON config) around `share` (default: `rank_share`, from `pieces`
+    where a checkpoint of another layout is resumed)."""
     import deepspeed
 
     torch.manual_seed(recipe.train.seed)  # what else draws (dropout-free model: nothing yet) starts the same
     config = recipe.moe_config()
-    model, groups, pipeline_loss = share or rank_share(recipe, layout, resuming)
+    model, groups, pipeline_loss = share or rank_share(recipe, layout, resuming, pieces)
     ds_config = deepspeed_config(recipe)
     keep_norm = drops_clipped_norm(recipe)
     engine, _, _, _ = deepspeed.initialize(

@@ -64,7 +64,7 @@ class Trainer:
             try:
                 if self.first_step == 0 and self.recipe.train.eval_at_start and self.validation.every:
                     self.log({"step": 0, **self.validation.run()})
-                for step in range(self.first_step, self.recipe.train.steps):
+                for step in range(self.first_step, self.last_step):
                     self.current_step = step
                     self.step(step)
             finally:
@@ -90,7 +90,7 @@ class Trainer:
         self.layout = layout = Layout.of(Strategy.from_recipe(recipe, self.world)[0])
         self.layout_sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp,
                              "moe_backend": layout.moe_backend}
-        resume_from, notes = self.resume_point()  # a refusal comes before any other line
+        resume_from, notes, changes = self.resume_point()  # a refusal comes before any other line
         if layout.dp == 1 and p.zero_stage > 0:
             self.say(f"moe: note: ZeRO-{p.zero_stage} partitions over data-parallel ranks and this run has one; it "
                      "only adds gradient and weight copies here (a 1-rank step measured 2.3x slower than at ZeRO-0): "
@@ -104,14 +104,22 @@ class Trainer:
         from .engine import build_engine
 
         try:
-            with library_output():
-                self.engine, self.run_step, ds_config = build_engine(recipe, layout, resuming=resume_from is not None)
+            with library_output():  # another layout's checkpoint: this rank's share built from its pieces
+                self.engine, self.run_step, ds_config = build_engine(recipe, layout, resuming=resume_from is not None,
+                                                                     pieces=resume_from if changes else None)
         except RecipeError as err:  # train.init_from's folder cannot fill the model: the same on every rank
             raise recipe_error(err) from None
         self.first_step = 0
+        self.last_step = min(recipe.train.steps, recipe.train.stop_at or recipe.train.steps)
         for note in notes:
             self.say(f"moe: {note}")
-        if resume_from is not None:
+        if resume_from is not None and changes:
+            from . import reshard
+
+            self.first_step = reshard.load(self.engine, resume_from, layout, recipe.moe_config())
+            self.say(f"moe: resuming from {resume_from} (step {self.first_step}) on another layout "
+                     f"({', '.join(changes)}): weights, both Adam moments, step counts and data position carried over")
+        elif resume_from is not None:
             self.first_step = checkpoint.load(self.engine, resume_from)
             self.say(f"moe: resuming from {resume_from} (step {self.first_step})")
             if self.rank == 0:
@@ -127,9 +135,11 @@ class Trainer:
             self.progress = tqdm(total=recipe.train.steps, initial=self.first_step, desc=recipe.name, unit="step",
                                  dynamic_ncols=True)
 
-    def resume_point(self) -> tuple[Path | None, list[str]]:
-        """(checkpoint to resume from or None, notes to show), decided on global rank 0 alone (it reads and hashes
-        the checkpoint files once, `checkpoint.find_resume`) and sent to every rank. A resume also needs a readable
+    def resume_point(self) -> tuple[Path | None, list[str], list[str]]:
+        """(checkpoint to resume from or None, notes to show, how its layout differs from this run's: resumed from
+        its portable states where any), decided on global rank 0 alone (it reads and hashes the checkpoint files
+        once, `checkpoint.find_resume`; a layout change also needs pieces that cover every parameter,
+        `reshard.problem`) and sent to every rank. A resume also needs a readable
         metrics.jsonl (its trim, `checkpoint.trim_metrics`). `resume: auto` with no checkpoint in a directory that
         holds an earlier run's metrics moves them into `archive-<time>/` (`ownership`) instead of appending."""
         import torch.distributed as dist
@@ -138,28 +148,36 @@ class Trainer:
         from ..metrics_file import read_metrics_lines
         from .ownership import archive_previous_run, previous_run
 
-        answer: list[Any] = [None, [], None]  # path, notes, refusal line
+        answer: list[Any] = [None, [], None, []]  # path, notes, refusal line, layout changes
         if self.rank == 0:
             recipe = self.recipe
             try:
                 chosen, notes = checkpoint.find_resume(self.checkpoints, recipe.train.resume, self.layout_sizes,
-                                                       self.model_fields)
+                                                       self.model_fields, recipe.parallel.zero_stage)
+                changes = [] if chosen is None else checkpoint.layout_changes(
+                    checkpoint.read_manifest(chosen), self.layout_sizes, recipe.parallel.zero_stage)
+                if changes:
+                    from .reshard import problem
+
+                    missing = problem(chosen, recipe.moe_config())
+                    if missing:
+                        raise RecipeError("train.resume", f"{chosen} cannot resume another layout: {missing}")
                 metrics = recipe.output_dir / "metrics.jsonl"
                 if chosen is not None and metrics.exists():
                     read_metrics_lines(metrics)  # a bad line that is not a torn last one: refused, named
                 if chosen is None and recipe.train.resume == "auto" and previous_run(recipe.output_dir):
                     archived = archive_previous_run(recipe.output_dir)
                     notes.append(f"no checkpoint to resume from: moved the earlier run's files into {archived}")
-                answer = [None if chosen is None else str(chosen), notes, None]
+                answer = [None if chosen is None else str(chosen), notes, None, changes]
             except RecipeError as err:
                 answer[2] = recipe_error(err).line
             except UserError as err:
                 answer[2] = f"moe: error: {err}"
         dist.broadcast_object_list(answer, src=0)
-        path, notes, refusal = answer
+        path, notes, refusal, changes = answer
         if refusal:
             raise RunStopped(2, refusal)
-        return (None if path is None else Path(path)), notes
+        return (None if path is None else Path(path)), notes, changes
 
     def start_tracking(self, ds_config: dict[str, Any], data_summary: dict[str, Any]) -> None:
         """run.json, the tracker (resuming the run's wandb run), the FLOP count, and the console header."""
@@ -193,7 +211,7 @@ class Trainer:
         evaluate = self.validation.due(step + 1)
         if evaluate:
             metrics.update(self.validation.run())
-        if (step + 1) % recipe.train.log_every == 0 or step + 1 == recipe.train.steps or evaluate:
+        if (step + 1) % recipe.train.log_every == 0 or step + 1 == self.last_step or evaluate:
             self.log(metrics)
         else:
             self.history.append(metrics)
@@ -202,10 +220,14 @@ class Trainer:
             newest = checkpoint.newest(self.checkpoints)
             raise RunStopped(3, f"moe: the loss is {metrics['loss']} at step {step + 1}; stopping. Newest good "
                                 f"checkpoint: {newest or 'none'} (lower train.lr or check the data, then resume)")
-        save_every = recipe.train.save_every
-        if save_every and ((step + 1) % save_every == 0 or step + 1 == recipe.train.steps):
+        save_every, stopping = recipe.train.save_every, step + 1 == recipe.train.stop_at
+        if stopping or save_every and ((step + 1) % save_every == 0 or step + 1 == recipe.train.steps):
             checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints,
-                            model=self.model_fields)
+                            model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
+                            portable_config=recipe.moe_config() if recipe.train.portable_checkpoints else None)
+        if stopping and step + 1 < recipe.train.steps:
+            self.say(f"moe: stopped after step {step + 1} (train.stop_at), checkpoint saved; launch again with "
+                     f"resume: auto to go on to step {recipe.train.steps}")
 
     def _reduce(self, stats: StepStats) -> StepStats:
         """This rank's step figures -> the step's averages over every rank and micro-batch (a collective)."""
