@@ -58,12 +58,14 @@ def check_output_dir(recipe: Recipe) -> None:
 
 def check_disk_space(recipe: Recipe) -> None:
     """Checkpoints must fit before the first step: about 18 bytes a parameter each (16-bit or fp32 weights, fp32
-    master and Adam moments), for the kept ones plus the one being written."""
-    if not recipe.train.save_every:
+    master and Adam moments), 12 more with portable states (fp32 master and both moments again, `reshard`), for the
+    kept ones plus the one being written."""
+    if not recipe.train.save_every and not recipe.train.stop_at:
         return
     from ..estimate.params import count_params
 
-    per_checkpoint = 18 * count_params(recipe.moe_config()).total
+    per_param = 18 + (12 if recipe.train.portable_checkpoints else 0)
+    per_checkpoint = per_param * count_params(recipe.moe_config()).total
     needed = per_checkpoint * (recipe.train.keep_checkpoints + 1 if recipe.train.keep_checkpoints else 2)
     free = shutil.disk_usage(recipe.output_dir).free
     if free < needed:

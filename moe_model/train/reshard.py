@@ -25,8 +25,9 @@ addressed by global sample index. RNG states are per rank and do not carry over;
 (no dropout), so nothing depends on them.
 
 Cost: a save writes about 12 more bytes per parameter and, under ZeRO 1-3, gathers each parameter's full states
-over its data-parallel group (DeepSpeed's accessors are collectives); `train.portable_checkpoints: false` leaves the
-pieces out, and with them resuming on another layout.
+over its data-parallel group (DeepSpeed's accessors are collectives), one parameter at a time: the accelerator holds
+one parameter's three full states at once, the host up to `CHUNK_BYTES` of pieces before they are written.
+`train.portable_checkpoints: false` leaves the pieces out, and with them resuming on another layout.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class _Pieces:
         self.bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        self.pending[key] = tensor.detach().to(torch.float32, copy=True).contiguous()
+        self.pending[key] = tensor.detach().to("cpu", torch.float32, copy=True).contiguous()  # off the accelerator
         self.bytes += tensor.numel() * 4
         if self.bytes >= CHUNK_BYTES:
             self.flush()
