@@ -22,9 +22,9 @@ step paths take turns step by step, and each figure is the median of `--steps` t
   shape (`--engine-layers`, 1 by default so that two copies with Adam states fit in 24 GB), once per ZeRO stage of
   `--zero-stages` (0,1), each in a fresh process. ZeRO-1 on one rank partitions nothing but still copies every
   gradient into its buckets and the updated fp32 partition back into the weights.
-- `--allocator heap` (CPU): the same run with `HEAP_ENV`: glibc's mmap threshold fixed at 32 MB and no trimming,
-  so freed memory under 32 MB is reused instead of returned to the kernel, as a GPU's caching allocator does.
-  glibc's default serves blocks over a threshold that starts at 128 KB with a fresh mmap: each step's
+- `--allocator heap` (CPU): the same run with glibc told never to hand large blocks to mmap
+  (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ huge), so freed memory is reused instead of returned to the kernel,
+  as a GPU's caching allocator does. glibc's default serves every block over 32 MB with a fresh mmap: each step's
   gradients, logits and activations are first-touch page faults, which on these virtual machines cost about as
   much as the products themselves (see the `sys` time of a run). The two modes separate the models' arithmetic
   from the machine's page-fault cost; both models always share one mode.
@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_model import MoEConfig, MoEForCausalLM  # noqa: E402
-from moe_model.train.distributed import HEAP_ENV  # noqa: E402  (glibc: reuse freed blocks under 32 MB)
+from moe_model.train.distributed import HEAP_ENV  # noqa: E402  (glibc: never mmap large blocks)
 from moe_model.train.export import to_mixtral  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

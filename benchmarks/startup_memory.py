@@ -3,6 +3,7 @@ that allocates only the rank's share (after), and the estimator's per-rank figur
 
     .venv/bin/python benchmarks/startup_memory.py --train-steps 0          # 8 ranks, ep 8, ~600 M parameters
     .venv/bin/python benchmarks/startup_memory.py --ranks 2 --layers 2     # small, with two training steps
+    .venv/bin/python benchmarks/startup_memory.py --ranks 2 --layers 2 --allocator default   # glibc's own heap
 
 Model: 12 layers, hidden 256, expert FFN 1024 (gated silu), 64 experts top-2, vocab 1024, 4 heads; fp32, ZeRO-1,
 dp = ranks, ep = ranks (AutoEP), micro-batch 1 x 128 tokens. Each mode is one launch through the deepspeed
@@ -16,7 +17,9 @@ launcher; every rank reports the peak resident set (VmHWM, /proc/self/status):
   the full model do not fit this 24 GB host once DeepSpeed's gradient bucket, 5e8 elements, is touched by each).
 The table shows the largest rank, its share (parameters it holds x 4 bytes), the whole model's fp32 bytes, and the
 estimator's peak rank on CPU (`estimate.guard.host_resident`) plus the baseline: that sum must bound the training
-peak. JSON: benchmarks/results/startup_memory_<ranks>ranks.json.
+peak. `--allocator heap` (default) runs the ranks as `moe train` does, with `HEAP_ENV` (freed memory kept for reuse,
+never returned: its holes add to the peak); `default` with glibc's own settings, whose peak is the live memory's.
+JSON: benchmarks/results/startup_memory_<ranks>ranks[_default].json.
 
 Run under the deepspeed launcher with `--measure OUT --mode M`, this file is also the rank-side program.
 """
@@ -96,6 +99,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after"])
     parser.add_argument("--train-steps", type=int, default=2, help="steps after start-up in `after` mode (0: none)")
+    parser.add_argument("--allocator", choices=["heap", "default"], default="heap",
+                        help="heap: HEAP_ENV, as moe train runs CPU ranks; default: glibc's own settings")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -116,7 +121,7 @@ def main() -> int:
     from moe_model.estimate.params import count_params
     from moe_model.launch import deepspeed_command, rank_env
     from moe_model.recipe import recipe_from_dict
-    from moe_model.train.distributed import launch_env
+    from moe_model.train.distributed import HEAP_ENV, launch_env
 
     raw = recipe_dict(args.ranks, args.layers)
     recipe = recipe_from_dict(raw)
@@ -132,8 +137,10 @@ def main() -> int:
             command = deepspeed_command(args.ranks, Path(__file__),
                                         ["--measure", str(out), "--mode", mode, "--recipe", str(recipe_path),
                                          "--train-steps", str(args.train_steps)])
-            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                                    env=rank_env(**launch_env()))
+            env = rank_env(**launch_env())
+            if args.allocator == "default":
+                env = {k: v for k, v in env.items() if k not in HEAP_ENV}
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
             reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
             if result.returncode != 0 or len(reports) != args.ranks or any("startup" not in r for r in reports):
                 log = ROOT / f"benchmarks/results/startup_memory_{mode}.log"
@@ -147,7 +154,7 @@ def main() -> int:
             largest = max(reports, key=lambda r: r["startup"])
             rows[mode] = {"largest_rank": largest, "ranks": reports}
     table = Table(title=(f"{args.ranks} CPU ranks, ep {args.ranks}, {total / 1e6:.0f} M parameters "
-                         f"({total * 4 / 1e9:.2f} GB in fp32), largest rank, GB"))
+                         f"({total * 4 / 1e9:.2f} GB in fp32), largest rank, GB, allocator: {args.allocator}"))
     for column in ("build", "baseline", "model built", "start-up peak", "training peak", "its share (fp32)",
                    "whole model (fp32)", "estimate + baseline"):
         table.add_column(column, justify="right")
@@ -163,8 +170,10 @@ def main() -> int:
                       f"{total * 4 / 1e9:.2f}", f"{(estimated + r['baseline']) / 1e9:.2f}")
     Console(width=140).print(table)
     result_file = ROOT / "benchmarks/results/startup_memory.json"
-    result_file = result_file.with_name(f"startup_memory_{args.ranks}ranks.json")
+    suffix = "" if args.allocator == "heap" else f"_{args.allocator}"
+    result_file = result_file.with_name(f"startup_memory_{args.ranks}ranks{suffix}.json")
     result_file.write_text(json.dumps({"ranks": args.ranks, "layers": args.layers, "params": total,
+                                       "allocator": args.allocator, "train_steps": args.train_steps,
                                        "estimate_peak_rank_bytes": estimated, "modes": rows}, indent=2))
     print(f"wrote {result_file}")
     return 0

@@ -52,9 +52,9 @@ def test_a_cpu_launch_gets_the_heap_allocator_and_the_detected_accelerator(monke
     assert distributed.launch_env() == {"DS_ACCELERATOR": "cpu", **distributed.HEAP_ENV}
     monkeypatch.setattr(distributed, "accelerator_name", lambda: "cuda")
     assert distributed.launch_env() == {"DS_ACCELERATOR": "cuda"}  # GPUs: the caching allocator does this already
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own setting wins
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")  # the user's own setting wins
     monkeypatch.setattr(distributed, "accelerator_name", lambda: "cpu")
-    assert distributed.launch_env()["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert distributed.launch_env()["MALLOC_MMAP_MAX_"] == "65536"
 
 
 def make_lock(root, age_s):

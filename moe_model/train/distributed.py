@@ -10,13 +10,13 @@ from pathlib import Path
 
 # glibc's malloc serves every block over its mmap threshold (grown dynamically up to 32 MB) with a fresh mmap and
 # returns it on free, so each CPU step's gradients, logits and activations are first-touch page faults (about half of
-# a tiny CPU step). A fixed threshold at glibc's own ceiling, 32 MB, and no trimming keep every smaller block in the
-# heap for reuse, as a GPU's caching allocator does. Blocks of 32 MB and more still get their own mmap, returned on
-# free: with none mmapped at all (MALLOC_MMAP_MAX_=0, the setting before), the heap never shrank and its holes kept
-# growing it, to 2.45 GB after 6 steps of a rank whose live peak is 1.69 GB (benchmarks/startup_memory.py --ranks 2
-# --layers 2), past the estimator's bound. glibc reads these once at process start, so they belong in the
-# environment of the launch (`launch_env`).
-HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**46)}
+# a tiny CPU step). Never mmap, never trim: freed memory is reused, as a GPU's caching allocator does. glibc reads
+# these once at process start, so they belong in the environment of the launch (`launch_env`).
+# The price: the heap never shrinks and its holes grow it (dropless routing allocates other sizes every step): a rank
+# of benchmarks/startup_memory.py --ranks 2 --layers 2 whose live peak is 1.69 GB holds 2.28 GB after 2 steps and
+# 2.67 GB after 10. A threshold fixed at glibc's ceiling (32 MB) instead kept it at the live peak but made a 4-rank
+# parity test 1.7x slower (82.7 s against 48.7 s; the suite's tests: 29 min).
+HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}
 STALE_LOCK_S = 60  # a build lock this old with no build running in its folder was left by a killed build
 
 
