@@ -70,6 +70,9 @@ class Trainer:
             finally:
                 if self.progress is not None:
                     self.progress.close()
+            if self.last_step < self.recipe.train.steps:  # train.stop_at: after the progress bar's last line
+                self.say(f"moe: stopped after step {self.last_step} (train.stop_at), checkpoint saved; launch again "
+                         f"with resume: auto to go on to step {self.recipe.train.steps}")
             self.finish(time.perf_counter() - started)
         return 0
 
@@ -225,9 +228,7 @@ class Trainer:
             checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints,
                             model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
                             portable_config=recipe.moe_config() if recipe.train.portable_checkpoints else None)
-        if stopping and step + 1 < recipe.train.steps:
-            self.say(f"moe: stopped after step {step + 1} (train.stop_at), checkpoint saved; launch again with "
-                     f"resume: auto to go on to step {recipe.train.steps}")
+
 
     def _reduce(self, stats: StepStats) -> StepStats:
         """This rank's step figures -> the step's averages over every rank and micro-batch (a collective)."""
