@@ -42,3 +42,20 @@ def test_pieces_that_miss_an_expert_are_refused_by_name(tmp_path):
         "missing, or the checkpoint holds another model)")
     (tmp_path / reshard.STATE_FILE).unlink()
     assert "has no portable_state.json" in reshard.problem(tmp_path, CONFIG)
+
+
+def test_only_optimizers_whose_states_can_be_read_write_pieces():
+    import torch
+
+    class Engine:
+        module = torch.nn.Linear(2, 2)
+
+    engine = Engine()
+    engine.optimizer = torch.optim.AdamW(engine.module.parameters())  # fp32 at ZeRO-0: it steps the parameters
+    assert reshard.serves(engine)
+
+    class FlatMasters:  # fp16 at ZeRO-0 (DeepSpeed's FP16_Optimizer): fp32 masters in a flat group of their own
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(6))])
+
+    engine.optimizer = FlatMasters()
+    assert not reshard.serves(engine)

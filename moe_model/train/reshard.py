@@ -60,6 +60,14 @@ def _managed(param) -> bool:
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
+def serves(engine) -> bool:
+    """Whether this engine's states can be written as pieces: DeepSpeed's accessors serve every parameter (ZeRO 1-3,
+    the bf16 optimizer), or the torch optimizer steps the parameters themselves (fp32 at ZeRO-0). Not fp16 without
+    ZeRO, whose optimizer keeps its fp32 masters in flat groups no accessor reads."""
+    stepped = {id(p) for group in base_optimizer(engine).param_groups for p in group["params"]}
+    return all(_managed(p) or id(p) in stepped for p in engine.module.parameters())
+
+
 def link_fragments(engine) -> None:
     """Point every parameter's fragment (ZeRO 1-2, the bf16 optimizer) at its flat partition's optimizer states,
     which DeepSpeed's full-state accessors read. Why by hand: ZeRO 1-2 link them once, right after stepping the first

@@ -27,7 +27,7 @@ from ..losses import StepStats
 from ..parallel import Layout
 from ..recipe import Recipe, RecipeError
 from ..strategy import Strategy
-from . import checkpoint
+from . import checkpoint, reshard
 from .console import header, library_output, print_summary
 from .distributed import collective_device
 
@@ -117,8 +117,6 @@ class Trainer:
         for note in notes:
             self.say(f"moe: {note}")
         if resume_from is not None and changes:
-            from . import reshard
-
             self.first_step = reshard.load(self.engine, resume_from, layout, recipe.moe_config())
             self.say(f"moe: resuming from {resume_from} (step {self.first_step}) on another layout "
                      f"({', '.join(changes)}): weights, both Adam moments, step counts and data position carried over")
@@ -127,6 +125,11 @@ class Trainer:
             self.say(f"moe: resuming from {resume_from} (step {self.first_step})")
             if self.rank == 0:
                 checkpoint.trim_metrics(recipe.output_dir / "metrics.jsonl", self.first_step)
+        self.portable = recipe.train.portable_checkpoints and reshard.serves(self.engine)
+        if recipe.train.portable_checkpoints and not self.portable:
+            self.say("moe: note: fp16 without ZeRO keeps its fp32 master weights where DeepSpeed's accessors cannot "
+                     "read them: this run's checkpoints resume its own layout only (--set parallel.zero_stage=1 or "
+                     "train.precision=bf16 makes them portable)")
         self.start_tracking(ds_config, data_summary)
         self.batches = StepBatches(recipe, layout.dp, layout.coords(self.rank)["data"])
         from .evaluation import Validation
@@ -160,9 +163,7 @@ class Trainer:
                 changes = [] if chosen is None else checkpoint.layout_changes(
                     checkpoint.read_manifest(chosen), self.layout_sizes, recipe.parallel.zero_stage)
                 if changes:
-                    from .reshard import problem
-
-                    missing = problem(chosen, recipe.moe_config())
+                    missing = reshard.problem(chosen, recipe.moe_config())
                     if missing:
                         raise RecipeError("train.resume", f"{chosen} cannot resume another layout: {missing}")
                 metrics = recipe.output_dir / "metrics.jsonl"
@@ -227,7 +228,7 @@ class Trainer:
         if stopping or save_every and ((step + 1) % save_every == 0 or step + 1 == recipe.train.steps):
             checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints,
                             model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
-                            portable_config=recipe.moe_config() if recipe.train.portable_checkpoints else None)
+                            portable_config=recipe.moe_config() if self.portable else None)
 
 
     def _reduce(self, stats: StepStats) -> StepStats:
