@@ -36,11 +36,12 @@ def deepspeed_launcher() -> str:
 
 def deepspeed_command(ranks: int, program: str | Path, args: Sequence[str] = (), *, module: bool = False,
                       overrides: Sequence[str] = (), master_port: int | None = None,
-                      launcher_args: Sequence[str] = ()) -> list[str]:
+                      launcher_args: Sequence[str] = (), resources: Sequence[str] | None = None) -> list[str]:
     """`deepspeed --num_gpus RANKS --master_port P [LAUNCHER_ARGS]` then `--module PROGRAM` (module=True) or the
-    script PROGRAM, then `args` and one `--set O` per override. P: a free port unless given."""
-    command = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(master_port or free_port()),
-               *launcher_args]
+    script PROGRAM, then `args` and one `--set O` per override. P: a free port unless given. `resources` replaces
+    `--num_gpus RANKS` (e.g. `--include localhost:2,3`, or `--hostfile H ...`: `train.cluster`)."""
+    where = list(resources) if resources is not None else ["--num_gpus", str(ranks)]
+    command = [deepspeed_launcher(), *where, "--master_port", str(master_port or free_port()), *launcher_args]
     command += ["--module", str(program)] if module else [str(program)]
     command += [str(a) for a in args]
     for override in overrides:

@@ -81,28 +81,27 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
     directory = root / tag
     torch.save({"step": step, "torch": torch.get_rng_state(), "python": random.getstate()},
                directory / f"rng_rank{rank}.pt")
-    # which DeepSpeed model-parallel file (mp_rank_XX) holds which pipeline stage and tensor-parallel slice
     if portable_config is not None:
         from . import reshard
 
         reshard.save(engine, directory, Layout(**layout), portable_config, step)
     coords = Layout(**layout).coords(rank)
-    mine = torch.tensor([engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0,
-                         coords["pipe"], coords["model"]])
-    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
+    # which DeepSpeed model-parallel file (mp_rank_XX) holds which pipeline stage and tensor-parallel slice
+    mp_file = (engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0, coords["pipe"], coords["model"])
     dist.barrier()  # every rank's files are on disk
     names = [p.name for p in sorted(directory.iterdir()) if p.name != MANIFEST]
     world = dist.get_world_size()
-    mine_digests = {name: file_digest(directory / name) for name in names[rank::world]}
-    digests: list[dict[str, str] | None] = [None] * world
-    dist.all_gather_object(digests, mine_digests)
+    mine = {"mp_file": mp_file, "digests": {name: file_digest(directory / name) for name in names[rank::world]}}
+    # an object collective, not a tensor one: an NCCL group has no CPU backend for a CPU tensor, and torch puts the
+    # pickled objects on the current device itself (`distributed.bind_device` made it this rank's)
+    everyone: list[dict[str, Any] | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
     if rank == 0:
         files = {name: (directory / name).stat().st_size for name in names}
-        mp_files = {int(m): {"pipe": int(pp), "tp": int(tp)} for m, pp, tp in (t.tolist() for t in everyone)}
+        mp_files = {int(m): {"pipe": int(pp), "tp": int(tp)} for m, pp, tp in (part["mp_file"] for part in everyone)}
         manifest = {"step": step, "layout": layout, "zero_stage": zero_stage, "portable": portable_config is not None,
                     "files": files, "model_parallel_files": mp_files,
-                    "digest": "sha256", "digests": {k: v for part in digests for k, v in (part or {}).items()}}
+                    "digest": "sha256", "digests": {k: v for part in everyone for k, v in part["digests"].items()}}
         if model is not None:
             manifest["model"] = model
         _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))

@@ -18,7 +18,6 @@ Sources:
 
 from __future__ import annotations
 
-import os
 import traceback
 from typing import Protocol
 
@@ -183,8 +182,10 @@ class StepBatches:
 
 
 def prepare_data(recipe: Recipe) -> tuple[str | None, dict]:
-    """Every rank calls this before training: local rank 0 of each node builds the tokenizer and the token cache
-    (a shared disk is safe: each writes under a temporary name and renames), the others wait.
+    """Every rank calls this before training: global rank 0 builds the tokenizer and the token cache, the others
+    wait, then read it. Once for the whole run, not once per node: the output folder is one folder on every node
+    (`main.not_shared_verdict` refuses a run where it is not), and several nodes building the same cache in it at
+    once would race between their existence checks and their renames.
 
     Returns (the error line, or None on every rank when all went well; a summary of the data for the run config).
     """
@@ -193,7 +194,7 @@ def prepare_data(recipe: Recipe) -> tuple[str | None, dict]:
     if recipe.data.source == "synthetic":
         return None, {"source": "synthetic"}
     error, summary = "", {}
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         try:
             summary = describe(recipe)
         except RecipeError as err:

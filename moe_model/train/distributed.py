@@ -113,17 +113,59 @@ def share_cpu_cores() -> None:
     torch.set_num_threads(cpu_threads_per_rank(int(os.environ.get("LOCAL_SIZE", "1"))))
 
 
-def init_distributed() -> tuple[int, int]:
-    """`deepspeed.init_distributed()`, then release DeepSpeed's CPU shared-memory name. Returns (rank, world size).
-    CPU ranks share the cores (`share_cpu_cores`)."""
+# CUDA ranks: the caching allocator maps growable segments instead of fixed blocks, so that memory freed by one
+# step's shapes serves the next step's (dropless routing changes the expert GEMMs' sizes every step) rather than
+# fragmenting; read when the allocator first starts, so set before any CUDA call (`bind_device`). A user's own
+# PYTORCH_CUDA_ALLOC_CONF wins.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+DEFAULT_TIMEOUT_MIN = 60  # the recipe's train.collective_timeout_min when a program has no recipe
+
+
+def bind_device() -> None:
+    """On CUDA, make `cuda:LOCAL_RANK` this process's current device before any collective.
+
+    Why: DeepSpeed 0.19.8 binds the NCCL group to `cuda:LOCAL_RANK` (`device_id=` in `comm/torch.py`'s
+    `init_process_group`) but calls `set_device` only in `DeepSpeedEngine.__init__`, so every collective before the
+    engine (the output folder's verdict, the resume point, the data's readiness) would put local ranks 1..7's
+    tensors on cuda:0 (`collective_device` follows the current device)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cuda":
+        return
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+    accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[int, int]:
+    """Start this rank's process group: SLURM's variables adopted when `srun` started it (`cluster.adopt_slurm`),
+    CPU ranks' share of the cores, the device bound (`bind_device`), then `deepspeed.init_distributed` with a
+    collective timeout of `timeout_min` minutes (DeepSpeed's default, 10, is shorter than one rank tokenizing a
+    corpus or verifying a large checkpoint while the others wait), and DeepSpeed's CPU shared-memory name
+    released. Returns (rank, world size)."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
 
+    from .cluster import adopt_slurm
+
+    adopt_slurm()
     share_cpu_cores()
-    deepspeed.init_distributed()
+    bind_device()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_min))
     rank = dist.get_rank()
     release_shared_memory_name(rank)
     return rank, dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Tear the process group down at the end of a run (NCCL otherwise warns that it was never destroyed and may
+    hang the interpreter's exit on some drivers)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def release_shared_memory_name(rank: int) -> None:

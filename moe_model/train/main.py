@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -29,7 +28,7 @@ from ..launch import rank_program_parser
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..strategy import Strategy
 from .console import library_output, quiet_libraries
-from .distributed import init_distributed, stale_build_lock
+from .distributed import close_distributed, init_distributed, stale_build_lock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _interrupt)  # explicitly: a launcher may have started this rank with SIGINT ignored
     signal.signal(signal.SIGTERM, _interrupt)
-    recipe, trainer, world = None, None, None
+    recipe, trainer, world, lock = None, None, None, None
     try:
         try:
             recipe = load_recipe(args.recipe, args.set)
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             raise recipe_error(err) from None
         check_build_lock()
         with library_output():
-            rank, world = init_distributed()
+            rank, world = init_distributed(recipe.train.collective_timeout_min)
         problem = launch_problem(recipe, world)
         if problem:
             raise recipe_error(RecipeError(*problem), f" (world size {world})")
@@ -118,12 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             check_output_dir(recipe)  # created once the layout passed: a refused launch leaves no folder
         except RecipeError as err:
             raise recipe_error(err) from None
-        lock = claim_output_dir(recipe, rank)  # noqa: F841 (held until this process ends)
+        lock = claim_output_dir(recipe, rank)  # held until the run ends
         trainer = Trainer(recipe, rank, world)
-        return trainer.run()
+        code = trainer.run()
+        close_distributed()
+        if lock is not None:
+            lock.release()
+        return code
     except RunStopped as stop:
         if global_rank() == 0:
             print(stop.line, file=sys.stderr)
+        close_distributed()  # every rank reaches the same verdict at the same point
+        if lock is not None:
+            lock.release()
         return stop.code
     except (KeyboardInterrupt, Exception) as err:
         # after a signal, whatever this rank raises is its side of the stop (a collective whose peer has already
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             print(interrupted_line(_stopped_by or "SIGINT", args, recipe, trainer, world), file=sys.stderr)
         # no atexit hooks: wandb's service process got the same Ctrl-C and is gone, and its teardown would print
         # a traceback and a line per unsent message; the metrics and checkpoints are already on disk
+        if lock is not None:
+            lock.release()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED)
@@ -171,23 +179,65 @@ def claim_output_dir(recipe: Recipe, rank: int):
         elif recipe.train.resume == "never" and previous_run(output_dir):
             verdict = (f"moe: recipe error: train.resume: never, but {output_dir} holds an earlier run "
                        f"({', '.join(previous_run(output_dir))}) that this run would mix with; {fix}")
-    shared = [verdict]
+    token = None
+    if rank == 0 and verdict is None:
+        token = write_node_token(output_dir)
+    shared = [verdict, token]
     dist.broadcast_object_list(shared, src=0)
+    if shared[0] is None:
+        shared[0] = not_shared_verdict(output_dir, shared[1])
+    if rank == 0 and token is not None:
+        (output_dir / NODE_TOKEN).unlink(missing_ok=True)
     if shared[0]:
         raise RunStopped(2, shared[0])
     return lock
 
 
+NODE_TOKEN = ".node-check"  # written by rank 0, read by every rank, removed: is this one folder for every node?
+
+
+def write_node_token(output_dir) -> str:
+    """Write a token no other run could have written into OUTPUT_DIR (global rank 0); returns it."""
+    import socket
+    import time
+
+    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    (output_dir / NODE_TOKEN).write_text(token)
+    return token
+
+
+def not_shared_verdict(output_dir, token: str) -> str | None:
+    """Every rank reads rank 0's token in its own OUTPUT_DIR (a collective). None where all see it; else the line
+    that refuses the run, naming the hosts that do not. The checkpoints, metrics and data cache are written by some
+    ranks and read by others (rank 0 writes the manifests of every rank's files, one rank builds the data), so a
+    folder of each node's own would fail later, at the first save or resume, with files rank 0 cannot see."""
+    import socket
+
+    import torch.distributed as dist
+
+    try:
+        sees = (output_dir / NODE_TOKEN).read_text() == token
+    except OSError:
+        sees = False
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), sees))
+    blind: dict[str, list[int]] = {}
+    for r, (host, seen) in enumerate(everyone):
+        if not seen:
+            blind.setdefault(host, []).append(r)
+    if not blind:
+        return None
+    where = "; ".join(f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in blind.items())
+    return (f"moe: recipe error: train.output_dir: {output_dir} is not one folder on every node: rank 0's files there "
+            f"are not seen from {where}; put it on a file system that every node mounts at the same path "
+            "(checkpoints, metrics and the data cache are shared between the ranks)")
+
+
 def resume_command(args: argparse.Namespace, world: int | None) -> str:
-    """The `moe train` command line that continues this run (resume: auto, the same overrides, the same rank count);
-    `train.overwrite` and `train.resume` overrides are left out (they would start over)."""
-    command = ["moe", "train", args.recipe]
-    if world:
-        command += ["--num-gpus", str(world)]
-    for override in args.set:
-        if not override.replace(" ", "").startswith(("train.overwrite=", "train.resume=")):
-            command += ["--set", override]
-    return shlex.join(command)
+    """The command line that continues this run, in its launcher's terms (`cluster.continue_command`)."""
+    from .cluster import continue_command
+
+    return continue_command(args.recipe, args.set, world)
 
 
 def interrupted_line(signal_name: str, args: argparse.Namespace, recipe: Recipe | None, trainer, world) -> str:
@@ -280,8 +330,12 @@ def launch_problem(recipe: Recipe, world: int) -> tuple[str, str] | None:
     stated = Strategy.of(recipe.parallel)
     problem = stated.world_problem(world)
     if problem is None:
-        problem = stated.resolved(world)[0].problem(recipe.model, recipe.hardware.gpus_per_node,
-                                                    recipe.train.global_batch_size, trainable=True)
+        from .cluster import local_size
+
+        # tp stays inside a node: the node this launch really has (its ranks per node), else the recipe's figure
+        per_node = local_size() or recipe.hardware.gpus_per_node
+        problem = stated.resolved(world)[0].problem(recipe.model, per_node, recipe.train.global_batch_size,
+                                                    trainable=True)
     if problem is None and recipe.train.precision != "fp32":
         from deepspeed.accelerator import get_accelerator
 

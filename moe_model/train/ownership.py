@@ -7,6 +7,8 @@
   old one). The holder writes its pid, host and start time into the file, for the line that refuses a second run.
   The other ranks of a run take no lock (they would refuse each other); `main.main` tells them rank 0's verdict.
   Both `moe train` and a direct `deepspeed ... scripts/train.py` land in `main.main`, so both are covered.
+  A file system that refuses flock (some parallel and network ones: ENOLCK, EOPNOTSUPP) gets an exclusively created
+  `run.lock.held` instead (`OutputLock._acquire_by_creation`), which the run removes as it ends.
 - `previous_run`: what of an earlier run the directory holds (metrics.jsonl with lines, checkpoint folders), and
   `archive_previous_run`, which moves exactly those into `OUTPUT_DIR/archive-<UTC time>/` (`train.overwrite`, or
   `resume: auto` with no checkpoint to continue from): nothing is deleted and nothing is appended to another run's
@@ -34,9 +36,13 @@ class OutputLock:
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_FILE
         self.file = None
+        self.held: Path | None = None  # the exclusive-creation lock, where flock is refused
 
     def acquire(self) -> str | None:
-        f = open(self.path, "a+")
+        try:
+            f = open(self.path, "a+")
+        except OSError as err:
+            return f"cannot open {self.path} ({err.strerror}); choose another train.output_dir"
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -45,6 +51,9 @@ class OutputLock:
             f.close()
             return (f"{self.path.parent} is in use by another run ({describe_holder(holder)}); wait for it to end, "
                     "stop it, or choose another train.output_dir")
+        except OSError as err:  # ENOLCK, EOPNOTSUPP, EINVAL: a parallel or network file system that refuses flock
+            f.close()
+            return self._acquire_by_creation(err)
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -53,10 +62,56 @@ class OutputLock:
         self.file = f  # held while this object (kept by the caller) and the process live
         return None
 
+    def _acquire_by_creation(self, flock_error: OSError) -> str | None:
+        """Where flock is refused: exclusive creation of `run.lock.held` (O_CREAT | O_EXCL is
+        atomic on NFS v3+, Lustre and GPFS), holding this process's pid and host. A holder of this host whose pid
+        is gone left it (SIGKILL): taken over. One on another host cannot be checked from here: refused, naming it,
+        with the `rm` to use once that run is known to be gone. Released (the file removed) by `release`."""
+        held = self.path.with_name(self.path.name + ".held")
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n"
+        for _ in range(2):
+            try:
+                fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(held.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+                    held.unlink(missing_ok=True)  # left by a killed run of this host
+                    continue
+                return (f"{self.path.parent} is in use by another run ({describe_holder(json.dumps(holder))}; this "
+                        f"file system refuses flock ({flock_error.strerror}), so the lock is the file {held}); wait "
+                        f"for it to end, or once it is gone: rm {held}")
+            except OSError as err:
+                return f"cannot create {held} ({err.strerror}); choose another train.output_dir"
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+            self.held = held
+            return None
+        return f"cannot take {held}: another process keeps creating it; choose another train.output_dir"
+
     def release(self) -> None:
         if self.file is not None:
             self.file.close()  # closing the last descriptor drops the flock
             self.file = None
+        if self.held is not None:
+            self.held.unlink(missing_ok=True)
+            self.held = None
+
+
+def _alive(pid) -> bool:
+    """Whether a process of this host has this pid (a zombie counts as alive: it still holds its files)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe_holder(text: str) -> str:
