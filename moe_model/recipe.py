@@ -116,6 +116,9 @@ class TrainSection(Section):
     eval_every: int = Field(0, ge=0)  # validation loss every N steps and at the last step (0: never)
     eval_batches: PositiveInt = 2  # global batches of validation sequences per evaluation
     eval_at_start: bool = False  # with eval_every: also before the first step of a fresh run (a metrics line, step 0)
+    # minutes a collective waits for the slowest rank before the run fails: covers one rank building the token
+    # cache or verifying a large checkpoint's digests while the others wait (DeepSpeed's own default, 10, does not)
+    collective_timeout_min: PositiveFloat = 60.0
 
     @field_validator("warmup_steps")
     @classmethod
