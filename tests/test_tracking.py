@@ -131,6 +131,11 @@ def test_two_ranks_train_a_jsonl_corpus_with_its_own_tokenizer_and_validation(tm
         assert m["tflops_per_gpu"] == pytest.approx(
             run["flops_per_token"]["total"] * m["tokens_per_s"] / 2 / 1e12)
         assert m["mfu"] == pytest.approx(m["tflops_per_gpu"] / 400.0) and m["memory_peak_gb"] > 0.05
+        assert "memory_reserved_peak_gb" not in m and "device_memory_used_gb" not in m  # CUDA-only keys
+    # the device the ranks ran on: DeepSpeed's accelerator (cpu here), named in run.json and the header
+    assert run["device"] == {"kind": "cpu", "name": "CPU ranks (gloo)", "memory_bytes": None,
+                             "known_peak_tflops": None} and run["memory_metric"] == "peak RSS (ru_maxrss)"
+    assert "moe: tiny-text: 2 CPU ranks (gloo), tp1 pp2" in result.stderr
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))

@@ -5,6 +5,11 @@ rank, its three largest consumers, and two or three concrete changes (recipe ove
 GPUs) that make every rank fit, each with the bytes it saves on the peak rank. Every suggestion comes from running
 the estimate again with the change applied, never from a rule of thumb; changes that keep the number of GPUs come
 first, then the ones needing fewest GPUs.
+
+The GPU budget (`card_budget`, the one home of the rule) is the smaller of the recipe's `hardware.gpu_memory_gb` and
+the card's memory where the caller passes it (`card_bytes`: the launch path reads it on the ranks' CUDA device,
+`moe_model/train/device.py`; this module stays arithmetic, and `moe estimate` passes none). The refusal's first line
+says which of the two bound it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import itertools
 from dataclasses import dataclass
 
 from ..recipe import Recipe, RecipeError, recipe_from_dict
-from .estimate import Estimate, estimate
+from .estimate import Estimate, budget_bytes, estimate
 from ..units import GB, divisors
 from .memory import Assumptions
 from .params import count_params
@@ -111,9 +116,27 @@ def suggest_changes(recipe: Recipe, base: Estimate, assumptions: Assumptions, li
     return ranked[:limit]
 
 
-def launch_refusal(recipe: Recipe, world_size: int | None = None,
-                   assumptions: Assumptions = Assumptions()) -> str | None:
-    """None when every rank fits the GPU budget; otherwise the multi-line refusal (see module docstring)."""
+def card_budget(recipe: Recipe, card_bytes: int | None = None, card_name: str = "card") -> tuple[Recipe, str]:
+    """(the recipe a launch is judged by, the words naming what bounds its GPU budget).
+
+    The budget is the smaller of `hardware.gpu_memory_gb` and `card_bytes` (the card's total memory; None: no card
+    known, as before launch). Where the card is smaller, the returned recipe carries the card's figure as
+    `hardware.gpu_memory_gb`, so that the estimate and every suggested change are judged by it."""
+    if card_bytes is None:
+        return recipe, "hardware.gpu_memory_gb"
+    if card_bytes >= budget_bytes(recipe):
+        return recipe, f"hardware.gpu_memory_gb; the {card_name} has {card_bytes / GB:.1f} GB"
+    raw = recipe.model_dump()
+    raw["hardware"]["gpu_memory_gb"] = card_bytes / GB
+    return (recipe_from_dict(raw), f"the {card_name}'s memory, below hardware.gpu_memory_gb "
+                                   f"{recipe.hardware.gpu_memory_gb:g} GB")
+
+
+def launch_refusal(recipe: Recipe, world_size: int | None = None, assumptions: Assumptions = Assumptions(),
+                   card_bytes: int | None = None, card_name: str = "card") -> str | None:
+    """None when every rank fits the GPU budget (`card_budget`); otherwise the multi-line refusal (see module
+    docstring)."""
+    recipe, bound_by = card_budget(recipe, card_bytes, card_name)
     base = estimate(recipe, world_size, assumptions)
     if base.fits:
         return None
@@ -123,8 +146,9 @@ def launch_refusal(recipe: Recipe, world_size: int | None = None,
         f"moe: refusing to launch {recipe.name}: rank {peak.first_rank} "
         + (f"(pipeline stage {peak.stage} of 0..{base.pp - 1}; every rank of that stage alike) " if base.pp > 1
            else "(every rank alike) ")
-        + f"needs {peak.total_bytes / GB:.1f} GB of the {base.budget_bytes / GB:.1f} GB per GPU (tp{base.tp} "
-        f"pp{base.pp} ep{base.ep} dp{base.dp}, {base.gpus} GPUs, ZeRO-{base.zero_stage}, {base.precision}).",
+        + f"needs {peak.total_bytes / GB:.1f} GB of the {base.budget_bytes / GB:.1f} GB per GPU (budget: {bound_by}; "
+        f"tp{base.tp} pp{base.pp} ep{base.ep} dp{base.dp}, {base.gpus} GPUs, ZeRO-{base.zero_stage}, "
+        f"{base.precision}).",
         "  largest consumers on that rank: " + ", ".join(f"{name} {value / GB:.1f} GB" for name, value in top),
     ]
     changes = suggest_changes(recipe, base, assumptions)

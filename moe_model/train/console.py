@@ -81,10 +81,15 @@ def library_output() -> Iterator[None]:
         raise
 
 
-def header(recipe: Recipe, run_config: dict[str, Any], device: str, wandb_where: str | None) -> str:
-    """Two lines: the layout and the memory estimate's verdict, then where the metrics go."""
-    lay = run_config["layout"]
-    line = (f"moe: {recipe.name}: {lay['world_size']} {device} rank(s), tp{lay['tp']} pp{lay['pp']} "
+def header(recipe: Recipe, run_config: dict[str, Any], wandb_where: str | None, warning: str | None = None) -> str:
+    """The layout on its device (run_config's `device`, `device.Device.as_json`: the card's name, or CPU ranks on
+    gloo) and the memory estimate's verdict; `warning` on a line of its own (the trainer's
+    `device.peak_tflops_warning`: a default `hardware.peak_tflops` that does not match the card); then where the
+    metrics go."""
+    lay, device = run_config["layout"], run_config["device"]
+    ranks = (f"{lay['world_size']} {device['name']}" if device["kind"] == "cpu"
+             else f"{lay['world_size']} rank(s) on {device['name']}")
+    line = (f"moe: {recipe.name}: {ranks}, tp{lay['tp']} pp{lay['pp']} "
             f"ep{lay['ep']} dp{lay['dp']}, experts on {lay.get('moe_backend', 'legacy')}, "
             f"ZeRO-{recipe.parallel.zero_stage}, {recipe.train.precision}, "
             f"{recipe.train.steps} steps")
@@ -93,10 +98,11 @@ def header(recipe: Recipe, run_config: dict[str, Any], device: str, wandb_where:
         peak, budget = estimate["peak_rank"]["total_bytes"] / 1e9, estimate["budget_bytes"] / 1e9
         line += (f"; estimate: peak rank {peak:.2f} GB of {budget:.0f} GB, "
                  f"{'fits' if estimate['fits'] else 'DOES NOT FIT'}")
+    lines = [line, warning] if warning else [line]
     where = f"moe: metrics: {recipe.output_dir / 'metrics.jsonl'}"
     if wandb_where:
         where += f"; wandb: {wandb_where}"
-    return line + "\n" + where
+    return "\n".join([*lines, where])
 
 
 def print_summary(recipe: Recipe, history: list[dict[str, Any]], wall_s: float, layout: dict[str, int]) -> None:

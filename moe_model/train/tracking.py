@@ -19,8 +19,21 @@ Recomputation under activation checkpointing is not counted (model FLOPs, not ha
 per GPU = FLOPs per token x tokens/s / world size; MFU = that / `hardware.peak_tflops`. On CPU ranks the MFU is
 against the recipe's GPU figure, so it is tiny there by design.
 
-Memory (`memory_peak_gb`, the largest over ranks): `torch.cuda.max_memory_allocated` on GPUs, the process's peak
-resident set size (`ru_maxrss`) on CPU ranks.
+Memory, each figure the largest over ranks, keyed on the engine's device (`engine.device.type`), not on
+`torch.cuda.is_available()` (a CPU run on a machine with a GPU measures the host):
+  memory_peak_gb            `torch.cuda.max_memory_allocated` on CUDA ranks; the process's peak resident set size
+                            (`ru_maxrss`) on CPU ranks. Every run logs it, with the same meaning as before.
+  memory_reserved_peak_gb   CUDA only: `torch.cuda.max_memory_reserved`, the caching allocator's high-water mark;
+                            memory_reserved_peak_gb / memory_peak_gb - 1 measures the estimate's `fragmentation`
+                            (5% assumed, `moe_model/estimate/memory.py`).
+  device_memory_used_gb     CUDA only: the card's used memory when the line is logged, total - free from
+                            `torch.cuda.mem_get_info` (cudaMemGetInfo): the allocator's segments plus the CUDA
+                            context, cuBLAS workspaces and NCCL buffers outside it, and anything other processes hold
+                            on the card; device_memory_used_gb - memory_reserved_peak_gb bounds the estimate's
+                            `reserve_bytes` (1.5 GB assumed) from below (the allocator may hold less than its peak).
+On CPU ranks the two CUDA keys are absent from the line, not null: the host has no allocator cache or card to read,
+and a key that is there was measured (wandb drops nulls anyway). `memory_metric` in the run config names the source of
+memory_peak_gb.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import torch
 from ..configuration import MoEConfig
 from ..metrics_file import read_metrics as read_metrics_file
 from ..recipe import Recipe
+from .device import Device
 from .distributed import collective_device
 
 
@@ -57,37 +71,48 @@ def throughput_metrics(tokens_per_s: float, per_token_flops: float, world_size: 
     return {"tflops_per_gpu": tflops, "mfu": tflops / peak_tflops}
 
 
-def memory_metric_name() -> str:
-    return "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)"
+def memory_metric_name(device: torch.device) -> str:
+    """Where `memory_peak_gb` comes from on `device` (the engine's)."""
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)"
 
 
-def process_memory_bytes() -> int:
-    """This rank's high-water mark: CUDA allocations on a GPU, resident memory on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+def process_memory_bytes(device: torch.device) -> dict[str, int]:
+    """This rank's memory figures in bytes, under the metrics' names (see the module docstring): on CUDA the
+    allocator's peaks and the card's used memory, elsewhere the process's peak resident set size."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"memory_peak_gb": int(torch.cuda.max_memory_allocated(device)),
+                "memory_reserved_peak_gb": int(torch.cuda.max_memory_reserved(device)),
+                "device_memory_used_gb": int(total - free)}
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return {"memory_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
 
 
-def memory_peak_gb() -> float:
-    """The largest rank's high-water mark in GB (a collective: every rank must call it at the same step)."""
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """The largest rank's memory figures in GB (1e9 bytes), keyed as in metrics.jsonl (a collective: every rank must
+    call it at the same step; every rank's engine sits on the same kind of device, so all send the same keys)."""
     import torch.distributed as dist
 
-    peak = torch.tensor([float(process_memory_bytes())], dtype=torch.float64)
+    figures = process_memory_bytes(device)
+    peaks = torch.tensor([float(v) for v in figures.values()], dtype=torch.float64)
     if dist.is_initialized():
-        peak = peak.to(collective_device())
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item() / 1e9
+        peaks = peaks.to(collective_device())
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return {key: value / 1e9 for key, value in zip(figures, peaks.tolist())}
 
 
-def run_config_extras(recipe: Recipe, world_size: int) -> dict[str, Any]:
-    """What the run config adds to recipe, DeepSpeed JSON and layout: FLOP count, memory metric and the estimate."""
+def run_config_extras(recipe: Recipe, world_size: int, engine_device: torch.device, device: Device) -> dict[str, Any]:
+    """What the run config adds to recipe, DeepSpeed JSON and layout: FLOP count, memory metric, the device
+    (`device.Device`: name, card memory, known peak) and the estimate against the launch's budget (the card's memory
+    where it is below the recipe's figure, `estimate.guard.card_budget`)."""
     extras: dict[str, Any] = {"flops_per_token": flops_per_token(recipe.moe_config(), recipe.train.seq_len),
-                              "memory_metric": memory_metric_name()}
+                              "memory_metric": memory_metric_name(engine_device), "device": device.as_json()}
     try:
         from ..estimate import estimate
+        from ..estimate.guard import card_budget
 
-        extras["estimate"] = estimate(recipe, world_size).as_json()
+        judged, _ = card_budget(recipe, device.memory_bytes, device.name)
+        extras["estimate"] = estimate(judged, world_size).as_json()
     except Exception as err:  # the estimator is optional here: never stop a run because it cannot answer
         extras["estimate"] = {"unavailable": f"{type(err).__name__}: {err}"}
     return extras

@@ -84,9 +84,11 @@ class Trainer:
         """Estimate, data, resume point, engine, tracker, batches: everything a step needs."""
         recipe, p = self.recipe, self.recipe.parallel
         from ..estimate import launch_refusal
+        from .device import this_device
         from .host_memory import cpu_host_refusal
 
-        refusal = launch_refusal(recipe, self.world)  # the same answer on every rank: the estimate is arithmetic
+        self.device = this_device()  # on CUDA a collective: the smallest card of any rank, the same on every rank
+        refusal = launch_refusal(recipe, self.world, card_bytes=self.device.memory_bytes, card_name=self.device.name)
         refusal = refusal or cpu_host_refusal(recipe, self.world)  # CPU ranks: the host's memory (a collective)
         if refusal:
             raise RunStopped(1, refusal)
@@ -185,12 +187,14 @@ class Trainer:
 
     def start_tracking(self, ds_config: dict[str, Any], data_summary: dict[str, Any]) -> None:
         """run.json, the tracker (resuming the run's wandb run), the FLOP count, and the console header."""
+        from .device import peak_tflops_warning
         from .tracking import Tracker, flops_per_token, run_config_extras
 
         recipe = self.recipe
         self.run_config = {"recipe": recipe.model_dump(), "deepspeed": ds_config,
                            "layout": {**self.layout_sizes, "world_size": self.world}}
-        self.run_config.update(data=data_summary, **run_config_extras(recipe, self.world))
+        self.run_config.update(data=data_summary, **run_config_extras(recipe, self.world, self.engine.device,
+                                                                             self.device))
         if self.rank == 0:
             import json
 
@@ -198,7 +202,7 @@ class Trainer:
         self.tracker = Tracker(recipe, self.run_config, enabled=self.rank == 0, resume=self.first_step > 0)
         self.tokens_per_step = recipe.train.global_batch_size * recipe.train.seq_len
         self.step_flops = flops_per_token(recipe.moe_config(), recipe.train.seq_len)["total"]
-        self.say(header(recipe, self.run_config, str(self.engine.device.type), self.tracker.where()))
+        self.say(header(recipe, self.run_config, self.tracker.where(), peak_tflops_warning(recipe, self.device)))
 
     def step(self, step: int) -> None:
         """Optimizer step `step` (0-based; logged as step + 1), its evaluation when due, its checkpoint when due."""
@@ -237,9 +241,9 @@ class Trainer:
 
     def log(self, metrics: dict[str, Any]) -> None:
         """One metrics line (metrics.jsonl and wandb, from rank 0); every rank calls it at the same steps."""
-        from .tracking import memory_peak_gb
+        from .tracking import memory_metrics
 
-        metrics["memory_peak_gb"] = memory_peak_gb()  # a collective
+        metrics.update(memory_metrics(self.engine.device))  # a collective
         self.history.append(metrics)
         self.tracker.log(metrics)
 
