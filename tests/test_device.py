@@ -23,11 +23,12 @@ TINY = str(ROOT / "recipes/tiny_cpu.yaml")  # no hardware section: every figure 
 H100 = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name of an H100 SXM
 
 
-def fake_card(monkeypatch, name: str, total_bytes: int) -> None:
-    """torch.cuda answering as one card would, on a machine without one."""
-    props = types.SimpleNamespace(name=name, total_memory=total_bytes)
+def fake_cards(monkeypatch, *cards: tuple[str, int]) -> None:
+    """torch.cuda answering as these cards (name, total bytes) would, on a machine without one; device 0 current."""
+    props = [types.SimpleNamespace(name=name, total_memory=total) for name, total in cards]
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(props))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
 
 
 def no_cuda_calls(monkeypatch) -> None:
@@ -36,7 +37,7 @@ def no_cuda_calls(monkeypatch) -> None:
         raise AssertionError("a CUDA query where the run is not on CUDA")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("current_device", "get_device_properties", "mem_get_info", "max_memory_allocated",
+    for name in ("current_device", "device_count", "get_device_properties", "mem_get_info", "max_memory_allocated",
                  "max_memory_reserved"):
         monkeypatch.setattr(torch.cuda, name, refuse)
 
@@ -54,15 +55,18 @@ def test_known_peaks_match_the_most_specific_name(name, tflops):
 def test_the_device_is_cuda_only_where_deepspeeds_accelerator_is(monkeypatch):
     no_cuda_calls(monkeypatch)  # torch.cuda.is_available() says yes, DeepSpeed's accelerator says cpu
     assert this_device("cpu") == Device("cpu", CPU_NAME, None)
-    fake_card(monkeypatch, "NVIDIA H200", 150_754_820_096)
+    fake_cards(monkeypatch, ("NVIDIA H200", 150_754_820_096))
     card = this_device("cuda")
     assert card == Device("cuda", "NVIDIA H200", 150_754_820_096) and card.as_json()["known_peak_tflops"] == 989
+    # before the ranks start (no process group): the smallest card the launch's ranks could get
+    fake_cards(monkeypatch, ("NVIDIA H100 80GB HBM3", 85_029_158_912), ("NVIDIA A100-SXM4-40GB", 42_314_694_656))
+    assert this_device("cuda") == Device("cuda", "NVIDIA A100-SXM4-40GB", 42_314_694_656)
 
 
 def test_a_recipe_fitting_64_gb_is_refused_on_a_16_gb_card(monkeypatch):
     recipe = load_recipe(SEED)
     assert launch_refusal(recipe, 8) is None  # 18.6 GB of the recipe's 64 GB: fits
-    fake_card(monkeypatch, "NVIDIA Test 16GB", 16_000_000_000)
+    fake_cards(monkeypatch, ("NVIDIA Test 16GB", 16_000_000_000))
     card = this_device("cuda")
     message = launch_refusal(recipe, 8, card_bytes=card.memory_bytes, card_name=card.name)
     assert message is not None

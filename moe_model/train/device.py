@@ -71,9 +71,12 @@ class Device:
 def this_device(accelerator: str | None = None) -> Device:
     """The device of this process (`accelerator`: DeepSpeed's name; None: `distributed.accelerator_name()`).
 
-    On CUDA the current device's name and total memory. Inside a process group on CUDA this is a collective (every
-    rank must call it): each rank takes the smallest memory any rank read, so that every rank judges the launch by
-    one budget and gives one answer."""
+    On CUDA a rank (inside a process group) reads its current device, the one it bound; this is then a collective
+    (every rank must call it): each rank takes the smallest memory any rank read, so that every rank judges the
+    launch by one budget and gives one answer. Outside a process group (`moe train` before it starts the ranks)
+    it reads the smallest of the visible cards (`torch.cuda.device_count()`), the one the launch's ranks could
+    get. Whether `get_device_properties` leaves a CUDA context in the launching process has not been measured
+    (cudaGetDeviceProperties needs none; `mem_get_info` does create one, pytorch/pytorch#103584)."""
     from .distributed import accelerator_name
 
     kind = accelerator or accelerator_name()
@@ -82,7 +85,8 @@ def this_device(accelerator: str | None = None) -> Device:
     import torch
     import torch.distributed as dist
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    indices = [torch.cuda.current_device()] if dist.is_initialized() else range(torch.cuda.device_count())
+    props = min((torch.cuda.get_device_properties(i) for i in indices), key=lambda p: p.total_memory)
     memory = int(props.total_memory)
     if dist.is_initialized():
         from .distributed import collective_device
