@@ -133,8 +133,11 @@ def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
 
 
 def _run(command: list[str], what: str, threads: int | None = None) -> None:
-    """Run `command` on this machine (wandb off); a one-line LaunchError with its last words on failure."""
-    done = subprocess.run(command, capture_output=True, text=True, env=rank_env(threads=threads, WANDB_MODE="disabled"))
+    """Run `command` on this machine (wandb off, CPU ranks); a one-line LaunchError with its last words on failure.
+    DS_ACCELERATOR=cpu: the probes time CPU ranks and exchange CPU tensors, which an NCCL group would refuse on a
+    CUDA machine (a GPU's figures come from `make gpu-check`)."""
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env=rank_env(threads=threads, WANDB_MODE="disabled", DS_ACCELERATOR="cpu"))
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise LaunchError(f"{what} failed: " + " | ".join(tail))
