@@ -621,10 +621,13 @@ GPU_CASES = [  # (precision, zero_stage, micro-batch, seq_len, checkpointing)
 ]
 
 
-def measure_gpu_on_rank(out_path: Path) -> None:
+def measure_gpu_on_rank(out_path: Path, case_index: int | None = None) -> None:
     """Rank-side program on one GPU: the allocator's peak over the second optimizer step (the first creates the
     optimizer states) against the estimate's allocated bytes (its total less the reserve outside PyTorch's allocator
-    and the fragmentation allowance). Not run on the development machines, which have no GPU."""
+    and the fragmentation allowance); also `max_memory_reserved` against the estimate less that reserve (what the
+    caching allocator may hold, its fragmentation allowance included: the `reserved_bound` each row carries).
+    `case_index`: only `GPU_CASES[case_index]`, so that each case runs in a process of its own (one case's cached
+    blocks and engine never lift the next one's peak). Not run on the development machines, which have no GPU."""
 
     from moe_model.estimate.estimate import estimate
     from moe_model.parallel import Layout
@@ -634,7 +637,8 @@ def measure_gpu_on_rank(out_path: Path) -> None:
 
     init_distributed()
     results = []
-    for precision, zero, micro, seq, ckpt in GPU_CASES:
+    cases = GPU_CASES if case_index is None else [GPU_CASES[case_index]]
+    for precision, zero, micro, seq, ckpt in cases:
         recipe = recipe_from_dict({
             "name": "memory-accuracy-gpu", "model": GPU_MODEL,
             "parallel": {"tp": 1, "pp": 1, "ep": 1, "dp": 1, "zero_stage": zero, "micro_batch_size": micro,
@@ -654,7 +658,9 @@ def measure_gpu_on_rank(out_path: Path) -> None:
         peak = est.peak
         allocated = peak.total_bytes - peak.reserve_bytes - peak.fragmentation_bytes
         name = f"{precision} ZeRO-{zero} B{micro} S{seq}" + (" ckpt" if ckpt else "")
-        results.append(row("gpu.max_memory_allocated", name, allocated, measured))
+        results.append({**row("gpu.max_memory_allocated", name, allocated, measured),
+                        "reserved": int(torch.cuda.max_memory_reserved()),
+                        "reserved_bound": int(peak.total_bytes - peak.reserve_bytes)})
         del engine, step
     out_path.write_text(json.dumps(results, indent=2))
 
@@ -688,13 +694,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-states", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cases", default="dp2", help=argparse.SUPPRESS)
     parser.add_argument("--measure-gpu", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)  # --measure-gpu: one GPU_CASES index
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_states:
         measure_states_on_ranks(args.measure_states, CASE_SETS[args.cases][1])
         return 0
     if args.measure_gpu:
-        measure_gpu_on_rank(args.measure_gpu)
+        measure_gpu_on_rank(args.measure_gpu, args.case)
         return 0
 
     started = time.perf_counter()
