@@ -5,7 +5,7 @@ Block: x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h)). Attention is grouped
 tensors `[E, ...]`. With `hidden_act="silu"` the parameter names and shapes are transformers' Mixtral's.
 
 Shape suffixes: B batch, S query length, K_ key length, D hidden, H heads, Hd head width, T = B*S tokens,
-E experts, K top-k, R routed token copies (T*K minus dropped), I expert hidden width.
+E experts, K top-k, R routed token copies (T*K; the loop kernel leaves the dropped ones out), I expert hidden width.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .configuration import MoEConfig
-from .grouped_ffn import grouped_expert_ffn
+from .grouped_ffn import grouped_backend, grouped_expert_ffn
 from .losses import training_loss
 from .routing import capacity_keep_mask, expert_capacity, expert_counts, load_balancing_loss, route, router_z_loss
 
@@ -140,18 +140,25 @@ class MoEExperts(nn.Module):
         self.hidden_act = config.hidden_act
 
     def forward(self, x_TD, experts_TK, weights_TK, keep_TK=None):
-        """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add."""
-        K = experts_TK.shape[1]
+        """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add.
+
+        The kernel is `grouped_ffn.grouped_backend`'s choice. The loop reads the counts back to the host once
+        and leaves the dropped routes out; `torch._grouped_mm` keeps the counts on the device (no host sync in
+        forward or backward) and carries the dropped routes as zero rows at the end, all T*K of them."""
+        K, E = experts_TK.shape[1], self.num_experts
+        w_in = self.gate_up_proj if self.gated else self.up_proj
+        grouped = grouped_backend(x_TD, w_in, self.down_proj) == "grouped_mm"
         expert_R = experts_TK.reshape(-1)
-        if keep_TK is not None:  # dropped routes go to a sentinel expert E that sorts last and is never run
-            expert_R = expert_R.masked_fill(~keep_TK.reshape(-1), self.num_experts)
+        dropping = keep_TK is not None
+        if dropping:  # dropped routes go to a sentinel expert E that sorts last and is never run
+            expert_R = expert_R.masked_fill(~keep_TK.reshape(-1), E)
         order_R = torch.argsort(expert_R, stable=True)
-        counts = torch.bincount(expert_R, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        routed = sum(counts)
-        order_R = order_R[:routed]
+        counts = expert_counts(expert_R, E + 1 if dropping else E)
+        if not grouped:
+            counts = counts[:E].tolist()
+            order_R = order_R[: sum(counts)]
         token_R = order_R // K
         x_RD = x_TD[token_R]
-        w_in = self.gate_up_proj if self.gated else self.up_proj
         y_RD = grouped_expert_ffn(x_RD, w_in, self.down_proj, counts, self.hidden_act, self.gated)
         y_RD = y_RD * weights_TK.reshape(-1)[order_R, None].to(y_RD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)

@@ -41,8 +41,12 @@ def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Routes per expert, shape [E] (int64)."""
-    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    """Routes per expert, shape [E] (int64); every id must be below E.
+
+    A scatter-add into E bins rather than `torch.bincount`, whose output length is the largest id + 1: on CUDA it
+    reads that maximum back to the host (a sync per call) and under torch.compile it is a data-dependent shape."""
+    ids = experts_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
