@@ -360,11 +360,21 @@ def run_series(plan: Plan, clock: Clock, series: Series) -> dict[str, Any]:
     base = plan.work / series.name
     base.mkdir(parents=True, exist_ok=True)
     steps, save_every = (plan.steps, plan.save_every) if series.resume else (max(2, plan.steps // 2), 0)
-    done = {"reference": launch(plan, clock, series, "reference", base / "reference", steps, save_every)}
-    if series.resume and done["reference"].ok:
-        done["killed"] = launch(plan, clock, series, "killed", base / "resumed", steps, save_every, plan.kill_at)
-        if not done["killed"].status.startswith(("timed out", "not started")):
-            done["resumed"] = launch(plan, clock, series, "resumed", base / "resumed", steps, save_every)
+    def reference() -> Outcome:
+        return launch(plan, clock, series, "reference", base / "reference", steps, save_every)
+
+    def killed() -> Outcome:
+        return launch(plan, clock, series, "killed", base / "resumed", steps, save_every, plan.kill_at)
+
+    if not series.resume:
+        return {"reference": reference()}
+    if plan.concurrent:  # CPU: the two launches are independent (own folders); a GPU runs them in turn (MFU)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            done = dict(zip(("reference", "killed"), pool.map(lambda f: f(), (reference, killed))))
+    else:
+        done = {"reference": reference(), "killed": killed()}
+    if done["reference"].ok and not done["killed"].status.startswith(("timed out", "not started")):
+        done["resumed"] = launch(plan, clock, series, "resumed", base / "resumed", steps, save_every)
     return done
 
 
@@ -449,8 +459,11 @@ def export_row(plan: Plan, series: Series, vocab_size: int) -> dict[str, Any]:
     import torch
     from transformers import MixtralForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     from moe_model.train.export import export
 
+    hf_logging.disable_progress_bar()  # the weights' loading and writing bars, in the check's own output
     sys.path.insert(0, str(ROOT / "scripts"))
     from gpu_check_rank import probe_ids
 

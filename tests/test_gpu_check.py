@@ -1,25 +1,30 @@
-"""scripts/gpu_check.py (`make gpu-check`): one line and exit 0 without a GPU, a bad flag as one line, the speed rows
-against the bench's committed CPU result, its recipe legal on both backends at world size 1, a part past its limit
-stopped with everything it started, failed parts as rows and exit 1, and the whole pipeline on CPU (`--cpu-dry-run`,
-multirank: it starts deepspeed ranks) with the autoep run's losses against the legacy run's."""
+"""scripts/gpu_check.py (`make gpu-check`): exit 0 only where there is no GPU at all; GPUs that torch cannot use are
+exit 1 with torch's, CUDA's and the driver's versions; a bad flag is one line; the GPU recipe is legal on both
+backends at world size 1; a launch past its limit is stopped with everything it started; a red row is exit 1; and
+the whole pipeline on CPU (`--cpu-dry-run`, multirank) is green, its rows checked against the run folders' own
+files, then each fault it exists to catch (a broken resume, a disagreeing backend, an export mismatch, a memory
+bound exceeded) injected and seen as a red row."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_model.metrics_file import read_metrics
 from moe_model.recipe import load_recipe
-from tests.conftest import ROOT
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts/gpu_check.py"
 
 
@@ -33,15 +38,53 @@ def gpu_check():
     return sys.modules["gpu_check"]
 
 
+def _no_nvidia(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
-def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
+def test_without_any_gpu_it_says_so_in_one_line_and_exits_0(tmp_path, monkeypatch, capsys):
+    module = gpu_check()
+    monkeypatch.setattr(module, "gpu_evidence", lambda root=Path("/"): [])
     work, out = tmp_path / "work", tmp_path / "out.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--work", str(work), "--out", str(out)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [gpu_check().NO_GPU]
-    assert "torch.cuda.is_available() is False" in result.stdout
+    assert module.main(["--work", str(work), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [module.NO_GPU]
     assert not work.exists() and not out.exists()
+
+
+def test_gpu_evidence_reads_nvidia_smi_dev_and_proc(tmp_path, monkeypatch):
+    module = gpu_check()
+    _no_nvidia(monkeypatch, tmp_path)
+    assert module.gpu_evidence(tmp_path) == []
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/nvidia0").touch()
+    (tmp_path / "proc/driver/nvidia/gpus/0000:01:00.0").mkdir(parents=True)
+    (tmp_path / "proc/driver/nvidia/version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15\n")
+    found = module.gpu_evidence(tmp_path)
+    assert found == [str(tmp_path / "dev/nvidia0"), f"1 in {tmp_path / 'proc/driver/nvidia/gpus'}"]
+    assert module.driver_version(tmp_path).endswith("550.54.15")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    smi = bin_ / "nvidia-smi"  # answers as the real one does
+    smi.write_text("#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H200 (UUID: GPU-1)'; "
+                   "else echo '570.86.15, NVIDIA H200'; fi\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
+    assert module.gpu_evidence(tmp_path)[0] == "nvidia-smi -L: GPU 0: NVIDIA H200 (UUID: GPU-1)"
+    assert module.driver_version(tmp_path) == "570.86.15, NVIDIA H200"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch must not see the GPUs")
+def test_gpus_that_torch_cannot_use_are_exit_1_with_the_versions_and_the_fix(tmp_path, monkeypatch, capsys):
+    module = gpu_check()
+    _no_nvidia(monkeypatch, tmp_path)
+    monkeypatch.setattr(module, "gpu_evidence", lambda root=Path("/"): ["/dev/nvidia0"])
+    monkeypatch.setattr(module, "driver_version", lambda root=Path("/"): "570.86.15, NVIDIA H200")
+    assert module.main(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o.json")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "/dev/nvidia0" in out
+    assert f"torch {torch.__version__}" in out and f"torch.version.cuda {torch.version.cuda}" in out
+    assert "570.86.15" in out and "GPU machines" in out and "--index-url" in out
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "nan", "lots"])
@@ -54,21 +97,11 @@ def test_a_bad_peak_is_one_line_and_exit_2(tmp_path, capsys, value):
     assert not (tmp_path / "o.json").exists()
 
 
-def test_speed_rows_are_the_bench_figures_of_its_committed_cpu_result():
-    """tokens/s, MFU and the engine ratios from the bench's JSON, recomputed here from its raw times and FLOPs."""
-    bench = json.loads((ROOT / "benchmarks/results/moe_speed_cpu_default.json").read_text())
-    peak = 0.5  # TFLOPS: a CPU-sized peak, so that the MFU is a percentage worth comparing
-    rows = {r["figure"]: r for r in gpu_check().speed_rows(bench, peak)}
-    t_ours = bench["model_vs_mixtral"]["times_s"]["ours"]
-    assert rows["ours: tokens/s (fp32)"]["value"] == f"{bench['tokens'] / t_ours:,.0f}"
-    mfu = bench["model_vs_mixtral"]["useful_flops"] / t_ours / (peak * 1e12)
-    assert 0 < mfu < 1
-    assert rows["ours: MFU (vs --peak-tflops) (fp32)"]["value"] == f"{mfu:.1%}"
-    assert rows["GEMM rate (fp32)"]["gemm_flops_s"] == bench["gemm_flops_s"]
-    for run in bench["deepspeed_vs_bare"]:
-        ratio = rows[f"DeepSpeed 1-rank engine / bare model + AdamW, ZeRO-{run['zero_stage']}"]["value"]
-        assert float(ratio) == pytest.approx(run["times_s"]["deepspeed"] / run["times_s"]["bare"], abs=5e-4)
-    assert all(r["status"] == "ok" for r in rows.values())
+def test_faults_outside_the_dry_run_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPU_CHECK_FAULTS", "resume")
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check().main(["--out", str(tmp_path / "o.json")])
+    assert exit_.value.code == 2 and "only with the CPU dry run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["legacy", "autoep"])
@@ -111,50 +144,83 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited (its parent, killed too, no longer reaps it)
 
 
-def test_failed_parts_are_rows_naming_their_logs_and_the_exit_is_1(tmp_path, monkeypatch, capsys):
-    """A recipe that does not exist (`moe train` refuses it before any rank starts) and a bench given a bad flag:
-    both training runs and the speed part fail, the memory part still runs, the table and the JSON still come out."""
+def test_a_red_row_or_a_failing_part_is_exit_1_and_the_other_parts_still_run(tmp_path, monkeypatch, capsys):
     module = gpu_check()
-    broken = module.cpu_dry_run_plan(1.0)
-    monkeypatch.setattr(module, "cpu_dry_run_plan", lambda peak: module.dataclasses.replace(
-        broken, recipe=tmp_path / "missing.yaml", speed_args=("--device", "tpu")))
+    red = module.row("memory", "", "a bound", "", "FAILED")
+    green = module.row("speed", "", "a figure")
+
+    def broken(plan, clock):
+        raise KeyError("rows")
+    monkeypatch.setattr(module, "PARTS", {"train1": broken, "memory": lambda p, c: ([red], {}),
+                                          "speed": lambda p, c: ([green], {})})
     out = tmp_path / "out.json"
-    code = module.main(["--cpu-dry-run", "--work", str(tmp_path / "work"), "--out", str(out)])
-    assert code == 1
+    assert module.main(["--cpu-dry-run", "--work", str(tmp_path / "w"), "--out", str(out)]) == 1
     result = json.loads(out.read_text())
-    failed = [(r["part"], r["backend"]) for r in result["rows"] if r["status"] != "ok"]
-    assert failed == [("train", "legacy"), ("train", "autoep"), ("speed", "legacy")]
-    assert result["failed"] == 3
-    train_legacy = result["rows"][0]
-    assert train_legacy["status"] == "FAILED (exit 2)" and "missing.yaml" in train_legacy["value"]
-    assert str(tmp_path / "work" / "train-legacy.log") in train_legacy["value"]
-    assert any(r["part"] == "memory" and r["status"] == "ok" for r in result["rows"])
-    assert "FAILED" in capsys.readouterr().out
+    assert [(r["part"], r["status"][:6]) for r in result["rows"]] == [("train1", "FAILED"), ("memory", "FAILED"),
+                                                                      ("speed", "ok")]
+    assert result["failed"] == 2 and "FAILED" in capsys.readouterr().out
+    monkeypatch.setattr(module, "PARTS", {"speed": lambda p, c: ([green], {})})
+    assert module.main(["--cpu-dry-run", "--work", str(tmp_path / "w2"), "--out", str(out)]) == 0
 
 
 @pytest.mark.multirank
-def test_the_cpu_dry_run_trains_both_backends_to_the_same_losses(tmp_path):
+def test_the_cpu_dry_run_is_green_and_each_fault_gives_a_red_row(tmp_path, monkeypatch):
+    """One clean dry run (every part, as `make gpu-check` runs them), its figures read again from the run folders;
+    then, reusing its legacy run as the reference, one autoep series with every fault injected (GPU_CHECK_FAULTS),
+    and one memory case with the memory fault: each targeted row red, the others still green."""
+    module = gpu_check()
     work, out = tmp_path / "work", tmp_path / "out.json"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_FAULTS"}
     result = subprocess.run([sys.executable, str(SCRIPT), "--cpu-dry-run", "--work", str(work), "--out", str(out)],
-                            capture_output=True, text=True, timeout=1000, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "gpu-check: CPU dry run" in result.stdout
+                            capture_output=True, text=True, timeout=900, cwd=ROOT, env={**env, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["failed"] == 0
     rows = report["rows"]
-    for backend in ("legacy", "autoep"):
-        mine = {r["figure"].split(" (")[0]: r for r in rows if r["part"] == "train" and r["backend"] == backend}
-        assert mine["backend built"]["value"].startswith(f"moe_backend {backend}, expert_parallel "
-                                                         f"{'on' if backend == 'autoep' else 'off'}")
-        assert mine["tokens/s"]["tokens_per_s"] > 0
-    # the reference: the legacy run's own metrics file; AutoEP at autoep_size 1 must follow it step by step (fp32)
-    legacy, autoep = (read_metrics(work / f"train-{b}/metrics.jsonl") for b in ("legacy", "autoep"))
-    assert [m["step"] for m in legacy] == [m["step"] for m in autoep] == list(range(1, 7))
-    assert all(math.isfinite(m["loss"]) for m in legacy) and legacy[-1]["loss"] < legacy[0]["loss"]
-    for a, b in zip(autoep, legacy):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    by = {(r["part"], r["backend"], r["figure"].split(" (")[0].split(",")[0]): r for r in rows}
+    plan = module.cpu_dry_run_plan(989.0)
+    # independent of the rows: the run folders' own metrics files
+    curves = {}
+    for backend in module.BACKENDS:
+        base = work / f"stage1-{backend}"
+        reference = read_metrics(base / "reference/metrics.jsonl")
+        resumed = read_metrics(base / "resumed/metrics.jsonl")
+        assert [m["step"] for m in reference] == [m["step"] for m in resumed] == list(range(1, plan.steps + 1))
+        for a, b in zip(resumed, reference):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                         rel=1e-6)
+        assert by[("train1", backend, "killed")]["value"].startswith("exit")
+        assert json.loads((base / "resumed.probe.json").read_text())["first_step"] == 2
+        assert by[("train1", backend, "AutoEP layers in the live engine")]["autoep_layers"] == \
+            (4 if backend == "autoep" else 0)
+        assert all(math.isfinite(m["loss"]) for m in reference) and reference[-1]["loss"] < reference[0]["loss"]
+        assert by[("train1", backend, "moe export")]["export_error"] < 1e-4
+        curves[backend] = reference
+    for a, b in zip(curves["autoep"], curves["legacy"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert by[("train1", "autoep vs legacy", "bf16 agreement")]["value"].startswith("skipped")
     memory = [r for r in rows if r["part"] == "memory"]
-    assert memory and all(r["error"] == (r["estimate"] - r["measured"]) / r["measured"] for r in memory)
-    assert [r["figure"] for r in rows if r["part"] == "speed"] == ["GEMM rate (fp32)"]
-    assert report["speed"]["gemm_flops_s"] > 0  # the bench's own JSON, kept whole
+    assert len(memory) == 2 and all(r["error"] == (r["estimate"] - r["measured"]) / r["measured"] for r in memory)
+    speed = {r["figure"].split(",")[0]: r for r in rows if r["part"] == "speed"}
+    assert speed["LM loss"]["loss_difference"] < 1e-5 and speed["LM loss"]["status"] == "ok"
+    assert report["speed"]["times_s"]["ours"] > 0 and report["speed"]["losses"]["ours"] > 0
+
+    # the faults, in this process, on the same plan: a fresh folder; the legacy reference is the clean run's
+    monkeypatch.setenv("GPU_CHECK_FAULTS", ",".join(module.FAULTS))
+    faulty = dataclasses.replace(plan, work=tmp_path / "faulty")
+    clock = module.Clock(plan.total_s)
+    series = next(s for s in module.stage_series(faulty, 1) if s.backend == "autoep")
+    done = module.run_series(faulty, clock, series)
+    assert done["reference"].ok and done["resumed"].ok, [o.log for o in done.values()]
+    fault_rows, metrics = module.series_rows(faulty, series, done)
+    status = {r["figure"].split(" (")[0].split(",")[0]: r["status"] for r in fault_rows}
+    assert status["AutoEP layers in the live engine"] == "ok" and status["killed"] == "ok"
+    assert status["loss"] == "ok"
+    resume_row = next(k for k in status if k.startswith("resumed from step"))
+    assert status[resume_row] == "FAILED"  # resume: noise on the embedding after the checkpoint was loaded
+    assert status["moe export"] == "FAILED"  # export: experts 0 and 1 of layer 0 swapped in the loaded folder
+    agreement = module.agreement_rows("train1", {"legacy": curves["legacy"], "autoep": metrics}, "fp32", "faulty")
+    assert [r["status"] for r in agreement] == ["FAILED", "FAILED"]  # backend: AutoEP's experts scaled by 1.01
+    memory_rows = module.memory_case(faulty, clock, plan.memory_cases[0])  # memory: a [B, S, 4D] tensor saved more
+    assert [r["status"] for r in memory_rows] == ["FAILED"] and memory_rows[0]["error"] < -0.01
+    shutil.rmtree(tmp_path / "faulty", ignore_errors=True)
