@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..estimate.memory import optimizer_kind
 from ..losses import StepStats
 from ..modeling import MoEForCausalLM
 from ..parallel import Layout, build_model
@@ -37,15 +38,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float, expert_parallel: b
 
 
 def drops_clipped_norm(recipe: Recipe) -> bool:
-    """Whether DeepSpeed would clip on its fp32 path without ZeRO, which clips the gradients (`clip_fp32_gradients`)
-    but drops the norm its `clip_grad_norm_` returns, so `get_global_grad_norm()` says None. The ZeRO and fp16/bf16
-    optimizers record the norm themselves."""
-    return recipe.train.grad_clip > 0 and recipe.train.precision == "fp32" and recipe.parallel.zero_stage == 0
+    """Whether the project, not DeepSpeed, computes the gradient norm (and clips by it, `clip_keeping_norm`), because
+    DeepSpeed 0.19.8's own is missing or wrong for the optimizer it builds (`estimate.memory.optimizer_kind`):
+
+    - fp32 without ZeRO (no wrapper): the engine clips (`clip_fp32_gradients`) but drops the norm its
+      `clip_grad_norm_` returns, so `get_global_grad_norm()` says None (only where there is a clip to run);
+    - fp16, and bf16 with pp 1, without ZeRO (`FP16_UnfusedOptimizer`): `step` counts only the first half of
+      `split_params_grads_into_shared_and_expert_params`, so every parameter tagged `allreduce=False` (each expert of
+      the legacy layer and of AutoEP) is left out of the norm and of the clip; and its `_global_grad_norm` is the
+      loss-scaled norm (`unscale_and_clip_grads`: "norm is in fact norm*scale"). Done whatever `grad_clip`.
+    `BF16_Optimizer` (bf16 at ZeRO-0 with pp > 1, bf16 at ZeRO-1) and the ZeRO optimizers count the experts and
+    report the unscaled norm themselves."""
+    p, t = recipe.parallel, recipe.train
+    kind = optimizer_kind(t.precision, p.zero_stage, p.pp)
+    if kind == "torch AdamW (no wrapper)":
+        return t.grad_clip > 0
+    return kind == "FP16_UnfusedOptimizer"
 
 
-def global_grad_norm(parameters, mpu) -> torch.Tensor:
+def global_grad_norm(parameters, mpu, grads=None) -> torch.Tensor:
     """The 2-norm of the whole model's gradient, every parameter counted once on any layout, after the gradient
     all-reduce: DeepSpeed's bf16 optimizer's count (`BF16_Optimizer.get_grads_for_norm` and `step`) with its helpers.
+    `grads`: the gradient to count for each parameter (default: its `.grad`); the parameters then only say what each
+    gradient is (expert, tensor-parallel, pipeline-replicated), as for the fp32 copies DeepSpeed's 16-bit wrappers
+    step, which carry none of those tags.
 
     Why not `deepspeed.runtime.utils.clip_grad_norm_`, which DeepSpeed's fp32 path uses: it counts a parameter only
     where `mpu.get_model_parallel_rank() == 0`, and a pipeline grid's model-parallel group is pipe x tensor, so every
@@ -60,18 +76,20 @@ def global_grad_norm(parameters, mpu) -> torch.Tensor:
     from deepspeed.runtime.utils import get_global_norm_of_tensors, get_norm_with_moe_layers, is_model_parallel_parameter
     from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters] if grads is None else list(grads)
     tp_rank = bwc_tensor_model_parallel_rank(mpu)
     dense: list[torch.Tensor] = []
     experts: dict[str, list[torch.Tensor]] = {}
     device = None
-    for p in parameters:
-        if p.grad is None or getattr(p, PIPE_REPLICATED, False):
+    for p, grad in zip(parameters, grads, strict=True):
+        if grad is None or getattr(p, PIPE_REPLICATED, False):
             continue
-        device = p.grad.device
+        device = grad.device
         if is_moe_param(p):
-            experts.setdefault(p.group_name, []).append(p.grad)
+            experts.setdefault(p.group_name, []).append(grad)
         elif tp_rank == 0 or is_model_parallel_parameter(p):
-            dense.append(p.grad)
+            dense.append(grad)
     # a rank with nothing to count still joins the collectives
     norm = get_global_norm_of_tensors(dense or [torch.zeros(1, device=device)], mpu=mpu)
     if experts:
@@ -81,25 +99,40 @@ def global_grad_norm(parameters, mpu) -> torch.Tensor:
 
 
 def clip_keeping_norm(engine, max_norm: float) -> None:
-    """Clip as DeepSpeed's fp32 path does and keep the norm: for an engine started with `gradient_clipping` 0.
+    """Clip by the whole model's norm and keep that norm (`drops_clipped_norm` says where): for an engine started
+    with `gradient_clipping` 0; `max_norm` 0 records the norm without clipping.
 
     Why this way: `deepspeed.initialize` picks the engine class itself (DeepSpeedEngine or PipelineEngine), so an
     engine subclass that keeps the norm cannot be handed to it, and the pipeline engine steps inside `train_batch`,
-    where the step function cannot reach. Torch's step pre-hook on the engine's optimizer runs where DeepSpeed's clip
-    would (after the gradient all-reduce, just before the optimizer step), clips every gradient by the
-    `global_grad_norm` (the single-rank norm on every layout; DeepSpeed's own `clip_grad_norm_` is not, see there)
-    with DeepSpeed's `clip_tensors_by_global_norm`, and leaves the norm in the optimizer's `_global_grad_norm`, which
-    the engine copies into its own after every step (how its ZeRO and 16-bit optimizers report theirs).
+    where the step function cannot reach. Torch's step pre-hook on the torch optimizer that steps runs where
+    DeepSpeed's clip would (after the gradient all-reduce, just before the update): on the fp32 path that is the
+    engine's optimizer and the gradients are the parameters' own; under `FP16_UnfusedOptimizer` it is the wrapped
+    AdamW, and the gradients are the fp32 copies the wrapper made and divided by its loss scale, each counted as
+    the 16-bit parameter it belongs to. The hook clips them by the `global_grad_norm` (the single-rank norm on every
+    layout, experts included; DeepSpeed's `clip_grad_norm_` is not, see there) with DeepSpeed's
+    `clip_tensors_by_global_norm`, and leaves the norm in the engine optimizer's `_global_grad_norm`, which the engine
+    copies into its own after every step (how its ZeRO and 16-bit optimizers report theirs).
     """
     from deepspeed.runtime.utils import clip_tensors_by_global_norm
 
-    def clip(optimizer, args, kwargs) -> None:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        norm = global_grad_norm(params, engine.mpu)
-        clip_tensors_by_global_norm([p.grad for p in params], max_norm=max_norm, global_norm=norm)
-        optimizer._global_grad_norm = float(norm)
+    wrapper = engine.optimizer if hasattr(engine.optimizer, "fp32_groups") else None  # FP16_UnfusedOptimizer
 
-    engine.optimizer.register_step_pre_hook(clip)
+    def counted() -> tuple[list, list[torch.Tensor]]:
+        if wrapper is None:
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            return params, [p.grad for p in params]
+        pairs = [(low, high.grad) for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+                 for low, high in zip(lows, highs, strict=True) if high.grad is not None]
+        return [p for p, _ in pairs], [g for _, g in pairs]
+
+    def clip(optimizer, args, kwargs) -> None:
+        params, grads = counted()
+        norm = global_grad_norm(params, engine.mpu, grads)
+        if max_norm > 0:
+            clip_tensors_by_global_norm(grads, max_norm=max_norm, global_norm=norm)
+        engine.optimizer._global_grad_norm = float(norm)
+
+    (engine.optimizer if wrapper is None else wrapper.optimizer).register_step_pre_hook(clip)
 
 
 def weights_source(recipe: Recipe, resuming: bool = False, pieces: Path | None = None):
