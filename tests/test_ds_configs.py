@@ -52,3 +52,45 @@ def test_deepspeed_scheduler_runs_the_recipe_warmup(warmup):
         assert lrs[0] == pytest.approx(recipe.train.lr, rel=0.02)  # cosine decay only, no ramp
     else:
         assert lrs[0] < lrs[1] < lrs[2] <= recipe.train.lr * 1.0001  # the ramp
+
+
+@pytest.mark.parametrize("precision,zero_stage,pp", [  # the pipeline engine takes ZeRO 0 or 1
+    (precision, zero_stage, pp) for precision in ("fp32", "bf16", "fp16") for zero_stage in range(4)
+    for pp in (1, 2) if pp == 1 or zero_stage < 2])
+def test_deepspeed_takes_the_accumulation_dtype(monkeypatch, precision, zero_stage, pp):
+    """DeepSpeed's own choice (`DeepSpeedEngine.get_data_types` and `_do_optimizer_sanity_check`, run on the parsed
+    config without building an engine) accepts the config's gradient accumulation dtype for every precision, ZeRO
+    stage and pp, accumulates bf16 in fp32 wherever the estimator says so, and builds the optimizer wrapper the
+    estimator prices (`estimate.memory.optimizer_kind`)."""
+    import types
+
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from moe_model.estimate.memory import grad_accum_dtype, optimizer_kind
+
+    monkeypatch.setattr("deepspeed.comm.get_rank", lambda *args, **kwargs: 0)  # no process group here: rank 0 logs
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny_cpu.yaml", [f"train.precision={precision}",
+                                                              f"parallel.zero_stage={zero_stage}", f"parallel.pp={pp}"])
+    config = DeepSpeedConfig(deepspeed_config(recipe))
+    engine = types.SimpleNamespace(
+        _config=config, fp16_enabled=lambda: config.float16_config.enabled,
+        bfloat16_enabled=lambda: config.bfloat16_config.enabled, zero_optimization=lambda: zero_stage > 0,
+        zero_optimization_stage=lambda: zero_stage, zero_cpu_offload=lambda: False, zero_compute_grad_norm=lambda: True,
+        zero_allow_untested_optimizer=lambda: False, pipeline_parallelism=pp > 1, global_rank=0)
+    engine.get_data_types = types.MethodType(DeepSpeedEngine.get_data_types, engine)
+    model_dtype, accumulate = engine.get_data_types()
+    assert accumulate == getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[
+        grad_accum_dtype(precision, zero_stage)])
+    assert (accumulate == torch.float32) == (precision == "fp32" or (precision == "bf16" and zero_stage >= 1))
+    wrapper = DeepSpeedEngine._do_optimizer_sanity_check(engine, torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]))
+    built = {"zero_optimization": "DeepSpeedZeroOptimizer_Stage3" if zero_stage == 3 else "DeepSpeedZeroOptimizer",
+             "bf16": "BF16_Optimizer", "fp16": "FP16_UnfusedOptimizer", "ddp_bf16": "FP16_UnfusedOptimizer",
+             None: "torch AdamW (no wrapper)"}[wrapper]  # torch AdamW is not FusedAdam: the unfused fp16 wrapper
+    assert built == optimizer_kind(precision, zero_stage, pp)
+    if precision == "bf16" and zero_stage == 0:  # why the rule stops at ZeRO-0: DeepSpeed refuses the mix there
+        config.grad_accum_dtype = "fp32"
+        with pytest.raises(NotImplementedError, match="unsupported mix"):
+            DeepSpeedEngine._do_optimizer_sanity_check(engine, torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]))

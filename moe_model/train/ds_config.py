@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..estimate.memory import grad_accum_dtype
 from ..recipe import Recipe
 from ..strategy import Strategy
 
@@ -40,6 +41,9 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the project logs its own metrics
         "wall_clock_breakdown": False,
     }
+    accumulate = grad_accum_dtype(t.precision, p.zero_stage)
+    if accumulate != t.precision:  # bf16 at ZeRO 1-3: DeepSpeed's default sums micro-batches in bf16
+        config["data_types"] = {"grad_accum_dtype": accumulate}
     strategy = Strategy.of(p).with_backend(recipe.model)
     if strategy.moe_backend == "autoep":
         from ..parallel.autoep import autoep_section
