@@ -63,11 +63,15 @@ bench: $(STAMP)
 # the same on a GPU machine: bf16, tokens/s and MFU against PEAK_TFLOPS (the card's dense bf16 peak)
 GPUS ?= 1
 PEAK_TFLOPS ?= 989
-# the one check a session lent a GPU runs first (under 8 minutes on one GPU): bf16 training on each MoE backend,
-# the memory estimator against torch.cuda.max_memory_allocated, the speed bench with MFU against PEAK_TFLOPS;
-# one table, JSON in benchmarks/results/gpu_check.json, logs in runs/gpu-check/. Without a GPU: one line, exit 0.
+# the one check a session lent a GPU runs first (under 8 minutes on one GPU), exit 1 on any red row: per MoE backend
+# a bf16 run, the same run killed and resumed, moe export's logits and the AutoEP layers of the live engine; the
+# backends' curves against each other (bf16, and an fp32 pair at 1e-4); each memory case in its own process; MFU
+# above MFU_FLOOR of PEAK_TFLOPS; the model against transformers' Mixtral; with 2+ GPUs, ep > 1 and pp 2 on all.
+# One table, JSON in benchmarks/results/gpu_check.json, logs in runs/gpu-check/. GPUs that torch cannot use
+# (a CPU-only torch build): exit 1 with the versions and the fix. No GPU at all: one line, exit 0.
+MFU_FLOOR ?= 0.05
 gpu-check: $(STAMP)
-	$(BIN)/python scripts/gpu_check.py --peak-tflops $(PEAK_TFLOPS)
+	$(BIN)/python scripts/gpu_check.py --peak-tflops $(PEAK_TFLOPS) --mfu-floor $(MFU_FLOOR)
 
 # the performance model against measured CPU runs of the tiny recipe, 1 and 4 ranks (moe calibrate, then training)
 step-time: $(STAMP)
