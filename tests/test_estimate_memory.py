@@ -40,20 +40,25 @@ def test_ranks_hold_every_parameter_exactly_once(shape, tp, pp, ep):
 
 
 def test_zero2_model_states_agree_with_deepspeeds_own_formula():
-    """Where both model the same thing (pure data parallelism, ZeRO-2, bf16, no offload) DeepSpeed's
-    `estimate_zero2_model_states_mem_needs` is 2P + 18P/N: our params + grads + optimizer + the fp32 gradient
-    partition of the step (which DeepSpeed counts as resident)."""
+    """Where both model the same thing (pure data parallelism, ZeRO-2, bf16 accumulated in bf16 as DeepSpeed's
+    default, no offload) DeepSpeed's `estimate_zero2_model_states_mem_needs` is 2P + 18P/N: our params + grads +
+    optimizer + the fp32 gradient partition of the step (which DeepSpeed counts as resident). The project's fp32
+    accumulation holds the partition in fp32 through the backward (2P/N more) and steps on it without a copy."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     cfg = MoEConfig()  # the seed's shape
     params = rank_params(cfg, layers=cfg.num_hidden_layers, first=True, last=True, tp=1, ep=1)
     for gpus in (1, 8, 64):
         states = model_states(params, precision="bf16", zero_stage=2, dp=gpus, ep=1, pp=1,
-                              assumptions=Assumptions(foreach_adam_temporary=False))
+                              assumptions=Assumptions(foreach_adam_temporary=False), grad_accum="bf16")
         _, deepspeed_gpu_bytes = estimate_zero2_model_states_mem_needs(params.total, num_gpus_per_node=gpus,
                                                                        cpu_offload=False)
         ours = states.params_bytes + states.grads_bytes + states.optimizer_bytes + states.step_transient_bytes
         assert abs(ours - deepspeed_gpu_bytes) <= 2, (gpus, ours, deepspeed_gpu_bytes)
+        fp32 = model_states(params, precision="bf16", zero_stage=2, dp=gpus, ep=1, pp=1,
+                            assumptions=Assumptions(foreach_adam_temporary=False))
+        assert abs(fp32.grads_bytes - states.grads_bytes - 2 * params.total / gpus) <= 1
+        assert fp32.step_transient_bytes == 0 and fp32.optimizer_bytes == states.optimizer_bytes
 
 
 def test_zero3_holds_whole_only_what_deepspeed_keeps_whole():

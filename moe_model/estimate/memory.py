@@ -11,19 +11,25 @@ parameters; "P/N" below means P_dense/N_dense + P_expert/N_expert.
 
     optimizer class (DeepSpeed picks it)        params   grads                        master + Adam
     ZeRO-0, fp32: torch AdamW, no wrapper       4P       4P                           0 + 8P
-    ZeRO-0, bf16/fp16: FP16(_Unfused)_Optimizer 2P       2P                           4P + 8P (not partitioned)
-    ZeRO-0, bf16, pp > 1: BF16_Optimizer        2P       2P (accumulated in bf16)     4P/N + 8P/N
-    ZeRO-1: DeepSpeedZeroOptimizer              bP       bP (full until reduced,      4P/N + 8P/N  (also in fp32:
+    ZeRO-0, bf16/fp16: FP16_UnfusedOptimizer    2P       2P                           4P + 8P (not partitioned)
+    ZeRO-0, bf16, pp > 1: BF16_Optimizer        2P       2P + 2P (bf16 "fp32" buffer) 4P/N + 8P/N
+    ZeRO-1, bf16: BF16_Optimizer                2P       2P + 4P (fp32 buffer, full)  4P/N + 8P/N
+    ZeRO-1, fp32/fp16: DeepSpeedZeroOptimizer   bP       bP (full until reduced,      4P/N + 8P/N  (also in fp32:
                                                          also with one micro-batch)       the master is a clone)
-    ZeRO-2: DeepSpeedZeroOptimizer              bP       bP/N (+ the bucket)          4P/N + 8P/N
-    ZeRO-3: DeepSpeedZeroOptimizer_Stage3       bP/N + bW    bP/N (+ the bucket)          4P/N + 8P/N  (a separate
+    ZeRO-2: DeepSpeedZeroOptimizer              bP       aP/N (+ the bucket, in b)    4P/N + 8P/N
+    ZeRO-3: DeepSpeedZeroOptimizer_Stage3       bP/N + bW    aP/N (+ the bucket, in b)    4P/N + 8P/N  (a separate
                                                                                           fp32 master in fp32 too)
 
-`ds_config.py` sets no `data_types.grad_accum_dtype`, so gradients accumulate in the parameters' dtype. Checked
-against the tensors of live engines on CPU ranks (fp32; ZeRO 0/1/2 on dp 1 and 2, ep 2 on both MoE backends, pp 2,
-pp 2 x ep 2, ZeRO-3 on dp 2 and on dp 2 x ep 2 AutoEP) by `benchmarks/memory_accuracy.py` and
-`tests/test_estimate_memory.py`; the bf16/fp16 rows are read from DeepSpeed 0.19's optimizers (a bf16 engine on CPU
-showed the same structure: bf16 flat parameters and gradients, a 1 GB bf16 bucket, fp32 master and moments).
+a is the bytes of the accumulation dtype, `grad_accum_dtype`: `train/ds_config.py` sets
+`data_types.grad_accum_dtype: fp32` for bf16 at ZeRO 1-3 (a = 4; DeepSpeed refuses it at ZeRO-0), else a = b.
+Where each fp32 accumulation buffer comes from (DeepSpeed 0.19.8): ZeRO-1 bf16 is `BF16_Optimizer` (engine.py
+`_do_optimizer_sanity_check`), whose `fp32_groups_gradients_flat` is `zeros_like(bf16_groups_flat[i],
+dtype=grad_acc_dtype)`, the whole flat group on every rank, beside the bf16 `.grad` of the parameters it adds in
+after every backward (`update_hp_grads`); it all-reduces that buffer (`get_grads_for_reduction`) after the boundary
+backward through flat copies of up to `reduce_bucket_size` elements, and steps on a view of its partition (no fp32
+copy; a bf16 buffer is copied to fp32 at the step, 4P/N). ZeRO-2: the owned partition is one fp32 buffer
+(`_build_compact_grad_partition_buffer`, `partition_size` elements) that the bf16 bucket's reductions are added
+into, and the step flattens it with no copy. ZeRO-3: `grad_partitions_flat_buffer` in `gradient_accumulation_dtype`.
 DeepSpeed pads each flat group to a multiple of (2 * dp) elements and each parameter to 16 bytes (ZeRO-3: to a
 multiple of N); that padding (a few elements per tensor, < 0.01% measured) is not modelled. AutoEP's experts
 (`AutoEPMoELayer`'s w1, w2, w3) are expert parameters like the legacy layer's: partitioned over dp/ep.
@@ -179,29 +185,55 @@ def zero3_residency(model, *, layers: int, first: bool, last: bool, tp: int, ep:
                           gathered_expert=float(reuse_expert + scale * ahead_expert))
 
 
-def optimizer_kind(precision: str, zero_stage: int, pp: int) -> str:
+def grad_accum_dtype(precision: str, zero_stage: int) -> str:
+    """The dtype gradients are summed in across micro-batches, the one home of the rule `train/ds_config.py` writes
+    as `data_types.grad_accum_dtype`: fp32 for bf16 wherever DeepSpeed 0.19.8 takes it (ZeRO 1-3, any pp), else
+    the parameters' dtype.
+
+    bf16 has an 8-bit mantissa: summing m micro-batches' gradients in bf16 rounds every partial sum (relative error
+    up to ~m * 2^-9). Where it is read (deepspeed/runtime/engine.py): `get_data_types` -> `_do_optimizer_sanity_check`
+    picks `BF16_Optimizer(grad_acc_dtype=fp32)` at ZeRO-1 (a full fp32 gradient buffer), and
+    `DeepSpeedZeroOptimizer`/`DeepSpeedZeroOptimizer_Stage3(gradient_accumulation_dtype=fp32)` at ZeRO-2/3 (an fp32
+    gradient partition). At ZeRO-0 that check raises `NotImplementedError("unsupported mix of model_dtype and
+    grad_accum_dtype")` for every pp, so bf16 without ZeRO keeps accumulating in bf16 (the autograd `.grad` of the
+    bf16 parameters under `FP16_UnfusedOptimizer`, pp 1; `BF16_Optimizer`'s bf16 buffer, pp > 1). fp16 keeps its
+    loss-scaled fp16 accumulation (DeepSpeed's default)."""
+    return "fp32" if precision == "bf16" and zero_stage >= 1 else precision
+
+
+def optimizer_kind(precision: str, zero_stage: int, pp: int, grad_accum: str | None = None) -> str:
+    """The optimizer wrapper DeepSpeed 0.19.8's `_configure_optimizer` builds for this project's config (torch
+    AdamW as the basic optimizer, which is not FusedAdam, so the fp16 wrapper is the unfused one); `grad_accum` as
+    in `model_states`."""
+    grad_accum = grad_accum or grad_accum_dtype(precision, zero_stage)
     if zero_stage == 3:
         return "DeepSpeedZeroOptimizer_Stage3"
+    if zero_stage == 1 and precision == "bf16" and grad_accum == "fp32":
+        return "BF16_Optimizer"  # `_do_optimizer_sanity_check`: bf16 + fp32 accumulation + ZeRO-1
     if zero_stage >= 1:
         return "DeepSpeedZeroOptimizer"
     if precision == "fp32":
         return "torch AdamW (no wrapper)"
     if precision == "bf16" and pp > 1:
         return "BF16_Optimizer"
-    return "FP16_UnfusedOptimizer" if precision == "bf16" else "FP16_Optimizer"
+    return "FP16_UnfusedOptimizer"
 
 
 def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int, ep: int, pp: int,
-                 assumptions: Assumptions = Assumptions(), zero3: Zero3Residency | None = None) -> ModelStates:
+                 assumptions: Assumptions = Assumptions(), zero3: Zero3Residency | None = None,
+                 grad_accum: str | None = None) -> ModelStates:
     """Bytes of one rank's model states during a backward pass (the activation peak) and at the optimizer step.
     ZeRO-3: `zero3` is what the rank holds whole beside its partitions (`zero3_residency`); None counts the
-    partitions alone (a lower bound)."""
+    partitions alone (a lower bound). `grad_accum`: the accumulation dtype (default: this project's,
+    `grad_accum_dtype`; the precision itself prices DeepSpeed's default, where ZeRO-1 bf16 is DeepSpeedZeroOptimizer)."""
     if dp % ep:
         raise ValueError(f"ep={ep} must divide dp={dp}")
     b = PRECISION_BYTES[precision]
+    grad_accum = grad_accum or grad_accum_dtype(precision, zero_stage)
+    a = PRECISION_BYTES[grad_accum]  # what gradients are summed in (docstring table)
     P = params.total
     partition = params.dense / dp + params.expert / (dp // ep)  # what ZeRO leaves on this rank
-    kind = optimizer_kind(precision, zero_stage, pp)
+    kind = optimizer_kind(precision, zero_stage, pp, grad_accum)
     bucket = 0
     params_bytes = b * P
     if kind == "DeepSpeedZeroOptimizer_Stage3":
@@ -209,7 +241,7 @@ def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int
         whole = ((z.persistent_dense + z.gathered_dense) * (dp > 1)
                  + (z.persistent_expert + z.gathered_expert) * (dp // ep > 1))  # N = 1: the partition is whole
         params_bytes = b * (partition + whole)
-        grads, optimizer = b * partition, 3 * FP32 * partition
+        grads, optimizer = a * partition, 3 * FP32 * partition
         bucket = b * assumptions.reduce_bucket_elements  # allocated at engine start, alive at the step as well
         step, adam_elements = FP32 * partition + bucket, partition
     elif kind == "torch AdamW (no wrapper)":
@@ -220,13 +252,14 @@ def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int
         grads, optimizer = b * P, 3 * FP32 * P
         step, adam_elements = FP32 * P, P
     elif kind == "BF16_Optimizer":
-        grads, optimizer = b * P, 3 * FP32 * partition
-        step, adam_elements = FP32 * partition, partition
+        grads, optimizer = b * P + a * P, 3 * FP32 * partition  # the parameters' .grad and the whole buffer
+        allreduce = a * min(P, assumptions.reduce_bucket_elements) if dp > 1 else 0
+        step, adam_elements = max(FP32 * partition if a != FP32 else 0, allreduce), partition
     else:
-        grads = b * P if zero_stage == 1 else b * partition  # ZeRO-1 keeps full gradients through backward
+        grads = b * P if zero_stage == 1 else a * partition  # ZeRO-1 keeps full gradients through backward
         optimizer = 3 * FP32 * partition
         bucket = b * assumptions.reduce_bucket_elements * (2 if assumptions.overlap_comm else 1)
-        step = FP32 * partition if b != FP32 else 0
+        step = FP32 * partition if a != FP32 else 0
         adam_elements = partition
     if assumptions.foreach_adam_temporary:
         step += FP32 * adam_elements
