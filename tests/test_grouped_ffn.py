@@ -210,3 +210,53 @@ def test_kernel_rule():
     assert grouped_backend(x, w_in, w_down) == "loop"
     with pytest.raises(ValueError, match="backend"), force_backend("cutlass"):
         pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check's machines)")
+def test_cuda_grouped_kernel_equals_the_loop_and_never_syncs():
+    """On the accelerator itself: the rule picks torch._grouped_mm for a bf16 block on sm90/sm100; the kernel's
+    output and gradients are the loop's (bf16 rounding; an empty expert's weight gradients exactly zero, dropped rows
+    zero); and the block's forward and backward run under `torch.cuda.set_sync_debug_mode("error")`, which raises on
+    any device-to-host synchronisation, while the loop path trips it (its one read of the counts)."""
+    from moe_model.grouped_ffn import force_backend, grouped_backend
+
+    dev = torch.device("cuda")
+    torch.manual_seed(5)
+    E, D, I, R, dropped = 8, 256, 512, 4096, 96
+    counts = [700, 513, 600, 0, 451, 650, 397]  # uneven, expert 3 empty
+    counts_e1 = torch.tensor([*counts, R - dropped - sum(counts), dropped])
+    x = torch.randn(R, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w_in = (torch.randn(E, 2 * I, D, device=dev, dtype=torch.bfloat16) / 16).requires_grad_()
+    w_down = (torch.randn(E, D, I, device=dev, dtype=torch.bfloat16) / 16).requires_grad_()
+    grad_y = torch.randn(R, D, device=dev, dtype=torch.bfloat16)
+    if torch.cuda.get_device_capability()[0] in (9, 10):
+        assert grouped_backend(x, w_in, w_down) == "grouped_mm"
+    results = {}
+    for name, c in (("loop", counts_e1.tolist()), ("grouped_mm", counts_e1.to(dev))):
+        y = grouped_expert_ffn(x, w_in, w_down, c, "silu", True)
+        results[name] = (y, *torch.autograd.grad(y, (x, w_in, w_down), grad_y))
+    for label, got, want in zip(("output", "grad x", "grad w_in", "grad w_down"), results["grouped_mm"],
+                                results["loop"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2, msg=label)
+    y, grad_x, grad_w_in, grad_w_down = results["grouped_mm"]
+    assert not y[R - dropped:].any() and not grad_x[R - dropped:].any()
+    assert not grad_w_in[3].any() and not grad_w_down[3].any()
+
+    block = _block(1.0).to(dev, torch.bfloat16)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    xb = torch.randn(4, 64, 8, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    for backend in ("grouped_mm", "loop"):  # warm-up: first calls may sync while loading kernels
+        with force_backend(backend):
+            block(xb)[0].float().sum().backward()
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with force_backend("grouped_mm"):
+            y, router = block(xb)
+            (y.float().square().sum() + router.aux_loss + router.z_loss).backward()
+        with force_backend("loop"), pytest.raises(RuntimeError, match="synchroniz"):
+            block(xb)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
