@@ -46,7 +46,7 @@ def single_rank(tmp_path_factory):
     """The 1-rank run of tests/layouts.py's schedule (`STEPS`; the model's own block, no DeepSpeed MoE) per
     micro-batch size, launched once per session: the aux loss is a mean over micro-batches of a per-micro-batch
     statistic, so a layout is compared with the reference of its micro-batch. Returns its metrics."""
-    from moe_model.metrics_file import read_metrics
+    from moe_model.train.tracking import read_metrics
     from tests.launch import SINGLE_RANK, failure, launch
     from tests.layouts import STEPS
 

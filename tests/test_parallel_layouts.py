@@ -7,38 +7,19 @@ import pytest
 
 from moe_model.train.distributed import cpu_threads_per_rank
 from moe_model.train.tracking import read_metrics
-from tests.launch import SINGLE_RANK, failure, launch
+from tests.launch import failure, launch
 from tests.layouts import LAYOUTS, micro_batch_overrides
-
-STEPS = ("train.steps=7", "train.warmup_steps=2", "train.log_every=1", "tracking.wandb.mode=disabled")
-# DeepSpeed's WarmupCosineLR runs its first two steps at lr 0: 7 steps give 5 real updates
-@pytest.fixture(scope="module")
-def single_rank(tmp_path_factory):
-    """The 1-rank run (the model's own block, no DeepSpeed MoE) per micro-batch size: the aux loss is a mean over
-    micro-batches of a per-micro-batch statistic, so a layout is compared with the reference of its micro-batch."""
-    runs = {}
-
-    def metrics(micro_batch: tuple[str, ...]) -> list[dict]:
-        if micro_batch not in runs:
-            out = tmp_path_factory.mktemp("single")
-            result = launch(1, *SINGLE_RANK, *STEPS, f"train.output_dir={out}", *micro_batch)
-            assert result.returncode == 0, failure(result)
-            runs[micro_batch] = read_metrics(out)
-        return runs[micro_batch]
-
-    return metrics
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_losses_equal_one_rank(tmp_path, single_rank, name):
+def test_layout_losses_equal_one_rank(single_rank, layout_run, name):
     ranks, *overrides = LAYOUTS[name]
     single_rank = single_rank(micro_batch_overrides(overrides))
-    result = launch(ranks, *overrides, *STEPS, f"train.output_dir={tmp_path}")
-    assert result.returncode == 0, failure(result)
-    run = json.loads((tmp_path / "run.json").read_text())
+    out = layout_run(name)
+    run = json.loads((out / "run.json").read_text())
     assert ("expert_parallel" in run["deepspeed"]) == ("autoep" in name), name  # the backend each name says
-    parallel = read_metrics(tmp_path)
+    parallel = read_metrics(out)
     assert len(parallel) == len(single_rank) == 7
     for one, many in zip(single_rank, parallel):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):

@@ -81,7 +81,11 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
 
     env = launch_env()
     ranks, world, resources = launch_shape(recipe, args, env["DS_ACCELERATOR"])
-    refusal = launch_refusal(recipe, world if (args.num_gpus or args.hostfile or recipe.parallel.dp is None) else None)
+    from ..train.device import this_device
+
+    card = this_device(env["DS_ACCELERATOR"])  # the smallest card this node shows; the ranks judge their own again
+    refusal = launch_refusal(recipe, world if (args.num_gpus or args.hostfile or recipe.parallel.dp is None) else None,
+                             card_bytes=card.memory_bytes, card_name=card.name)
     # every rank of this launch on this host: on CPU they share its memory
     refusal = refusal or cpu_host_refusal(recipe, world, ranks, env["DS_ACCELERATOR"])
     if refusal:
