@@ -61,7 +61,7 @@ from ..recipe import Recipe, RecipeError
 from ..units import GB
 from .activations import MicroBatch, stage_activations
 from .estimate import Estimate, estimate
-from .memory import PRECISION_BYTES, ModelStates, model_states, stage_layers
+from .memory import PRECISION_BYTES, ModelStates, grad_accum_dtype, model_states, stage_layers
 from .params import count_params
 from .perf import model_flops_per_step, shape_of
 from .shapes import dims, rank_params
@@ -355,7 +355,8 @@ def _memory_lines(recipe: Recipe, r: Readings) -> list[dict]:
     lines = (("param_memory_gb", claims.param_memory_gb, s.params_bytes,
               f"{P:,} parameters x {per_param(s.params_bytes):g} bytes ({precision})"),
              ("gradient_memory_gb", claims.gradient_memory_gb, s.grads_bytes,
-              f"{P:,} gradients x {per_param(s.grads_bytes):g} bytes (accumulated in the parameters' {precision})"),
+              f"{P:,} gradients x {per_param(s.grads_bytes):g} bytes ({s.optimizer_kind}, accumulated in "
+              f"{grad_accum_dtype(precision, recipe.parallel.zero_stage)})"),
              ("optimizer_memory_gb", claims.optimizer_memory_gb, s.optimizer_bytes,
               f"{s.optimizer_kind} keeps {per_param(s.optimizer_bytes):g} bytes per parameter (fp32 master weights "
               f"where separate and Adam's two fp32 moments) for {P:,} parameters"))
