@@ -102,20 +102,22 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def grouped_backend(x_RD: torch.Tensor, w_in, w_down) -> str:
+def grouped_backend(x: torch.Tensor, w_in, w_down) -> str:
     """"grouped_mm" where `torch._grouped_mm` runs its fused kernel on these operands (`grouped_mm_refusal`), else
-    "loop". `force_backend` overrides it (tests: the CPU stands in for the accelerator, where aten's CPU
-    `_grouped_mm` computes the same products)."""
+    "loop". `x`: the rows or the tokens they are gathered from (its dtype and device); the rows themselves are a
+    fresh gather, which the caching allocator aligns, so only the weights' addresses are checked. `force_backend`
+    overrides the rule (tests: the CPU stands in for the accelerator, where aten's `_grouped_mm` computes the same
+    products)."""
     if _forced_backend is not None:
         return _forced_backend
     stacked = isinstance(w_in, torch.Tensor)
-    on_cuda = x_RD.device.type == "cuda"
+    on_cuda = x.device.type == "cuda"
     # under torch.compile the operands are fake tensors without addresses; its allocations are 16-byte aligned
     aligned = (not on_cuda or not stacked or torch.compiler.is_compiling()
-               or all(t.data_ptr() % 16 == 0 for t in (x_RD, w_in, w_down)))
+               or (w_in.data_ptr() % 16 == 0 and w_down.data_ptr() % 16 == 0))
     refusal = grouped_mm_refusal(
-        x_RD.device.type, _capability(x_RD.device) if on_cuda else None,
-        (x_RD.dtype, *((w_in.dtype, w_down.dtype) if stacked else ())),
+        x.device.type, _capability(x.device) if on_cuda else None,
+        (x.dtype, *((w_in.dtype, w_down.dtype) if stacked else ())),
         tuple(w_in.shape[1:]) + tuple(w_down.shape[1:]) if stacked else (), len(w_in), stacked, aligned)
     return "loop" if refusal else "grouped_mm"
 
