@@ -277,6 +277,7 @@ class StateCase:
     checkpointing: bool = False
     moe_backend: str = "auto"  # `parallel.moe_backend`; auto is AutoEP where ep > 1 (the state model is gated)
     shape: str = "state"  # a key of SHAPES
+    precision: str = "fp32"  # bf16: model states only (the activation rows are measured in fp32)
 
     def strategy(self, world: int):
         from moe_model.strategy import Strategy
@@ -286,7 +287,7 @@ class StateCase:
     def name(self, world: int) -> str:
         dp = world // self.pp
         backend = " AutoEP" if self.strategy(world).moe_backend == "autoep" else " legacy" if self.ep > 1 else ""
-        return (f"ZeRO-{self.zero_stage} pp{self.pp} ep{self.ep}{backend} dp{dp} m{self.micro_steps} fp32"
+        return (f"ZeRO-{self.zero_stage} pp{self.pp} ep{self.ep}{backend} dp{dp} m{self.micro_steps} {self.precision}"
                 + (" ckpt" if self.checkpointing else "") + (f" {self.shape}" if self.shape != "state" else ""))
 
 
@@ -305,7 +306,9 @@ CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cas
                      StateCase(1, 1, shape="held-out")]),
     "test-dp2": (2, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 2), StateCase(1, 2, ep=2, moe_backend="legacy"),
                      StateCase(1, 2, ep=2), StateCase(3, 2), StateCase(3, 2, ep=2),
-                     StateCase(1, 2, pp=2, checkpointing=True)]),
+                     StateCase(1, 2, pp=2, checkpointing=True),
+                     # bf16's fp32 gradient accumulation: BF16_Optimizer's whole fp32 buffer, ZeRO-2's fp32 partition
+                     StateCase(1, 2, ep=2, moe_backend="legacy", precision="bf16"), StateCase(2, 2, precision="bf16")]),
     "dp1": (1, STATE_CASES + [StateCase(0, 1, shape="held-out")]),
     "dp2": (2, STATE_CASES + [StateCase(3, 1), StateCase(3, 2), StateCase(3, 1, checkpointing=True)]),
     "ep2": (2, [StateCase(0, 1, ep=2, moe_backend="legacy"), StateCase(1, 2, ep=2, moe_backend="legacy"),
@@ -320,7 +323,8 @@ CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cas
 
 
 def state_recipe(case: StateCase, world: int):
-    """The recipe a state case trains: fp32, tiny, tp 1, the case's ZeRO stage, pp, ep, backend and micro-batches."""
+    """The recipe a state case trains: tiny, tp 1, the case's precision, ZeRO stage, pp, ep, backend and
+    micro-batches."""
     from moe_model.recipe import recipe_from_dict
 
     dp = world // case.pp
@@ -331,7 +335,7 @@ def state_recipe(case: StateCase, world: int):
                      "micro_batch_size": micro_batch, "activation_checkpointing": case.checkpointing,
                      "moe_backend": case.moe_backend},
         "train": {"global_batch_size": micro_batch * case.micro_steps * dp, "seq_len": seq_len,
-                  "precision": "fp32", "steps": 10, "warmup_steps": 1},
+                  "precision": case.precision, "steps": 10, "warmup_steps": 1},
         "tracking": {"wandb": {"mode": "disabled"}},
     })
 
@@ -466,15 +470,16 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
             step([batch() for _ in range(case.micro_steps)])
         result = {**dataclasses.asdict(case), "world": world, "rank": rank, "stage": layout.coords(rank)["pipe"],
                   **peak, "optimizer_class": type(engine.optimizer).__name__, "moe_backend": layout.moe_backend}
-        if case.pp == 1 and not case.checkpointing:  # a third real step, as the trainer runs it
+        activations = case.precision == "fp32"  # bf16 cases: model states only
+        if activations and case.pp == 1 and not case.checkpointing:  # a third real step, as the trainer runs it
             with AutoEPRows() as rows:
                 result["alive"], stats = alive_for_backward(engine, step, batch())
             result["alive_depths"], result["alive_rows"] = dispatch_depths(stats.expert_counts_LE), rows
-        if case.pp == 1:  # the engine's own module (DeepSpeed's MoE layer or AutoEP where ep > 1), one forward
+        if activations and case.pp == 1:  # the engine's own module (DeepSpeed's MoE layer or AutoEP where ep > 1)
             with AutoEPRows() as rows:
                 result["activations"], out = saved_tensor_bytes_and_output(engine.module, batch())
             result["depths"], result["rows"] = dispatch_depths(out.expert_counts_LE), rows
-        elif case.ep == 1:  # what one forward pass of this pipeline stage saves, per micro-batch (largest seen)
+        elif activations and case.ep == 1:  # what one pipeline stage's forward saves, per micro-batch (largest)
             result["activations"] = pipeline_forward_saved_bytes(engine, step, case, batch)
         results.append(result)
         del engine, step
@@ -577,7 +582,7 @@ def state_rows(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows, seen = [], set()
     for m in measured:
         case = StateCase(m["zero_stage"], m["micro_steps"], m["pp"], m["ep"], m["checkpointing"], m["moe_backend"],
-                         m["shape"])
+                         m["shape"], m["precision"])
         if (case, m["stage"]) in seen:
             continue
         seen.add((case, m["stage"]))

@@ -88,7 +88,8 @@ def test_zero3_holds_whole_only_what_deepspeed_keeps_whole():
 @pytest.mark.parametrize("case_set", ["test-dp1", "test-dp2"])
 def test_model_states_match_live_engines(case_set, tmp_path):
     """fp32 engines built by the training code (ZeRO 0/1/2 on dp 1 and 2, ep 2 on both MoE backends, ZeRO-3 on dp 2
-    and dp 2 x ep 2 AutoEP, a checkpointed pp 2 pipeline): params, gradients (largest while backward runs),
+    and dp 2 x ep 2 AutoEP, a checkpointed pp 2 pipeline) and two bf16 ones on dp 2 (ZeRO-1 legacy ep 2, ZeRO-2;
+    model states only): params, gradients (largest while backward runs),
     optimizer states (after the step) and reduction buckets within 1%; what the engine's module (the legacy MoE
     layer or AutoEP where ep = 2) and a pipeline stage's forward save, byte for byte; the activations a real step
     holds when its backward starts (every storage its ops create, tracked) within 2%."""
@@ -104,6 +105,8 @@ def test_model_states_match_live_engines(case_set, tmp_path):
         assert {"activations (DeepSpeed MoE layer)", "activations (AutoEP layer)",
                 "activations (pipeline stage, per micro-batch)"} <= kinds
         assert sum("ZeRO-3" in r["config"] and "AutoEP" in r["config"] for r in rows) >= 6
+        # bf16 accumulated in fp32: BF16_Optimizer (ZeRO-1, legacy experts) and ZeRO-2's fp32 partition
+        assert sum(r["config"].endswith("bf16") and r["kind"].startswith("states.") for r in rows) == 8
     for r in rows:
         if r["kind"].startswith("activations ("):
             assert r["estimate"] == r["measured"], r  # derived term by term from the forward: exact
