@@ -129,9 +129,9 @@ class Trainer:
                 checkpoint.trim_metrics(recipe.output_dir / "metrics.jsonl", self.first_step)
         self.portable = recipe.train.portable_checkpoints and reshard.serves(self.engine)
         if recipe.train.portable_checkpoints and not self.portable:
-            self.say("moe: note: fp16 without ZeRO keeps its fp32 master weights where DeepSpeed's accessors cannot "
-                     "read them: this run's checkpoints resume its own layout only (--set parallel.zero_stage=1 or "
-                     "train.precision=bf16 makes them portable)")
+            self.say(f"moe: note: {recipe.train.precision} without ZeRO (DeepSpeed's FP16_UnfusedOptimizer at pp 1) "
+                     "keeps its fp32 master weights where DeepSpeed's accessors cannot read them: this run's "
+                     "checkpoints resume its own layout only (--set parallel.zero_stage=1 makes them portable)")
         self.start_tracking(ds_config, data_summary)
         self.batches = StepBatches(recipe, layout.dp, layout.coords(self.rank)["data"])
         from .evaluation import Validation
