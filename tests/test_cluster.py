@@ -237,3 +237,35 @@ def test_a_file_system_that_refuses_flock_gets_an_exclusive_lock_file(tmp_path, 
     again = ownership.OutputLock(tmp_path)
     assert again.acquire() is None and json.loads(held.read_text())["pid"] == os.getpid()
     again.release()
+
+
+def test_tp_stays_inside_the_node_the_launch_really_has(monkeypatch):
+    """The rule reads the launch's ranks per node (LOCAL_SIZE), not hardware.gpus_per_node: tp 2 on nodes of 1
+    rank would put tensor-parallel peers on two nodes."""
+    from moe_model.recipe import load_recipe
+    from moe_model.train.main import launch_problem
+
+    recipe = load_recipe("recipes/tiny_cpu.yaml", ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
+                                                   "parallel.dp=2", "parallel.moe_backend=legacy"])
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    field, message = launch_problem(recipe, 4)
+    assert field == "parallel.tp" and "one node of 1 GPUs" in message
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert launch_problem(recipe, 4) is None
+
+
+def test_calibrate_probes_run_cpu_ranks_on_any_machine(monkeypatch):
+    """moe calibrate's probes time CPU ranks and exchange CPU tensors: their launch pins DS_ACCELERATOR=cpu, or a
+    CUDA machine would start them on NCCL, which refuses CPU tensors."""
+    from moe_model.calibrate import machine
+
+    seen = {}
+
+    def run(command, capture_output, text, env):
+        seen.update(env)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(machine.subprocess, "run", run)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    machine._run(["true"], "probe")
+    assert seen["DS_ACCELERATOR"] == "cpu"
