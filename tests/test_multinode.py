@@ -101,21 +101,28 @@ def hostfile_commands(tmp_path: Path, overrides: tuple[str, ...], port: int) -> 
               "127.0.0.1", "--master-port", str(port), *sets], quiet_env(), ROOT) for node in (0, 1)]
 
 
-@pytest.mark.multirank
-def test_two_nodes_from_a_hostfile_train_like_one_rank_and_resume_exactly(tmp_path, single_rank, layout_run):
-    name = "pp2_dp2_ep2_zero1_ckpt_autoep"
+def kill_and_resume(tmp_path: Path, name: str, commands, single_rank, layout_run) -> None:
+    """Train layout `name` (tests/layouts.py) with checkpoints through `commands(overrides)` (the (command, env,
+    cwd) of every process a cluster starts), SIGKILL every process after step 5, start them again, and hold the
+    losses to the 1-rank run's and to the uninterrupted run's."""
     _, *layout = LAYOUTS[name]
     out = tmp_path / "run"
     overrides = (*layout, *STEPS, *SAVE, f"train.output_dir={out}")
-    processes = start(hostfile_commands(tmp_path, overrides, free_port()), tmp_path / "first")
+    processes = start(commands(overrides), tmp_path / "first")
     kill_after_step(processes, out, 5)
     newest = checkpoint.newest(out / "checkpoints")
     assert newest is not None and len(read_metrics(out)) < 7, logs_of(tmp_path / "first")
-    processes = start(hostfile_commands(tmp_path, overrides, free_port()), tmp_path / "second")
-    assert wait_all(processes) == [0, 0], logs_of(tmp_path / "second")
+    processes = start(commands(overrides), tmp_path / "second")
+    assert set(wait_all(processes)) == {0}, logs_of(tmp_path / "second")
     said = (tmp_path / "second" / "0.log").read_text()
     assert f"resuming from {newest}" in said, said[-3000:]
     check_losses(out, single_rank, layout_run(name))
+
+
+@pytest.mark.multirank
+def test_two_nodes_from_a_hostfile_train_like_one_rank_and_resume_exactly(tmp_path, single_rank, layout_run):
+    kill_and_resume(tmp_path, "pp2_dp2_ep2_zero1_ckpt_autoep",
+                    lambda overrides: hostfile_commands(tmp_path, overrides, free_port()), single_rank, layout_run)
 
 
 def srun_tasks(overrides: tuple[str, ...], job: int, cwds: tuple[Path, Path] = (ROOT, ROOT)) -> list:
@@ -147,18 +154,8 @@ def free_slurm_job_id() -> int:
 
 @pytest.mark.multirank
 def test_srun_tasks_train_like_one_rank_and_resume_exactly(tmp_path, single_rank, layout_run):
-    name = "pp2_dp2_ep2_zero0_legacy"
-    _, *layout = LAYOUTS[name]
-    out = tmp_path / "run"
-    overrides = (*layout, *STEPS, *SAVE, f"train.output_dir={out}")
-    processes = start(srun_tasks(overrides, free_slurm_job_id()), tmp_path / "first")
-    kill_after_step(processes, out, 5)
-    newest = checkpoint.newest(out / "checkpoints")
-    assert newest is not None and len(read_metrics(out)) < 7, logs_of(tmp_path / "first")
-    processes = start(srun_tasks(overrides, free_slurm_job_id()), tmp_path / "second")
-    assert wait_all(processes) == [0, 0, 0, 0], logs_of(tmp_path / "second")
-    assert f"resuming from {newest}" in (tmp_path / "second" / "0.log").read_text()
-    check_losses(out, single_rank, layout_run(name))
+    kill_and_resume(tmp_path, "pp2_dp2_ep2_zero0_legacy",
+                    lambda overrides: srun_tasks(overrides, free_slurm_job_id()), single_rank, layout_run)
 
 
 @pytest.mark.multirank
