@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def launch_shape(recipe: Recipe, args: argparse.Namespace, accelerator: str) -> tuple[int, int, list[str]]:
     """(ranks per node, world size, the launcher's resource words)."""
-    from ..train.cluster import hostfile_slots, local_resources
+    from ..train.cluster import hostfile_slots, local_resources, visible_devices
 
     p = recipe.parallel
     if args.hostfile is None:
@@ -48,8 +48,6 @@ def launch_shape(recipe: Recipe, args: argparse.Namespace, accelerator: str) -> 
         elif p.dp is not None or accelerator == "cpu":
             ranks = p.tp * p.pp * (p.dp or 1)
         else:  # dp left to the launch: every GPU this node lets the run see
-            from ..train.cluster import visible_devices
-
             from deepspeed.accelerator import get_accelerator
 
             ranks = len(visible_devices() or []) or get_accelerator().device_count()

@@ -118,7 +118,6 @@ def share_cpu_cores() -> None:
 # fragmenting; read when the allocator first starts, so set before any CUDA call (`bind_device`). A user's own
 # PYTORCH_CUDA_ALLOC_CONF wins.
 CUDA_ALLOC_CONF = "expandable_segments:True"
-DEFAULT_TIMEOUT_MIN = 60  # the recipe's train.collective_timeout_min when a program has no recipe
 
 
 def bind_device() -> None:
@@ -137,19 +136,23 @@ def bind_device() -> None:
     accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(timeout_min: float = DEFAULT_TIMEOUT_MIN) -> tuple[int, int]:
+def init_distributed(timeout_min: float | None = None) -> tuple[int, int]:
     """Start this rank's process group: SLURM's variables adopted when `srun` started it (`cluster.adopt_slurm`),
     CPU ranks' share of the cores, the device bound (`bind_device`), then `deepspeed.init_distributed` with a
     collective timeout of `timeout_min` minutes (DeepSpeed's default, 10, is shorter than one rank tokenizing a
-    corpus or verifying a large checkpoint while the others wait), and DeepSpeed's CPU shared-memory name
-    released. Returns (rank, world size)."""
+    corpus or verifying a large checkpoint while the others wait; None: the recipe schema's default of
+    `train.collective_timeout_min`, for programs without a recipe), and DeepSpeed's CPU shared-memory name released.
+    Returns (rank, world size)."""
     from datetime import timedelta
 
     import deepspeed
     import torch.distributed as dist
 
+    from ..recipe import TrainSection
     from .cluster import adopt_slurm
 
+    if timeout_min is None:
+        timeout_min = TrainSection.model_fields["collective_timeout_min"].default
     adopt_slurm()
     share_cpu_cores()
     bind_device()

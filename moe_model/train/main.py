@@ -120,16 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         lock = claim_output_dir(recipe, rank)  # held until the run ends
         trainer = Trainer(recipe, rank, world)
         code = trainer.run()
-        close_distributed()
-        if lock is not None:
-            lock.release()
+        end_run(lock)
         return code
     except RunStopped as stop:
         if global_rank() == 0:
             print(stop.line, file=sys.stderr)
-        close_distributed()  # every rank reaches the same verdict at the same point
-        if lock is not None:
-            lock.release()
+        end_run(lock)  # every rank reaches the same verdict at the same point
         return stop.code
     except (KeyboardInterrupt, Exception) as err:
         # after a signal, whatever this rank raises is its side of the stop (a collective whose peer has already
@@ -151,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(INTERRUPTED)
 
 
+def end_run(lock) -> None:
+    """A run that ended (finished, or stopped with its line on every rank): the process group torn down, the
+    output lock (rank 0's) released."""
+    close_distributed()
+    if lock is not None:
+        lock.release()
+
+
 def claim_output_dir(recipe: Recipe, rank: int):
     """Global rank 0 takes the output directory's lock (`ownership.OutputLock`) before the run writes anything, then
     settles an earlier run's files: `train.overwrite` archives them; `resume: never` next to them is refused (the run
@@ -158,7 +162,7 @@ def claim_output_dir(recipe: Recipe, rank: int):
     Returns the held lock on rank 0 (keep it referenced), None elsewhere."""
     import torch.distributed as dist
 
-    from .ownership import OutputLock, archive_previous_run, previous_run
+    from .ownership import NODE_TOKEN, OutputLock, archive_previous_run, not_shared_verdict, previous_run, write_node_token
     from .trainer import RunStopped
 
     lock, verdict, output_dir = None, None, recipe.output_dir
@@ -191,46 +195,6 @@ def claim_output_dir(recipe: Recipe, rank: int):
     if shared[0]:
         raise RunStopped(2, shared[0])
     return lock
-
-
-NODE_TOKEN = ".node-check"  # written by rank 0, read by every rank, removed: is this one folder for every node?
-
-
-def write_node_token(output_dir) -> str:
-    """Write a token no other run could have written into OUTPUT_DIR (global rank 0); returns it."""
-    import socket
-    import time
-
-    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
-    (output_dir / NODE_TOKEN).write_text(token)
-    return token
-
-
-def not_shared_verdict(output_dir, token: str) -> str | None:
-    """Every rank reads rank 0's token in its own OUTPUT_DIR (a collective). None where all see it; else the line
-    that refuses the run, naming the hosts that do not. The checkpoints, metrics and data cache are written by some
-    ranks and read by others (rank 0 writes the manifests of every rank's files, one rank builds the data), so a
-    folder of each node's own would fail later, at the first save or resume, with files rank 0 cannot see."""
-    import socket
-
-    import torch.distributed as dist
-
-    try:
-        sees = (output_dir / NODE_TOKEN).read_text() == token
-    except OSError:
-        sees = False
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (socket.gethostname(), sees))
-    blind: dict[str, list[int]] = {}
-    for r, (host, seen) in enumerate(everyone):
-        if not seen:
-            blind.setdefault(host, []).append(r)
-    if not blind:
-        return None
-    where = "; ".join(f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in blind.items())
-    return (f"moe: recipe error: train.output_dir: {output_dir} is not one folder on every node: rank 0's files there "
-            f"are not seen from {where}; put it on a file system that every node mounts at the same path "
-            "(checkpoints, metrics and the data cache are shared between the ranks)")
 
 
 def resume_command(args: argparse.Namespace, world: int | None) -> str:

@@ -9,6 +9,8 @@
   Both `moe train` and a direct `deepspeed ... scripts/train.py` land in `main.main`, so both are covered.
   A file system that refuses flock (some parallel and network ones: ENOLCK, EOPNOTSUPP) gets an exclusively created
   `run.lock.held` instead (`OutputLock._acquire_by_creation`), which the run removes as it ends.
+- `write_node_token` / `not_shared_verdict`: whether OUTPUT_DIR is one folder on every node (rank 0 writes a token,
+  every rank reads it back), checked by `main.claim_output_dir` before any step.
 - `previous_run`: what of an earlier run the directory holds (metrics.jsonl with lines, checkpoint folders), and
   `archive_previous_run`, which moves exactly those into `OUTPUT_DIR/archive-<UTC time>/` (`train.overwrite`, or
   `resume: auto` with no checkpoint to continue from): nothing is deleted and nothing is appended to another run's
@@ -56,8 +58,7 @@ class OutputLock:
             return self._acquire_by_creation(err)
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        f.write(holder_record())
         f.flush()
         self.file = f  # held while this object (kept by the caller) and the process live
         return None
@@ -68,8 +69,6 @@ class OutputLock:
         is gone left it (SIGKILL): taken over. One on another host cannot be checked from here: refused, naming it,
         with the `rm` to use once that run is known to be gone. Released (the file removed) by `release`."""
         held = self.path.with_name(self.path.name + ".held")
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n"
         for _ in range(2):
             try:
                 fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -87,7 +86,7 @@ class OutputLock:
             except OSError as err:
                 return f"cannot create {held} ({err.strerror}); choose another train.output_dir"
             with os.fdopen(fd, "w") as f:
-                f.write(record)
+                f.write(holder_record())
             self.held = held
             return None
         return f"cannot take {held}: another process keeps creating it; choose another train.output_dir"
@@ -112,6 +111,12 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def holder_record() -> str:
+    """What a lock's holder writes into it: this process's pid, host and start time, one JSON line."""
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n"
 
 
 def describe_holder(text: str) -> str:
@@ -152,3 +157,38 @@ def archive_previous_run(output_dir: Path) -> Path | None:
     for path in present:
         os.replace(path, archive / path.name)  # a rename on one file system: whole or not at all
     return archive
+
+
+NODE_TOKEN = ".node-check"  # written by rank 0, read by every rank, removed: is this one folder for every node?
+
+
+def write_node_token(output_dir) -> str:
+    """Write a token no other run could have written into OUTPUT_DIR (global rank 0); returns it."""
+    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    (output_dir / NODE_TOKEN).write_text(token)
+    return token
+
+
+def not_shared_verdict(output_dir, token: str) -> str | None:
+    """Every rank reads rank 0's token in its own OUTPUT_DIR (a collective). None where all see it; else the line
+    that refuses the run, naming the hosts that do not. The checkpoints, metrics and data cache are written by some
+    ranks and read by others (rank 0 writes the manifests of every rank's files, one rank builds the data), so a
+    folder of each node's own would fail later, at the first save or resume, with files rank 0 cannot see."""
+    import torch.distributed as dist
+
+    try:
+        sees = (output_dir / NODE_TOKEN).read_text() == token
+    except OSError:
+        sees = False
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), sees))
+    blind: dict[str, list[int]] = {}
+    for r, (host, seen) in enumerate(everyone):
+        if not seen:
+            blind.setdefault(host, []).append(r)
+    if not blind:
+        return None
+    where = "; ".join(f"{host} (ranks {', '.join(map(str, ranks))})" for host, ranks in blind.items())
+    return (f"moe: recipe error: train.output_dir: {output_dir} is not one folder on every node: rank 0's files there "
+            f"are not seen from {where}; put it on a file system that every node mounts at the same path "
+            "(checkpoints, metrics and the data cache are shared between the ranks)")
