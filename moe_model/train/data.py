@@ -184,7 +184,7 @@ class StepBatches:
 def prepare_data(recipe: Recipe) -> tuple[str | None, dict]:
     """Every rank calls this before training: global rank 0 builds the tokenizer and the token cache, the others
     wait, then read it. Once for the whole run, not once per node: the output folder is one folder on every node
-    (`main.not_shared_verdict` refuses a run where it is not), and several nodes building the same cache in it at
+    (`ownership.not_shared_verdict` refuses a run where it is not), and several nodes building the same cache in it at
     once would race between their existence checks and their renames.
 
     Returns (the error line, or None on every rank when all went well; a summary of the data for the run config).
