@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,44 +42,70 @@ def python():
     return sys.executable
 
 
-@pytest.fixture(scope="session")
-def single_rank(tmp_path_factory):
-    """The 1-rank run of tests/layouts.py's schedule (`STEPS`; the model's own block, no DeepSpeed MoE) per
-    micro-batch size, launched once per session: the aux loss is a mean over micro-batches of a per-micro-batch
-    statistic, so a layout is compared with the reference of its micro-batch. Returns its metrics."""
-    from moe_model.train.tracking import read_metrics
-    from tests.launch import SINGLE_RANK, failure, launch
-    from tests.layouts import STEPS
+def pytest_collection_modifyitems(items):
+    """Tests that start ranks first (each is tens of seconds; in collection order otherwise): with `make test`'s
+    workers (pytest-xdist) the quick rest then fills the last minutes instead of one long launch ending alone."""
+    items.sort(key=lambda item: item.get_closest_marker("multirank") is None)  # a stable sort
 
-    runs = {}
 
-    def metrics(micro_batch: tuple[str, ...] = ()) -> list[dict]:
-        if micro_batch not in runs:
-            out = tmp_path_factory.mktemp("single")
-            result = launch(1, *SINGLE_RANK, *STEPS, f"train.output_dir={out}", *micro_batch)
+def _shared_root(tmp_path_factory) -> Path:
+    """One folder for every worker of this session: pytest-xdist gives each worker a base temp folder inside the
+    session's (popen-gwN), plain pytest its own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _launched_once(tmp_path_factory, key: str, ranks: int, overrides: tuple[str, ...]) -> Path:
+    """Train `overrides` on `ranks` ranks once per session, whichever worker asks first (the others wait on its
+    lock and reuse the folder); returns the run's output folder."""
+    from filelock import FileLock
+
+    from tests.launch import failure, launch
+
+    out = _shared_root(tmp_path_factory) / "shared-runs" / key
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        done = out.parent / f"{key}.done"
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a failed attempt's folder
+            result = launch(ranks, *overrides, f"train.output_dir={out}")
             assert result.returncode == 0, failure(result)
-            runs[micro_batch] = read_metrics(out)
-        return runs[micro_batch]
+            done.touch()
+    return out
 
-    return metrics
+
+@pytest.fixture(scope="session")
+def single_rank_run(tmp_path_factory):
+    """The 1-rank run of tests/layouts.py's schedule (`STEPS`; the model's own block, no DeepSpeed MoE) per
+    micro-batch size, launched once per session, with its last step's checkpoint (`REFERENCE_SAVE`: the run moved
+    through layouts, tests/test_reshard.py, is held to its states). Returns its output folder."""
+    from tests.layouts import REFERENCE_SAVE, SINGLE_RANK, STEPS
+
+    def run(micro_batch: tuple[str, ...] = ()) -> Path:
+        key = "single" + "".join("-" + o.rsplit(".", 1)[-1] for o in micro_batch)
+        return _launched_once(tmp_path_factory, key, 1, (*SINGLE_RANK, *STEPS, *REFERENCE_SAVE, *micro_batch))
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def single_rank(single_rank_run):
+    """The metrics of `single_rank_run`: the aux loss is a mean over micro-batches of a per-micro-batch statistic,
+    so a layout is compared with the reference of its micro-batch."""
+    from moe_model.train.tracking import read_metrics
+
+    return lambda micro_batch=(): read_metrics(single_rank_run(micro_batch))
 
 
 @pytest.fixture(scope="session")
 def layout_run(tmp_path_factory):
     """A parity layout of tests/layouts.py trained once per session on `STEPS`; returns its output folder. The
-    parity test reads its losses, and the emulated multi-node runs use it as their uninterrupted run."""
-    from tests.launch import failure, launch
+    parity test reads its losses, and the emulated multi-node runs and the ZeRO-3 kill-and-resume use it as their
+    uninterrupted run."""
     from tests.layouts import LAYOUTS, STEPS
 
-    runs = {}
-
-    def run(name: str):
-        if name not in runs:
-            ranks, *overrides = LAYOUTS[name]
-            out = tmp_path_factory.mktemp(name)
-            result = launch(ranks, *overrides, *STEPS, f"train.output_dir={out}")
-            assert result.returncode == 0, failure(result)
-            runs[name] = out
-        return runs[name]
+    def run(name: str) -> Path:
+        ranks, *overrides = LAYOUTS[name]
+        return _launched_once(tmp_path_factory, name, ranks, (*overrides, *STEPS))
 
     return run

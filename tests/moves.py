@@ -14,11 +14,13 @@ from pathlib import Path
 from moe_model.recipe import ModelSection
 from moe_model.train import checkpoint, reshard
 from moe_model.train.tracking import read_metrics
+from tests import layouts
 from tests.launch import SINGLE_RANK, failure, launch
 
-STEPS = 8
-RUN = (f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1", f"train.save_every={STEPS}",
-       "train.keep_checkpoints=0", "tracking.wandb.mode=disabled")
+# tests/layouts.py's schedule, the last step's checkpoint kept (what the states are compared on), every other
+# launch ended by train.stop_at, which saves
+RUN = (*layouts.STEPS, *layouts.REFERENCE_SAVE, "train.keep_checkpoints=0")
+STEPS = layouts.LAST_STEP
 PP2_DP2_EP2 = ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2")  # tiny_cpu's own: AutoEP, ZeRO-1
 MOVES = [  # (name, ranks, layout, stop after step, the changes its resume names)
     ("PP2xDP2xEP2 AutoEP ZeRO-1", 4, PP2_DP2_EP2, 2, None),
@@ -42,12 +44,14 @@ class Moved:
     state_diffs: dict[str, float] = field(default_factory=dict)  # state -> largest |diff| / max |reference|
 
 
-def move_through(tmp: Path) -> Moved:
-    """Run the reference and the moved run under `tmp`; raises AssertionError with the launch's output if one
-    fails."""
-    reference, moved = tmp / "reference", tmp / "moved"
-    result = launch(1, *RUN, *SINGLE_RANK, f"train.output_dir={reference}")
-    assert result.returncode == 0, failure(result)
+def move_through(tmp: Path, reference: Path | None = None) -> Moved:
+    """Run the moved run under `tmp`, and the reference too unless given (the folder of a 1-rank run of `RUN`: the
+    tests' session-wide one); raises AssertionError with the launch's output if one fails."""
+    moved = tmp / "moved"
+    if reference is None:
+        reference = tmp / "reference"
+        result = launch(1, *RUN, *SINGLE_RANK, f"train.output_dir={reference}")
+        assert result.returncode == 0, failure(result)
     lines = []
     for _, ranks, layout, stop_at, _ in MOVES:
         stop = (f"train.stop_at={stop_at}",) if stop_at else ()

@@ -16,10 +16,9 @@ from moe_model.recipe import RecipeError
 from moe_model.train import checkpoint
 from moe_model.train.tracking import read_metrics
 from tests.launch import ROOT, failure, launch
+from tests.layouts import LAST_STEP, LAYOUTS, STEPS
 
 LAYOUT = {"tp": 1, "pp": 2, "ep": 2, "dp": 2}
-RUN = ("train.steps=8", "train.warmup_steps=2", "train.log_every=1", "train.save_every=2",
-       "tracking.wandb.mode=disabled")
 
 
 def fake_checkpoint(root, step, layout=LAYOUT, body=b"x" * 100):
@@ -85,37 +84,35 @@ def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ranks, layout", [
-    # tiny_cpu's own pp2 x dp2 x ep2 (ZeRO-1, AutoEP) is killed and resumed across two emulated nodes, and ZeRO-0
-    # legacy under srun, by tests/test_multinode.py
-    (2, ("parallel.pp=1", "parallel.dp=2", "parallel.zero_stage=3")),  # AutoEP's experts inside ZeRO-3's partitions
-], ids=["dp2_ep2_zero3_autoep"])
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, ranks, layout):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    run = (*RUN, *layout)
-    result = launch(ranks, *run, f"train.output_dir={full}")
-    assert result.returncode == 0, failure(result)
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, layout_run):
+    """AutoEP's experts inside ZeRO-3's partitions (tiny_cpu's own pp2 x dp2 x ep2 (ZeRO-1, AutoEP) is killed and
+    resumed across two emulated nodes, and ZeRO-0 legacy under srun, by tests/test_multinode.py). The uninterrupted
+    run is the session's parity run of the layout (tests/layouts.py)."""
+    name = "dp2_ep2_zero3_autoep"
+    ranks, *layout = LAYOUTS[name]
+    killed = tmp_path / "killed"
+    run = (*layout, *STEPS, "train.save_every=2")  # saves at 2, 4, 6 and the last step
     command = deepspeed_command(ranks, ROOT / "scripts/train.py", ["--recipe", str(ROOT / "recipes/tiny_cpu.yaml")],
                                 overrides=(*run, f"train.output_dir={killed}"))
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled"})
     deadline = time.time() + 300
     metrics = killed / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and '"step": 5' in metrics.read_text()):
+    while time.time() < deadline and not (metrics.exists() and '"step": 3' in metrics.read_text()):
         time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)  # every rank, in step 6 (or, on a fast layout, just after its checkpoint)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank, in step 4 (or, on a fast layout, just after its checkpoint)
     process.wait()
-    assert [m["step"] for m in read_metrics(killed)][-1] < 8, "the run ended before the kill"
-    newest = {checkpoint.tag_for(s): s for s in (4, 6)}[(killed / "checkpoints" / checkpoint.POINTER).read_text()]
+    assert [m["step"] for m in read_metrics(killed)][-1] < LAST_STEP, "the run ended before the kill"
+    newest = {checkpoint.tag_for(s): s for s in (2, 4)}[(killed / "checkpoints" / checkpoint.POINTER).read_text()]
     result = launch(ranks, *run, f"train.output_dir={killed}")
     assert result.returncode == 0, failure(result)
     assert f"(step {newest})" in result.stderr and "resuming from" in result.stderr
-    uninterrupted, resumed = read_metrics(full), read_metrics(killed)
-    assert [m["step"] for m in resumed] == list(range(1, 9))
+    uninterrupted, resumed = read_metrics(layout_run(name)), read_metrics(killed)
+    assert [m["step"] for m in resumed] == list(range(1, LAST_STEP + 1))
     for a, b in zip(uninterrupted, resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a["step"], a["loss"], b["loss"])
     assert sorted(p.name for p in (killed / "checkpoints").glob("step*")) == [
-        checkpoint.tag_for(s) for s in (4, 6, 8)]  # keep_checkpoints: 3
+        checkpoint.tag_for(s) for s in (4, 6, LAST_STEP)]  # keep_checkpoints: 3 of the 4 saved
 
 
 @pytest.mark.multirank

@@ -8,8 +8,8 @@ from tests.moves import MOVES, STEPS, move_through
 
 
 @pytest.mark.multirank
-def test_a_run_moved_through_four_layouts_continues_as_if_uninterrupted(tmp_path):
-    run = move_through(tmp_path)
+def test_a_run_moved_through_four_layouts_continues_as_if_uninterrupted(tmp_path, single_rank_run):
+    run = move_through(tmp_path, single_rank_run())  # the session's 1-rank run of the same schedule
     for (_, _, _, _, changes), line in zip(MOVES, run.resume_lines):
         if changes:
             assert f"on another layout ({changes}): weights, both Adam moments" in line, line

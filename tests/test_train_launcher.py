@@ -6,6 +6,7 @@ import pytest
 
 from moe_model.train.tracking import read_metrics
 from tests.launch import SINGLE_RANK, failure, launch
+from tests.layouts import STEPS
 
 pytestmark = pytest.mark.multirank  # every test here starts deepspeed ranks
 
@@ -34,18 +35,18 @@ def test_layout_that_breaks_a_rule_at_launch_fails_before_training(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_two_data_parallel_ranks_and_zero0_give_the_one_rank_losses(tmp_path):
+def test_two_data_parallel_ranks_and_zero0_give_the_one_rank_losses(tmp_path, single_rank):
     """Same samples per step (data.py), so DP2 must reproduce the single-process losses step for step; so must one
-    rank without ZeRO, whose gradient norm comes from DeepSpeed's fp32 clipping rather than ZeRO's optimizer."""
+    rank without ZeRO, whose gradient norm comes from DeepSpeed's fp32 clipping rather than ZeRO's optimizer. The
+    1-rank run is the session's (tests/layouts.py's schedule)."""
     runs = {}
-    for name, ranks, extra in (("dp1", 1, ()), ("dp2", 2, ()), ("dp1-zero0", 1, ("parallel.zero_stage=0",))):
+    for name, ranks, extra in (("dp2", 2, ()), ("dp1-zero0", 1, ("parallel.zero_stage=0",))):
         out = tmp_path / name
-        result = launch(ranks, *SINGLE_RANK, "train.steps=8", "train.warmup_steps=2", "train.log_every=1",
-                        f"train.output_dir={out}", "tracking.wandb.mode=disabled", *extra)
+        result = launch(ranks, *SINGLE_RANK, *STEPS, f"train.output_dir={out}", *extra)
         assert result.returncode == 0, failure(result)
         runs[name] = read_metrics(out)
     for name in ("dp2", "dp1-zero0"):
-        for one, other in zip(runs["dp1"], runs[name], strict=True):
+        for one, other in zip(single_rank(), runs[name], strict=True):
             for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
                 assert other[key] is not None, (name, one["step"], key)
                 assert abs(one[key] - other[key]) <= 1e-5 * abs(one[key]), (name, one["step"], key, one[key], other[key])

@@ -79,7 +79,9 @@ def autoep_converted(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     import deepspeed
 
     from ..train.ds_config import deepspeed_config
+    from ..train.engine import defer_muon_compile
 
+    defer_muon_compile()
     engine = deepspeed.initialize(model=model, config=deepspeed_config(recipe))[0]
     converted = [type(m).__name__ for m in engine.module.modules() if type(m).__name__ == "AutoEPMoELayer"]
     if len(converted) != recipe.model.num_hidden_layers:

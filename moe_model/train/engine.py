@@ -8,6 +8,8 @@ return zeros, so `StepStats.all_reduce` and `StepStats.mean` give the step's fig
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -169,12 +171,52 @@ def rank_share(recipe: Recipe, layout: Layout, resuming: bool = False, pieces: P
                        source=weights_source(recipe, resuming, pieces))
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def defer_muon_compile() -> None:
+    """Import DeepSpeed's Muon kernels with their `torch.compile` deferred to their first call.
+
+    Library gap (DeepSpeed 0.19.8): every ZeRO and BF16 optimizer asks `isinstance(optimizer, MuonWithAuxAdam)`, and
+    the module behind that class compiles three Muon kernels when it is imported (`@compiler.compile()`), which loads
+    torch inductor: measured 1.4 s of every rank's start on this machine, for an optimizer this project never builds.
+    Here the same module is imported with `deepspeed.runtime.compiler.compile` returning a decorator that compiles a
+    kernel on its first call instead, so DeepSpeed's classes and checks are its own and Muon, were it ever used,
+    still runs compiled. A no-op once the module is loaded."""
+    if MUON_MODULE in sys.modules:
+        return
+    import importlib
+
+    import deepspeed.runtime.compiler as ds_compiler
+
+    def on_first_call():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(fn)
+                return compiled(*args, **kwargs)
+            return call
+        return decorate
+
+    eager = ds_compiler.compile
+    ds_compiler.compile = on_first_call
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        ds_compiler.compile = eager
+
+
 def build_engine(recipe: Recipe, layout: Layout, resuming: bool = False, share: ParallelModel | None = None,
                  pieces: Path | None = None):
     """Returns (engine, step function, DeepSpeed JSON config) around `share` (default: `rank_share`, from `pieces`
     where a checkpoint of another layout is resumed)."""
     import deepspeed
 
+    defer_muon_compile()
     torch.manual_seed(recipe.train.seed)  # what else draws (dropout-free model: nothing yet) starts the same
     config = recipe.moe_config()
     model, groups, pipeline_loss = share or rank_share(recipe, layout, resuming, pieces)
