@@ -147,7 +147,7 @@ def test_the_device_is_bound_before_the_first_collective(monkeypatch):
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: FakeAccelerator(events))
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: events.append(("init", kw["timeout"])))
     monkeypatch.setattr(distributed, "share_cpu_cores", lambda: None)
-    monkeypatch.setattr(distributed, "release_shared_memory_name", lambda rank: None)
+    monkeypatch.setattr(distributed, "skip_cpu_shm_op", lambda: None)
     monkeypatch.setattr(dist, "get_rank", lambda: 3)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
     monkeypatch.setenv("LOCAL_RANK", "3")

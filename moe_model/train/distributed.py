@@ -141,8 +141,8 @@ def init_distributed(timeout_min: float | None = None) -> tuple[int, int]:
     CPU ranks' share of the cores, the device bound (`bind_device`), then `deepspeed.init_distributed` with a
     collective timeout of `timeout_min` minutes (DeepSpeed's default, 10, is shorter than one rank tokenizing a
     corpus or verifying a large checkpoint while the others wait; None: the recipe schema's default of
-    `train.collective_timeout_min`, for programs without a recipe), and DeepSpeed's CPU shared-memory name released.
-    Returns (rank, world size)."""
+    `train.collective_timeout_min`, for programs without a recipe), DeepSpeed's CPU shared-memory op left out
+    (`skip_cpu_shm_op`). Returns (rank, world size)."""
     from datetime import timedelta
 
     import deepspeed
@@ -156,10 +156,9 @@ def init_distributed(timeout_min: float | None = None) -> tuple[int, int]:
     adopt_slurm()
     share_cpu_cores()
     bind_device()
+    skip_cpu_shm_op()
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_min))
-    rank = dist.get_rank()
-    release_shared_memory_name(rank)
-    return rank, dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size()
 
 
 def close_distributed() -> None:
@@ -171,19 +170,17 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def release_shared_memory_name(rank: int) -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped every buffer.
+def skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed's shared-memory communication op out of CPU ranks' process groups.
 
-    DeepSpeed's shm communication op (CPU ranks) creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
-    (69 MB) per rank and never unlinks it: every run, killed or not, left its buffers in memory-backed /dev/shm
-    (seen: 18 GB after a day of tests). The mappings stay valid after the unlink, so nothing leaks even on SIGKILL.
-    """
-    import torch.distributed as dist
+    Library gap (DeepSpeed 0.19.8, CPU accelerator): `TorchBackend.__init__` JIT-compiles the `deepspeed_shm_comm`
+    C++ op on every machine and virtual environment it has not seen (measured: 50 s of a core, before any rank can
+    go on), then maps a 69 MB `/dev/shm/deepspeed_allreduce_buffer_*` per rank that it never unlinks (18 GB after a
+    day of tests), all for `inference_all_reduce`, which training never calls (its collectives are torch's). Marked
+    incompatible, as DeepSpeed marks it on a CPU that cannot build it, the op is neither built nor mapped, and
+    `inference_all_reduce` takes torch's all-reduce, DeepSpeed's own fall-back. GPU ranks do not build it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
-    dist.barrier()  # every rank has finished DeepSpeed's backend init, which maps all peers' buffers
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass  # not a CPU run, or DeepSpeed changed its naming
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
