@@ -4,7 +4,10 @@
 The parameters are the same set: Mixtral is this model with gated (silu) experts, no capacity and no z-loss. Two
 differences are arithmetic, kept here in one place:
 - Mixtral's load-balancing loss is k times this model's (it sums the top-k routing fractions), so its
-  `router_aux_loss_coef` is this model's coefficient divided by k;
+  `router_aux_loss_coef` is this model's coefficient divided by k (and an imported Mixtral's, times k). One
+  difference of definition stays: Mixtral pools every layer's routes into one loss (the fractions and mean
+  probabilities over all layers' tokens at once), where this model averages one loss per layer; the two agree for
+  one MoE layer, or wherever every layer routes alike;
 - on disk transformers writes Mixtral's experts one per tensor under the Hub's names,
   `model.layers.<l>.block_sparse_moe.experts.<e>.{w1,w3,w2}.weight` (gate, up, down) and
   `...block_sparse_moe.gate.weight`, where the module holds them stacked as `mlp.experts.gate_up_proj` [E, 2I, D] (gate
@@ -36,7 +39,7 @@ def mixtral_config(c: MoEConfig, dtype=None):
         num_experts_per_tok=c.num_experts_per_tok, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
         sliding_window=None, tie_word_embeddings=c.tie_word_embeddings,
-        router_aux_loss_coef=c.router_aux_loss_coef * c.num_experts_per_tok,  # Mixtral's aux is k times ours
+        router_aux_loss_coef=c.router_aux_loss_coef / c.num_experts_per_tok,  # Mixtral's aux is k times ours
         initializer_range=c.initializer_range, torch_dtype=dtype,
     )
 
@@ -61,7 +64,7 @@ def model_fields(folder: Path) -> dict[str, Any]:
     k = raw["num_experts_per_tok"]
     fields = {name: raw[name] for name in _MODEL_FIELDS if name in raw and name not in ("router_aux_loss_coef",)}
     fields.update(rope_theta=rope["rope_theta"], hidden_act="silu",
-                  router_aux_loss_coef=raw.get("router_aux_loss_coef", 0.0) / k)
+                  router_aux_loss_coef=raw.get("router_aux_loss_coef", 0.0) * k)
     return fields
 
 

@@ -172,6 +172,7 @@ class RouterOutput:
     aux_loss: torch.Tensor  # routing.load_balancing_loss
     z_loss: torch.Tensor  # routing.router_z_loss, or 0 where its coefficient is 0
     expert_counts_E: torch.Tensor  # routes each expert received (before any capacity drop), int64, no grad
+    experts_TK: torch.Tensor | None = None  # the chosen experts (the routes `MoEModel` masks padding out of)
 
 
 class MoESparseBlock(nn.Module):
@@ -194,7 +195,7 @@ class MoESparseBlock(nn.Module):
         y_TD = self.experts(x_TD, experts_TK, weights_TK, keep_TK)
         z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
-                              expert_counts(experts_TK.detach(), self.config.num_local_experts))
+                              expert_counts(experts_TK.detach(), self.config.num_local_experts), experts_TK)
         return y_TD.view_as(x_BSD), router
 
 
@@ -287,24 +288,44 @@ class MoEModel(MoEPreTrainedModel):
             last_hidden_state=self.norm(x_BSD),
             cache=cache,
             router_logits=tuple(r.logits_TE for r in routers) if output_router_logits else None,
-            aux_loss=sum(r.aux_loss for r in routers) / num_layers,
+            aux_loss=sum(masked_aux_loss(r, attention_mask, q_len) for r in routers) / num_layers,
             z_loss=sum(r.z_loss for r in routers) / num_layers,
             expert_counts_LE=torch.stack([r.expert_counts_E for r in routers]),
         )
 
 
-def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; label -100 is ignored.
+def masked_aux_loss(router: RouterOutput, attention_mask_BK: torch.Tensor | None, q_len: int) -> torch.Tensor:
+    """A layer's load-balancing loss over the real tokens of a padded batch (a 2-D `attention_mask`, 0 = padding:
+    its last q_len columns are this forward's tokens), as transformers' Mixtral counts it; the block's own figure
+    where there is no such mask (training batches are packed: never padded)."""
+    if attention_mask_BK is None or attention_mask_BK.dim() != 2 or router.experts_TK is None:
+        return router.aux_loss
+    probs_TE = torch.softmax(router.logits_TE.float(), dim=-1)
+    return load_balancing_loss(probs_TE, router.experts_TK, attention_mask_BK[:, -q_len:].reshape(-1))
+
+
+def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor | None,
+                   shift_labels_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy in fp32, the number of tokens it averages); label -100 is ignored.
 
     The labels are shifted (the last position gets -100), not the logits: a slice of the logits would make backward
-    allocate and fill a zero gradient of the full logits ([T, V]) before copying the slice into it.
+    allocate and fill a zero gradient of the full logits ([T, V]) before copying the slice into it. `shift_labels_BS`
+    (transformers' name): targets already shifted, used as they are.
     """
-    targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
+    targets_BS = shift_labels_BS if shift_labels_BS is not None else F.pad(labels_BS[:, 1:], (0, 1), value=-100)
+    targets_T = targets_BS.reshape(-1).to(logits_BSV.device)
+    mean = F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), targets_T, ignore_index=-100)
+    return mean, (targets_T != -100).sum()
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    """The causal LM. Its `loss` is `losses.training_loss` of this forward's batch; given `num_items_in_batch` (what
+    transformers' Trainer passes under gradient accumulation: the target tokens of the whole accumulated batch, the
+    Trainer then leaving the loss undivided), it is that loss times this batch's share of those tokens, so the
+    accumulated micro-batches sum to one batch's mean."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True  # transformers' Trainer: pass num_items_in_batch, do not divide the loss
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
@@ -314,7 +335,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_router_logits=None, logits_to_keep: int = 0,
-                past_key_values=None, **kwargs) -> MoECausalLMOutput:
+                past_key_values=None, num_items_in_batch=None, shift_labels=None, **kwargs) -> MoECausalLMOutput:
         out = self.model(input_ids, attention_mask, position_ids, cache if cache is not None else past_key_values,
                          inputs_embeds, use_cache, output_router_logits)
         hidden_BSD = out.last_hidden_state
@@ -322,9 +343,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             hidden_BSD = hidden_BSD[:, -logits_to_keep:]
         logits_BSV = self.lm_head(hidden_BSD)
         loss = lm_loss = None
-        if labels is not None:
-            lm_loss = causal_lm_loss(logits_BSV, labels)
+        if labels is not None or shift_labels is not None:
+            lm_loss, tokens = causal_lm_loss(logits_BSV, labels, shift_labels)
             loss = training_loss(lm_loss, out.aux_loss, out.z_loss, self.config)
+            if num_items_in_batch is not None:
+                loss = loss * (tokens / torch.as_tensor(num_items_in_batch, device=tokens.device))
         return MoECausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits_BSV,
             cache=out.cache, router_logits=out.router_logits, expert_counts_LE=out.expert_counts_LE,

@@ -105,7 +105,8 @@ class TrainSection(Section):
     seed: int = 1234
     output_dir: str | None = None  # default: runs/<name>
     log_every: PositiveInt = 1
-    save_every: int = Field(0, ge=0)  # 0: no checkpoints
+    save_every: int = Field(0, ge=0)  # 0: none on the way (save_last still writes the last step's)
+    save_last: bool = True  # a checkpoint at the last step whatever save_every says (what `moe export` reads)
     keep_checkpoints: int = Field(3, ge=0)  # newest complete checkpoints kept (0: all)
     resume: str = "auto"  # auto | never | PATH (a checkpoint of another layout resumes through its portable states)
     portable_checkpoints: bool = True  # also save states by global name: another layout or ZeRO stage can resume
@@ -308,10 +309,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not sep or not key.strip():
         raise RecipeError("--set", f"{assignment!r} is not key=value; write e.g. --set train.steps=20")
     parts = key.strip().split(".")
-    node = raw
+    node, schema = raw, Recipe
     for i, part in enumerate(parts[:-1]):
+        field = schema.model_fields.get(part) if schema is not None else None
+        schema = field.annotation if field is not None and isinstance(field.annotation, type) and issubclass(
+            field.annotation, BaseModel) else None
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict) or (field is not None and schema is None):  # a value, stated or not
             raise RecipeError("--set", f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key}")
         node = child
     try:

@@ -12,8 +12,8 @@ Load-balancing loss (Switch Transformer, eq. 4-6, normalised per route):
     P_e = mean_t probs_TE[t, e]                        mean router probability, carries the gradient
 
 It is 1.0 under perfectly uniform routing for any K, and equals transformers' `load_balancing_loss_func` for one
-layer divided by K. A model's `aux_loss` is the mean of this over its MoE layers; the training loss adds
-`router_aux_loss_coef * aux_loss`.
+layer divided by K (padded tokens left out the same way where an attention mask is given). A model's `aux_loss`
+is the mean of this over its MoE layers; the training loss adds `router_aux_loss_coef * aux_loss`.
 
 Router z-loss (ST-MoE): `mean_t logsumexp(logits_TE[t])^2`, averaged over layers the same way.
 """
@@ -49,11 +49,23 @@ def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
+                        mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """The module docstring's `aux`, over the tokens where `mask_T` (1 = a real token, 0 = padding; default: all)
+    is set: f_e and P_e count and average those tokens only, as transformers' Mixtral does with an attention mask."""
     num_tokens, num_experts = probs_TE.shape
-    routes_E = expert_counts(experts_TK, num_experts).to(probs_TE.dtype)
-    f_E = routes_E / (num_tokens * experts_TK.shape[1])
-    P_E = probs_TE.mean(dim=0)
+    K = experts_TK.shape[1]
+    if mask_T is None:
+        routes_E = expert_counts(experts_TK, num_experts).to(probs_TE.dtype)
+        f_E = routes_E / (num_tokens * K)
+        P_E = probs_TE.mean(dim=0)
+    else:
+        m_T = mask_T.reshape(-1).to(probs_TE.dtype)
+        kept = m_T.sum()
+        routes_E = torch.zeros(num_experts, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(
+            0, experts_TK.reshape(-1), m_T.repeat_interleave(K))
+        f_E = routes_E / (kept * K)
+        P_E = (probs_TE * m_T[:, None]).sum(dim=0) / kept
     return num_experts * torch.sum(f_E * P_E)
 
 

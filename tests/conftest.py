@@ -77,13 +77,13 @@ def _launched_once(tmp_path_factory, key: str, ranks: int, overrides: tuple[str,
 @pytest.fixture(scope="session")
 def single_rank_run(tmp_path_factory):
     """The 1-rank run of tests/layouts.py's schedule (`STEPS`; the model's own block, no DeepSpeed MoE) per
-    micro-batch size, launched once per session, with its last step's checkpoint (`REFERENCE_SAVE`: the run moved
+    micro-batch size, launched once per session, with its last step's checkpoint (`train.save_last`: the run moved
     through layouts, tests/test_reshard.py, is held to its states). Returns its output folder."""
-    from tests.layouts import REFERENCE_SAVE, SINGLE_RANK, STEPS
+    from tests.layouts import SINGLE_RANK, STEPS
 
     def run(micro_batch: tuple[str, ...] = ()) -> Path:
         key = "single" + "".join("-" + o.rsplit(".", 1)[-1] for o in micro_batch)
-        return _launched_once(tmp_path_factory, key, 1, (*SINGLE_RANK, *STEPS, *REFERENCE_SAVE, *micro_batch))
+        return _launched_once(tmp_path_factory, key, 1, (*SINGLE_RANK, *STEPS, *micro_batch))
 
     return run
 

@@ -172,3 +172,33 @@ def test_auto_never_picks_a_backend_the_model_cannot_run():
                    "parallel.tp=2"):
         recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", [change, "parallel.pp=1"])  # dp 2
         assert recipe.strategy(2 * recipe.parallel.tp)[0].moe_backend == "legacy", change
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "tiny_text", "gpu_check", "seed_4b"])
+def test_shipped_recipes_state_no_training_field_its_default_or_base_already_gives(name):
+    """A stated default is a trap: tiny_cpu's `warmup_steps: 10` refused `--set train.steps=5`, which the default
+    (min(10, steps)) serves. The model shape and hardware sections are the recipe's statement of what it trains and
+    on what, and seed_plan.yaml quotes a plan field by field: those stay."""
+    import yaml
+    from pydantic import BaseModel
+
+    from moe_model.recipe import Recipe
+
+    raw = yaml.safe_load((ROOT / f"recipes/{name}.yaml").read_text())
+    base = yaml.safe_load((ROOT / "recipes" / raw["base"]).read_text()) if "base" in raw else {}
+    stated_defaults = []
+    for section in ("parallel", "train", "data", "tracking"):
+        schema = Recipe.model_fields[section].annotation
+
+        def walk(cls: type[BaseModel], values: dict, inherited: dict, where: str) -> None:
+            for key, value in values.items():
+                field = cls.model_fields[key]
+                if isinstance(value, dict) and isinstance(field.annotation, type) and issubclass(field.annotation,
+                                                                                                 BaseModel):
+                    walk(field.annotation, value, inherited.get(key) or {}, f"{where}{key}.")
+                elif value == inherited.get(key, field.default):
+                    stated_defaults.append(f"{where}{key}")
+        walk(schema, raw.get(section) or {}, base.get(section) or {}, f"{section}.")
+    assert stated_defaults == [], stated_defaults
+    if "warmup_steps" not in raw.get("train", {}):  # the seed states its plan's 500
+        assert load_recipe(ROOT / f"recipes/{name}.yaml", ["train.steps=5"]).train.warmup_steps == 5

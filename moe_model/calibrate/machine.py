@@ -125,8 +125,8 @@ def shrunken(recipe: Recipe, steps: int, output_dir: str | None) -> Recipe:
     """The recipe's layout, depth, vocabulary, data and schedule at shrunken widths (`work_probe.shrunken_widths`),
     no checkpoints, validation or tracking."""
     raw = shrunken_widths(recipe).model_dump()
-    raw["train"].update(steps=steps, log_every=1, save_every=0, eval_every=0, resume="never", output_dir=output_dir,
-                        warmup_steps=min(recipe.train.warmup_steps, steps - 1))
+    raw["train"].update(steps=steps, log_every=1, save_every=0, save_last=False, eval_every=0, resume="never",
+                        output_dir=output_dir, warmup_steps=min(recipe.train.warmup_steps, steps - 1))
     raw["tracking"] = {"wandb": {"mode": "disabled"}}
     raw.pop("claims", None)
     return recipe_from_dict(raw)

@@ -88,7 +88,7 @@ class AutoEPBlock(nn.Module):
         cfg = self.config
         z_loss = router_z_loss(logits_TE) if cfg.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
-                              expert_counts(experts_TK.detach(), cfg.num_local_experts))
+                              expert_counts(experts_TK.detach(), cfg.num_local_experts), experts_TK)
         return y_BSD, router
 
 

@@ -89,7 +89,7 @@ class ProjectGate(TopKGate):
         buffer_depth = max(math.ceil(capacity / tp) * tp, tp)
         z_loss = router_z_loss(logits_TE) if cfg.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         aux_loss = load_balancing_loss(probs_TE, experts_TK)
-        router = RouterOutput(logits_TE, aux_loss, z_loss, counts_E)
+        router = RouterOutput(logits_TE, aux_loss, z_loss, counts_E, experts_TK)
         indices_KT = torch.where(keep_TK, experts_TK, -1).t().to(torch.int32).contiguous()
         locations_KT = (position_TK * keep_TK).t().to(torch.int32).contiguous()
         gates_KT = weights_TK.t().contiguous()

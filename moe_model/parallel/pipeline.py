@@ -84,7 +84,7 @@ class PipelineLoss:
     def __call__(self, outputs, labels_BS):
         logits_BSV, carry = outputs
         L, E = self.config.num_hidden_layers, self.config.num_local_experts
-        lm_loss = causal_lm_loss(logits_BSV, labels_BS)
+        lm_loss, _ = causal_lm_loss(logits_BSV, labels_BS)
         aux_loss, z_loss = carry[0] / L, carry[1] / L
         loss = training_loss(lm_loss, aux_loss, z_loss, self.config)
         self.stats.append(StepStats.of(loss, lm_loss, aux_loss, z_loss, carry[2:].reshape(L, E)))

@@ -130,7 +130,8 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
         if directory is None and notes:
             raise ExportError("RUN_DIR", f"{run_dir} has no intact checkpoint ({'; '.join(notes)})")
         if directory is None:
-            raise ExportError("RUN_DIR", f"{run_dir} has no complete checkpoint (train with train.save_every > 0)")
+            raise ExportError("RUN_DIR", (f"{run_dir} has no complete checkpoint (a run writes one at its last "
+                                          "step unless train.save_last is false, and every train.save_every steps)"))
     # the model the checkpoint was written with (its manifest, since the model-check issue), else the run's recipe
     model_fields = checkpoint.read_manifest(directory).get("model") or json.loads(run_file.read_text())["recipe"]["model"]
     config = ModelSection(**model_fields).to_config()

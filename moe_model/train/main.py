@@ -59,7 +59,7 @@ def check_disk_space(recipe: Recipe) -> None:
     """Checkpoints must fit before the first step: about 18 bytes a parameter each (16-bit or fp32 weights, fp32
     master and Adam moments), 12 more with portable states (fp32 master and both moments again, `reshard`), for the
     kept ones plus the one being written."""
-    if not recipe.train.save_every and not recipe.train.stop_at:
+    if not recipe.train.save_every and not recipe.train.stop_at and not recipe.train.save_last:
         return
     from ..estimate.params import count_params
 

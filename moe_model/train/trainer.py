@@ -44,6 +44,14 @@ def recipe_error(err: RecipeError | str, suffix: str = "") -> RunStopped:
     return RunStopped(2, f"moe: recipe error: {err}{suffix}")
 
 
+def checkpoint_due(train, step: int) -> bool:
+    """Whether a checkpoint is written after `step` (1-based) of a run whose `train` section this is: every
+    `save_every` steps, at `stop_at`, and at the last step (`save_last`, default on: a finished run always leaves
+    what `moe export` reads)."""
+    periodic = train.save_every and step % train.save_every == 0
+    return bool(periodic or step == train.stop_at or (step == train.steps and train.save_last))
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, rank: int, world: int):
         self.recipe, self.rank, self.world = recipe, rank, world
@@ -228,8 +236,7 @@ class Trainer:
             newest = checkpoint.newest(self.checkpoints)
             raise RunStopped(3, f"moe: the loss is {metrics['loss']} at step {step + 1}; stopping. Newest good "
                                 f"checkpoint: {newest or 'none'} (lower train.lr or check the data, then resume)")
-        save_every, stopping = recipe.train.save_every, step + 1 == recipe.train.stop_at
-        if stopping or save_every and ((step + 1) % save_every == 0 or step + 1 == recipe.train.steps):
+        if checkpoint_due(recipe.train, step + 1):
             checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints,
                             model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
                             portable_config=recipe.moe_config() if self.portable else None)
