@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_model import MoEConfig, MoEForCausalLM
+from moe_model import MoEConfig, MoEForCausalLM, MoEModel
 from moe_model.losses import StepStats, training_loss
 from moe_model.modeling import MoESparseBlock, RouterOutput
 
@@ -141,6 +141,19 @@ def test_save_load_round_trip_through_auto_classes(tmp_path, tiny_config_kwargs)
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_automodel_loads_the_base_model_of_a_saved_causal_lm(tmp_path, tiny_config_kwargs):
+    from transformers import AutoModel
+
+    torch.manual_seed(8)
+    model = MoEForCausalLM(MoEConfig(**tiny_config_kwargs)).eval()
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is MoEModel
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model.model(ids).last_hidden_state, base(ids).last_hidden_state)
 
 
 def test_saved_directory_loads_with_remote_code_without_the_package(tmp_path, tiny_config_kwargs, python):
