@@ -19,7 +19,7 @@ from tests.launch import SINGLE_RANK, failure, launch
 
 # tests/layouts.py's schedule: every launch but the last ended by train.stop_at, which saves; the last step's
 # checkpoint (train.save_last) is what the states are compared on
-RUN = (*layouts.STEPS, "train.keep_checkpoints=0")
+RUN = (*layouts.STEPS, *layouts.REFERENCE_SAVE, "train.keep_checkpoints=0")
 STEPS = layouts.LAST_STEP
 PP2_DP2_EP2 = ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2")  # tiny_cpu's own: AutoEP, ZeRO-1
 MOVES = [  # (name, ranks, layout, stop after step, the changes its resume names)

@@ -31,7 +31,7 @@ ULP = 2.0**-8  # bf16's relative spacing at 1 (8 significant bits)
 FIRST_STEP_TOLERANCE, LATER_TOLERANCE = 4 * ULP, 8 * ULP
 STEPS = 4
 COMMON = ("model.num_hidden_layers=2", "parallel.micro_batch_size=2", f"train.steps={STEPS}", "train.warmup_steps=0",
-          "train.log_every=1", "train.grad_clip=1.0", "tracking.wandb.mode=disabled")
+          "train.log_every=1", "train.grad_clip=1.0", "tracking.wandb.mode=disabled", "train.save_last=false")
 DP2_EP2 = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2")
 LAYOUTS = {  # name -> (ranks, overrides, the optimizer DeepSpeed builds: tests/test_ds_configs.py checks which)
     "one_rank_zero1": (1, (*SINGLE_RANK, "parallel.zero_stage=1"), "BF16_Optimizer"),

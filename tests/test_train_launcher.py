@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from moe_model.train import checkpoint
 from moe_model.train.tracking import read_metrics
 from tests.launch import SINGLE_RANK, failure, launch
 from tests.layouts import STEPS
@@ -25,6 +26,8 @@ def test_one_rank_deepspeed_training_loss_falls(tmp_path):
     assert metrics[0]["lr"] < metrics[5]["lr"] < metrics[10]["lr"]  # linear warmup
     assert (tmp_path / "run.json").exists()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "the wandb offline run is missing"
+    # save_every unset: the last step still leaves the checkpoint moe export reads (train.save_last)
+    assert checkpoint.newest(tmp_path / "checkpoints").name == checkpoint.tag_for(60)
 
 
 def test_layout_that_breaks_a_rule_at_launch_fails_before_training(tmp_path):

@@ -101,3 +101,18 @@ def test_a_recipe_error_on_the_rank_path_is_one_line_on_rank_0_only(tmp_path, mo
     monkeypatch.setenv("RANK", "1")
     assert train_main(args) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_checkpoints_fall_every_save_every_steps_at_stop_at_and_at_the_last_step_unless_turned_off():
+    from moe_model.recipe import TrainSection
+    from moe_model.train.trainer import checkpoint_due
+
+    def due(**fields):
+        train = TrainSection(steps=10, **fields)
+        return [step for step in range(1, 11) if checkpoint_due(train, step)]
+
+    assert due() == [10]  # the default: a finished run always has one
+    assert due(save_last=False) == []
+    assert due(save_every=4) == [4, 8, 10]
+    assert due(save_every=4, save_last=False) == [4, 8]
+    assert due(save_every=4, stop_at=6, save_last=False) == [4, 6, 8]
