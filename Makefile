@@ -36,7 +36,7 @@ CPU_RANKS := DS_ACCELERATOR=cpu
 # TEST_WORKERS pytest-xdist workers: a launch's start-up (the launcher's and each rank's imports) leaves a core idle
 # much of the time, which a second test fills (measured: 20 min 52 s -> 17 min 53 s for the multirank tests on 2
 # cores); tests/conftest.py runs the rank-starting tests first and each shared reference run once for all workers.
-# 3 on 2 cores once let a refused 2-rank launch exit before its peer reached the store (exit 1, not 2): not yet
+# 3 on 2 cores once let a refused 2-rank launch exit before its peer reached the store (exit 1, not 2), not yet fixed
 TEST_WORKERS ?= 2
 # the full suite (CI; its log names the 15 slowest tests, where the 15-minute aim is kept or lost); test-fast leaves
 # out every test that starts deepspeed ranks (marked multirank; tests/conftest.py refuses a launch from an unmarked
