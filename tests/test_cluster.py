@@ -148,6 +148,7 @@ def test_the_device_is_bound_before_the_first_collective(monkeypatch):
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: events.append(("init", kw["timeout"])))
     monkeypatch.setattr(distributed, "share_cpu_cores", lambda: None)
     monkeypatch.setattr(distributed, "skip_cpu_shm_op", lambda: None)
+    monkeypatch.setattr(dist, "barrier", lambda: events.append(("barrier",)))
     monkeypatch.setattr(dist, "get_rank", lambda: 3)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -155,7 +156,7 @@ def test_the_device_is_bound_before_the_first_collective(monkeypatch):
     assert distributed.init_distributed(timeout_min=45) == (3, 8)
     from datetime import timedelta
 
-    assert events == [("set_device", 3), ("init", timedelta(minutes=45))]
+    assert events == [("set_device", 3), ("init", timedelta(minutes=45)), ("barrier",)]
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == distributed.CUDA_ALLOC_CONF
 
 

@@ -158,6 +158,10 @@ def init_distributed(timeout_min: float | None = None) -> tuple[int, int]:
     bind_device()
     skip_cpu_shm_op()
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_min))
+    # every rank has finished connecting before any goes on: a rank that refuses the launch right after
+    # (`main.launch_problem`) must not exit while a peer is still in gloo's rendezvous (it died of DistNetworkError,
+    # exit 1, instead of giving the refusal's exit 2)
+    dist.barrier()
     return dist.get_rank(), dist.get_world_size()
 
 
