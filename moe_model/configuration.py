@@ -1,3 +1,4 @@
+# Copyright 2026 The moe-recipes authors. Licensed under the Apache License, Version 2.0 (pyproject.toml).
 """MoEConfig: the typed shape of a Mixture-of-Experts decoder.
 
 Field names follow transformers' Mixtral wherever the concept is shared, so that a `silu` model is a Mixtral model
@@ -5,6 +6,8 @@ parameter for parameter. Validation lives here: a config that cannot build a mod
 """
 
 from __future__ import annotations
+
+import copy
 
 from transformers import PretrainedConfig
 
@@ -27,6 +30,8 @@ class MoEConfig(PretrainedConfig):
         max_position_embeddings: longest sequence the RoPE tables are meant for.
         rms_norm_eps: epsilon of RMSNorm.
         rope_theta: RoPE base.
+        rope_parameters: transformers' RoPE dict (`rope_type` "default", "linear", "dynamic", "yarn", "longrope",
+            "llama3" and that type's fields); its `rope_theta` wins over the argument. Default: plain RoPE.
         tie_word_embeddings: share the input embedding with the LM head.
         router_aux_loss_coef: weight of the load-balancing loss in the training loss (see `routing.py`).
         router_z_loss_coef: weight of the router z-loss (0 disables it).
@@ -55,6 +60,7 @@ class MoEConfig(PretrainedConfig):
         max_position_embeddings: int = 10240,
         rms_norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
+        rope_parameters: dict | None = None,
         tie_word_embeddings: bool = False,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.0,
@@ -81,6 +87,7 @@ class MoEConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
+        self.rope_parameters = copy.deepcopy(rope_parameters)
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.capacity_factor = capacity_factor
@@ -96,6 +103,8 @@ class MoEConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        # transformers' PretrainedConfig has filled rope_parameters (type "default", rope_theta from the argument)
+        self.rope_theta = self.rope_parameters["rope_theta"]
 
     def _validate_shape(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -1,15 +1,16 @@
+# Copyright 2026 The moe-recipes authors. Licensed under the Apache License, Version 2.0 (pyproject.toml).
 """MoEForCausalLM: a single-device Hugging Face MoE decoder (no torch.distributed here).
 
-Block: x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h)). Attention is grouped-query with RoPE through
-`scaled_dot_product_attention`; the MoE block is a top-k router (see `routing.py`) over experts stored as stacked
-tensors `[E, ...]`. With `hidden_act="silu"` the parameter names and shapes are transformers' Mixtral's.
+Block: x + Attention(RMSNorm(x)), then h + MoE(RMSNorm(h)). Attention is grouped-query with RoPE through the
+function transformers registers for `attn_implementation` (SDPA by default, eager, flex, flash); the MoE block is a
+top-k router (see `routing.py`) over experts stored as stacked tensors `[E, ...]`. With `hidden_act="silu"` the
+parameter names and shapes are transformers' Mixtral's.
 
 Shape suffixes: B batch, S query length, K_ key length, D hidden, H heads, Hd head width, T = B*S tokens,
 E experts, K top-k, R routed token copies (T*K; the loop kernel leaves the dropped ones out), I expert hidden width.
 """
 
-from __future__ import annotations
-
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations import use_experts_implementation
+from transformers.processing_utils import Unpack
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration import MoEConfig
 from .grouped_ffn import grouped_backend, grouped_expert_ffn
@@ -39,12 +50,46 @@ class MoERMSNorm(nn.Module):
         return self.weight * x_fp32.to(x.dtype)
 
 
-def rope_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """RoPE tables for the given positions, [B, S, Hd] each (computed on the fly: no buffer to initialise)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BS.device).float() / head_dim))
-    freqs_BSh = position_ids_BS[..., None].float() * inv_freq
-    angles_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
-    return angles_BSd.cos().to(dtype), angles_BSd.sin().to(dtype)
+class MoERotaryEmbedding(nn.Module):
+    """RoPE tables for given positions, (cos, sin) [B, S, Hd] each, of the type `config.rope_parameters` names:
+    "default" (plain RoPE, base `rope_theta`) or any of transformers' scaled types (linear, dynamic, yarn, longrope,
+    llama3), whose frequencies come from its `ROPE_INIT_FUNCTIONS`.
+
+    No buffer: the Hd/2 frequencies are computed in each forward, so a model built on the meta device (the training
+    path) has nothing to fill. The parameters are copied at construction (a later edit of the config changes no built
+    model), and "dynamic" scaling depends on this forward's positions only (transformers' own keeps the widest
+    frequencies it has seen until a sequence is short again)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = copy.copy(config)
+        self.config.rope_parameters = copy.deepcopy(config.rope_parameters)
+        self.rope_type = self.config.rope_parameters["rope_type"]
+        self.latest_seq_len = 0  # "dynamic": the positions its latest forward saw (a host int read once per forward)
+
+    def frequencies(self, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies [Hd/2] in fp32, the factor cos and sin are scaled by) for positions below `seq_len`
+        (only "dynamic" depends on it)."""
+        if self.rope_type == "default":
+            theta, head_dim = self.config.rope_parameters["rope_theta"], self.config.head_dim
+            return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)), 1.0
+        init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        if self.rope_type == "dynamic":
+            return init_fn(self.config, device, seq_len=max(seq_len, self.config.max_position_embeddings))
+        return init_fn(self.config, device)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies the latest forward used (on the CPU)."""
+        return self.frequencies(self.latest_seq_len)[0]
+
+    def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_type == "dynamic":
+            self.latest_seq_len = int(position_ids_BS.max()) + 1
+        inv_freq_h, scaling = self.frequencies(self.latest_seq_len, position_ids_BS.device)
+        freqs_BSh = position_ids_BS[..., None].float() * inv_freq_h.float()
+        angles_BSd = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
+        return (angles_BSd.cos() * scaling).to(x.dtype), (angles_BSd.sin() * scaling).to(x.dtype)
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
@@ -54,26 +99,32 @@ def apply_rope(x_BHSd: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tenso
     return x_BHSd * cos + rotated * sin
 
 
-def attention_mask_for(attention_mask_BK: torch.Tensor | None, q_len: int, past_len: int) -> torch.Tensor | None:
-    """A boolean SDPA mask [B, 1, S, K_], or None where SDPA's own `is_causal` (or no mask) is exact."""
-    padded = attention_mask_BK is not None and not bool(attention_mask_BK.all())
-    if not padded and (past_len == 0 or q_len == 1):
-        return None
-    kv_len = past_len + q_len
-    device = attention_mask_BK.device if attention_mask_BK is not None else None
-    q_pos_S1 = torch.arange(past_len, kv_len, device=device)[:, None]
-    k_pos_1K = torch.arange(kv_len, device=device)[None, :]
-    mask_11SK = (k_pos_1K <= q_pos_S1)[None, None]
-    if padded:
-        keys_B11K = attention_mask_BK[:, None, None, :kv_len].bool()
-        # a padded query still sees itself, so that no row is empty (an empty row would give NaN)
-        mask_11SK = (mask_11SK & keys_B11K) | (k_pos_1K == q_pos_S1)[None, None]
-    return mask_11SK
+def eager_attention(module: nn.Module, q_BHSd: torch.Tensor, k_BhKd: torch.Tensor, v_BhKd: torch.Tensor,
+                    mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """Attention written out (softmax(q k^T * scaling + mask) v), for `attn_implementation="eager"`: the one path
+    that can return the attention weights. `mask` is transformers' additive float mask [B, 1, S, K_] or None;
+    h = key/value heads, repeated to H. Returns (out [B, S, H, d], weights [B, H, S, K_]) as transformers'
+    attention functions do."""
+    groups = q_BHSd.shape[1] // k_BhKd.shape[1]
+    k_BHKd = k_BhKd.repeat_interleave(groups, dim=1)
+    v_BHKd = v_BhKd.repeat_interleave(groups, dim=1)
+    scores_BHSK = torch.matmul(q_BHSd, k_BHKd.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores_BHSK = scores_BHSK + mask[..., : k_BHKd.shape[-2]]
+    weights_BHSK = torch.softmax(scores_BHSK, dim=-1, dtype=torch.float32).to(q_BHSd.dtype)
+    weights_BHSK = F.dropout(weights_BHSK, p=dropout, training=module.training)
+    return torch.matmul(weights_BHSK, v_BHKd).transpose(1, 2).contiguous(), weights_BHSK
 
 
 class MoEAttention(nn.Module):
     """Grouped-query attention over the heads this module holds: all of the config's by default; a tensor-parallel
-    rank builds one with its share (`num_heads`, `num_kv_heads`) and reuses this forward."""
+    rank builds one with its share (`num_heads`, `num_kv_heads`) and reuses this forward.
+
+    The attention itself is the function transformers registers for `config._attn_implementation` ("sdpa", the
+    default: torch's `scaled_dot_product_attention`; "flex_attention"; "flash_attention_*" where installed), or
+    `eager_attention`. Returns (output [B, S, D], attention weights or None: only the eager path has them)."""
+
+    is_causal = True
 
     def __init__(self, config: MoEConfig, layer_idx: int, num_heads: int | None = None,
                  num_kv_heads: int | None = None):
@@ -81,14 +132,16 @@ class MoEAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
         self.num_heads = config.num_attention_heads if num_heads is None else num_heads
         self.num_kv_heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x_BSD, cos_sin, mask, cache: Cache | None = None):
+    def forward(self, x_BSD, cos_sin, mask=None, cache: Cache | None = None, **kwargs):
         B, S, _ = x_BSD.shape
         q_BHSd = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         k_BHSd = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
@@ -96,11 +149,9 @@ class MoEAttention(nn.Module):
         q_BHSd, k_BHSd = apply_rope(q_BHSd, *cos_sin), apply_rope(k_BHSd, *cos_sin)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(k_BHSd, v_BHSd, self.layer_idx)
-        out_BHSd = F.scaled_dot_product_attention(
-            q_BHSd, k_BHSd, v_BHSd, attn_mask=mask, is_causal=mask is None and S > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return self.o_proj(out_BHSd.transpose(1, 2).reshape(B, S, -1))
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out_BSHd, weights = attend(self, q_BHSd, k_BHSd, v_BHSd, mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.o_proj(out_BSHd.reshape(B, S, -1)), weights
 
 
 class MoERouter(nn.Module):
@@ -124,20 +175,37 @@ def expert_ffn(x_ND, w_in, w_down, act_fn, gated: bool) -> torch.Tensor:
     return F.linear(h_NI, w_down)
 
 
+@use_experts_implementation
 class MoEExperts(nn.Module):
-    """E expert FFNs as stacked tensors. gelu: `up_proj` [E, I, D]; silu: `gate_up_proj` [E, 2I, D]; `down_proj` [E, D, I]."""
+    """E expert FFNs as stacked tensors. gelu: `up_proj` [E, I, D]; silu: `gate_up_proj` [E, 2I, D]; `down_proj` [E, D, I].
+
+    transformers' experts interface picks the forward by `config._experts_implementation`: "eager" (the default
+    here, see `MoEPreTrainedModel.get_correct_experts_implementation`) is this class's own forward below, the one
+    the training paths use; "grouped_mm" and "batched_mm" are transformers' kernels over the same tensors (dropless
+    only: they take no capacity mask)."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
         E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts = E
         self.gated = config.hidden_act == "silu"
+        self.act_fn = ACT2FN[config.hidden_act]
         if self.gated:
             self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         else:
             self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.hidden_act = config.hidden_act
+
+    @property
+    def has_gate(self) -> bool:
+        """What transformers' expert kernels read to tell `gate_up_proj` from `up_proj`: follows `hidden_act`."""
+        return self.gated
+
+    @has_gate.setter
+    def has_gate(self, value: bool) -> None:
+        # `use_experts_implementation` sets one value for the whole class (True: gated); this class holds both kinds
+        pass
 
     def forward(self, x_TD, experts_TK, weights_TK, keep_TK=None):
         """Group the routed copies of the tokens by expert (one sort), run each expert once, combine with index_add.
@@ -189,10 +257,14 @@ class MoESparseBlock(nn.Module):
         probs_TE, weights_TK, experts_TK = route(logits_TE, self.top_k)
         keep_TK = None
         if self.config.capacity_factor is not None:
+            if self.config._experts_implementation not in (None, "eager"):
+                raise ValueError(f"experts_implementation={self.config._experts_implementation!r} is dropless: "
+                                 "with a capacity_factor use the model's own experts (experts_implementation='eager')")
             capacity = expert_capacity(x_TD.shape[0], self.config.num_local_experts, self.top_k,
                                        self.config.capacity_factor, self.config.min_capacity)
             keep_TK = capacity_keep_mask(experts_TK, self.config.num_local_experts, capacity)
-        y_TD = self.experts(x_TD, experts_TK, weights_TK, keep_TK)
+        y_TD = self.experts(x_TD, experts_TK, weights_TK) if keep_TK is None else \
+            self.experts(x_TD, experts_TK, weights_TK, keep_TK)
         z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
                               expert_counts(experts_TK.detach(), self.config.num_local_experts), experts_TK)
@@ -207,8 +279,9 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoESparseBlock(config)
 
-    def forward(self, x_BSD, cos_sin, mask=None, cache=None):
-        h_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_sin, mask, cache)
+    def forward(self, x_BSD, cos_sin, mask=None, cache=None, **kwargs) -> tuple[torch.Tensor, RouterOutput]:
+        attn_BSD, _ = self.self_attn(self.input_layernorm(x_BSD), cos_sin, mask, cache, **kwargs)
+        h_BSD = x_BSD + attn_BSD
         moe_BSD, router = self.mlp(self.post_attention_layernorm(h_BSD))
         return h_BSD + moe_BSD, router
 
@@ -220,6 +293,21 @@ class MoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEDecoderLayer"]
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # what `output_hidden_states`, `output_attentions` and `output_router_logits` return: transformers' forward hooks
+    # record these modules' outputs (at `index` where the output is a tuple)
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(MoEDecoderLayer, index=0),
+        "attentions": OutputRecorder(MoEAttention, index=1),
+        "router_logits": OutputRecorder(MoERouter, index=0),
+    }
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """No request means the model's own experts ("eager": `MoEExperts.forward`, grouped_ffn's kernels with
+        their host-sync-free backward), not transformers' default ("grouped_mm", its own kernel)."""
+        return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -255,15 +343,17 @@ class MoEModel(MoEPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(MoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = MoERotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, output_router_logits=None, past_key_values=None, **kwargs) -> MoEModelOutput:
+                use_cache=None, **kwargs: Unpack[TransformersKwargs]) -> MoEModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
@@ -272,22 +362,20 @@ class MoEModel(MoEPreTrainedModel):
             cache = None
         x_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         q_len = x_BSD.shape[1]
-        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
+            past_len = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past_len, past_len + q_len, device=x_BSD.device).unsqueeze(0)
-        cos_sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x_BSD.dtype)
-        mask = attention_mask_for(attention_mask, q_len, past_len)
-
+        cos_sin = self.rotary_emb(x_BSD, position_ids)
+        mask = create_causal_mask(config=self.config, inputs_embeds=x_BSD, attention_mask=attention_mask,
+                                  cache=cache, position_ids=position_ids)
         routers = []
         for layer in self.layers:
             x_BSD, router = layer(x_BSD, cos_sin, mask, cache)
             routers.append(router)
         num_layers = len(routers)
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         return MoEModelOutput(
             last_hidden_state=self.norm(x_BSD),
             cache=cache,
-            router_logits=tuple(r.logits_TE for r in routers) if output_router_logits else None,
             aux_loss=sum(masked_aux_loss(r, attention_mask, q_len) for r in routers) / num_layers,
             z_loss=sum(r.z_loss for r in routers) / num_layers,
             expert_counts_LE=torch.stack([r.expert_counts_E for r in routers]),
@@ -333,11 +421,16 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_router_logits=None, logits_to_keep: int = 0,
-                past_key_values=None, num_items_in_batch=None, shift_labels=None, **kwargs) -> MoECausalLMOutput:
-        out = self.model(input_ids, attention_mask, position_ids, cache if cache is not None else past_key_values,
-                         inputs_embeds, use_cache, output_router_logits)
+                num_items_in_batch=None, shift_labels=None, **kwargs: Unpack[TransformersKwargs]) -> MoECausalLMOutput:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
+                         **kwargs)
         hidden_BSD = out.last_hidden_state
         if logits_to_keep:
             hidden_BSD = hidden_BSD[:, -logits_to_keep:]
@@ -350,5 +443,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 loss = loss * (tokens / torch.as_tensor(num_items_in_batch, device=tokens.device))
         return MoECausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits_BSV,
-            cache=out.cache, router_logits=out.router_logits, expert_counts_LE=out.expert_counts_LE,
+            cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions,
+            router_logits=out.router_logits, expert_counts_LE=out.expert_counts_LE,
         )

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..configuration import MoEConfig
 from ..losses import StepStats, training_loss
-from ..modeling import MoEDecoderLayer, MoEForCausalLM, causal_lm_loss, rope_cos_sin
+from ..modeling import MoEDecoderLayer, MoEForCausalLM, MoERotaryEmbedding, causal_lm_loss
 from .groups import RankGroups
 from .layer import parallelize_layer
 from .state_dict_adapter import allocate
@@ -47,13 +47,14 @@ class DecoderLayerPipe(nn.Module):
         self.layer = parallelize_layer(layer, groups)
         self.layer_idx = layer_idx
         self.config = config
+        self.rotary_emb = MoERotaryEmbedding(config)
         allocate(self)  # built on meta: the PipelineModule moves its stage next, and `build_model` fills it
 
     def forward(self, inputs):
         x_BSD, carry = inputs
         cfg = self.config
         position_ids = torch.arange(x_BSD.shape[1], device=x_BSD.device).unsqueeze(0)
-        cos_sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x_BSD.dtype)
+        cos_sin = self.rotary_emb(x_BSD, position_ids)
         x_BSD, router = self.layer(x_BSD, cos_sin)
         E, L = cfg.num_local_experts, cfg.num_hidden_layers
         load_E = router.expert_counts_E.detach().float()

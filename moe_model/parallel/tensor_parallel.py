@@ -78,8 +78,8 @@ class TensorParallelAttention(MoEAttention):
         for param in self.parameters():
             mark_tensor_parallel(param)
 
-    def forward(self, x_BSD, cos_sin, mask=None, cache=None):
+    def forward(self, x_BSD, cos_sin, mask=None, cache=None, **kwargs):
         if cache is not None:
             raise ValueError("tensor-parallel attention is for training: no KV cache")
-        partial_BSD = super().forward(copy_to_tp(x_BSD, self.group), cos_sin, mask)
-        return reduce_from_tp(partial_BSD, self.group)
+        partial_BSD, weights = super().forward(copy_to_tp(x_BSD, self.group), cos_sin, mask, **kwargs)
+        return reduce_from_tp(partial_BSD, self.group), weights
