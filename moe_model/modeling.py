@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import grouped_mm_experts_forward
 from transformers.processing_utils import Unpack
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import create_causal_mask
@@ -154,15 +155,12 @@ class MoEAttention(nn.Module):
         return self.o_proj(out_BSHd.reshape(B, S, -1)), weights
 
 
-class MoERouter(nn.Module):
-    """The gate: one linear map to expert logits (no bias), `weight` [E, D] like Mixtral's `mlp.gate`."""
+class MoERouter(nn.Linear):
+    """The gate: one linear map to expert logits (no bias), `weight` [E, D] like Mixtral's `mlp.gate`. An
+    `nn.Linear`, so that PEFT's LoRA (and anything else that adapts linear layers) can target it as `gate`."""
 
     def __init__(self, config: MoEConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TD, self.weight)
+        super().__init__(config.hidden_size, config.num_local_experts, bias=False)
 
 
 def expert_ffn(x_ND, w_in, w_down, act_fn, gated: bool) -> torch.Tensor:
@@ -216,6 +214,13 @@ class MoEExperts(nn.Module):
         K, E = experts_TK.shape[1], self.num_experts
         w_in = self.gate_up_proj if self.gated else self.up_proj
         grouped = grouped_backend(x_TD, w_in, self.down_proj) == "grouped_mm"
+        if not grouped and torch.compiler.is_compiling():
+            # the loop reads the counts to the host, a data-dependent shape torch.compile cannot trace in one graph;
+            # transformers' grouped_mm experts keep them on the device (its custom op falls back to a loop inside).
+            # A dropped route is weighted 0 there: the same sum, and no gradient reaches it either way
+            if keep_TK is not None:
+                weights_TK = weights_TK * keep_TK
+            return grouped_mm_experts_forward(self, x_TD, experts_TK, weights_TK.to(x_TD.dtype))
         expert_R = experts_TK.reshape(-1)
         dropping = keep_TK is not None
         if dropping:  # dropped routes go to a sentinel expert E that sorts last and is never run
@@ -296,6 +301,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tests/test_hf_generation.py compiles a forward with fullgraph=True
     # what `output_hidden_states`, `output_attentions` and `output_router_logits` return: transformers' forward hooks
     # record these modules' outputs (at `index` where the output is a tuple)
     _can_record_outputs = {
@@ -312,11 +318,9 @@ class MoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, MoEExperts):
+        if isinstance(module, MoEExperts):  # the router is an nn.Linear: transformers' own init draws it
             for param in module.parameters(recurse=False):
                 init.normal_(param, mean=0.0, std=std)
-        elif isinstance(module, MoERouter):
-            init.normal_(module.weight, mean=0.0, std=std)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: f
     The one home of this rule: the model drops by it, the estimator sizes buffers by it. A number of tokens gives an
     int; a numpy array of them (the planner's grid) an array."""
     share = top_k * capacity_factor * num_tokens / num_experts
-    if np.ndim(share) == 0:
+    if not isinstance(share, np.ndarray):  # (not np.ndim: torch.compile cannot trace numpy on a Python number)
         return max(math.ceil(share), min_capacity)
     return np.maximum(np.ceil(share), min_capacity)
 
