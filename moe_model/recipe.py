@@ -112,6 +112,7 @@ class TrainSection(Section):
     portable_checkpoints: bool = True  # also save states by global name: another layout or ZeRO stage can resume
     stop_at: PositiveInt | None = None  # end this launch after this step, saving a checkpoint; `steps` sets the schedule
     init_from: str | None = None  # a Hugging Face folder (native or Mixtral) whose weights a fresh run starts from
+    init_from_unexpected: Literal["refuse", "ignore"] = "refuse"  # tensors of that folder the model does not read
     overwrite: bool = False  # start over in a directory holding a run: its files go to archive-<time>/ first
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     eval_every: int = Field(0, ge=0)  # validation loss every N steps and at the last step (0: never)

@@ -468,7 +468,7 @@ def export_row(plan: Plan, series: Series, vocab_size: int) -> dict[str, Any]:
     from gpu_check_rank import probe_ids
 
     base = plan.work / series.name
-    folder = export(base / "reference", base / "export", "mixtral")
+    folder = export(base / "reference", base / "export", "mixtral").folder
     dtype = torch.bfloat16 if series.precision == "bf16" else torch.float32
     model = MixtralForCausalLM.from_pretrained(folder, dtype=dtype).to(plan.device).eval()
     if "export" in dry_run_faults() and plan.device == "cpu":  # the dry run's fault: experts 0 and 1 of layer 0 swapped

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -84,7 +85,7 @@ def test_metrics_after_the_checkpoint_are_dropped_on_resume(tmp_path):
 
 
 @pytest.mark.multirank
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, layout_run):
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, layout_run, monkeypatch, capsys):
     """AutoEP's experts inside ZeRO-3's partitions (tiny_cpu's own pp2 x dp2 x ep2 (ZeRO-1, AutoEP) is killed and
     resumed across two emulated nodes, and ZeRO-0 legacy under srun, by tests/test_multinode.py). The uninterrupted
     run is the session's parity run of the layout (tests/layouts.py)."""
@@ -113,6 +114,30 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, layout_run
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a["step"], a["loss"], b["loss"])
     assert sorted(p.name for p in (killed / "checkpoints").glob("step*")) == [
         checkpoint.tag_for(s) for s in (4, 6)]  # keep_checkpoints: 2 of the 3 saved
+    export_during_rotation(killed, tmp_path / "exported", monkeypatch, capsys)
+
+
+def export_during_rotation(run, out, monkeypatch, capsys):
+    """`moe export` of a live run whose rotation deletes the checkpoint it chose (step 6) before it is read: it
+    exports the next intact one (step 4), says so, and names the step it wrote."""
+    from moe_model.train import export as export_module
+
+    original, calls = export_module.merged_state_dict, []
+
+    def rotated_away(directory, config, scratch=None):
+        if not calls:
+            shutil.rmtree(directory)  # what train.keep_checkpoints' pruning does while export runs
+        calls.append(directory.name)
+        return original(directory, config, scratch)
+
+    monkeypatch.setattr(export_module, "merged_state_dict", rotated_away)
+    capsys.readouterr()
+    assert moe(["export", str(run), str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert calls == [checkpoint.tag_for(6), checkpoint.tag_for(4)]
+    assert json.loads(captured.out)["step"] == 4
+    assert f"skipping {checkpoint.tag_for(6)}: removed while it was read" in captured.err
+    assert (out / "config.json").exists() and not out.with_name(out.name + ".partial").exists()
 
 
 @pytest.mark.multirank
@@ -144,6 +169,11 @@ def test_export_round_trip_gives_the_engine_logits(tmp_path, ranks, overrides):
 def test_export_refuses_bad_input(tmp_path, capsys):
     assert moe(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "has no run.json" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "a-file").write_text("")
+    assert moe(["export", str(tmp_path), str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert "OUT_DIR" in err and "is a file, not a folder" in err and "Traceback" not in err
 
 
 class FakeEngine:

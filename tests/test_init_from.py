@@ -57,6 +57,40 @@ def test_the_model_section_comes_from_the_folder_or_must_agree(tmp_path):
         load_recipe(recipe_from(tmp_path, tmp_path / "empty"))
 
 
+def test_a_folder_that_cannot_fill_the_model_is_refused_before_any_rank_starts(tmp_path, capsys):
+    """A missing shard, or a tensor the model does not have, is one line from `moe train` (exit 2) before the
+    launcher starts (a launch here would fail the test: tests/conftest.py) and leaves no output folder."""
+    from safetensors.torch import load_file, save_file
+
+    from moe_model.parallel.state_dict_adapter import global_shapes
+    from moe_model.train.engine import init_from_source
+
+    mixtral_folder(tmp_path / "whole").save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert moe(["train", str(recipe_from(tmp_path, tmp_path / "sharded")), "--set", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"names 1 shard(s) the folder lacks ({shards[-1].name})" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+    mixtral_folder(tmp_path / "extra")
+    weights = load_file(tmp_path / "extra/model.safetensors")
+    save_file({**weights, "model.layers.0.mlp.shared_expert.weight": torch.zeros(2, 2)},
+              tmp_path / "extra/model.safetensors", metadata={"format": "pt"})
+    recipe = recipe_from(tmp_path, tmp_path / "extra")
+    capsys.readouterr()
+    assert moe(["train", str(recipe), "--set", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert ("holds 1 tensor(s) the model does not have (model.layers.0.mlp.shared_expert.weight); set "
+            "train.init_from_unexpected=ignore") in err and not out.exists()
+    ignoring = load_recipe(recipe, ["train.init_from_unexpected=ignore"])
+    shapes = global_shapes(ignoring.moe_config())
+    assert init_from_source(ignoring).unexpected(shapes) == ["model.layers.0.mlp.shared_expert.weight"]
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("ranks, layout", [
     (4, ()),  # tiny_cpu: pp2 x dp2 x ep2 on AutoEP

@@ -23,12 +23,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..train.export import export
 
     skipped: list[str] = []
-    out = export(Path(args.run_dir), Path(args.out_dir), args.format, args.tag, skipped=skipped)
-    for note in skipped:  # newer checkpoints that do not verify, each with its reason
+    done = export(Path(args.run_dir), Path(args.out_dir), args.format, args.tag, skipped=skipped)
+    for note in skipped:  # newer checkpoints that do not verify or vanished while read, each with its reason
         print(f"moe export: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"exported": str(out), "format": args.format, "skipped": skipped}, indent=2))
+        print(json.dumps({"exported": str(done.folder), "format": args.format, "step": done.step,
+                          "checkpoint": str(done.checkpoint), "skipped": skipped}, indent=2))
     else:
-        print(f"wrote {out} ({args.format}); load it with AutoModelForCausalLM.from_pretrained({str(out)!r}"
+        print(f"wrote {done.folder} ({args.format}) from step {done.step} ({done.checkpoint.name}); load it with "
+              f"AutoModelForCausalLM.from_pretrained({str(done.folder)!r}"
               + (", trust_remote_code=True)" if args.format == "native" else ")"))
     return 0

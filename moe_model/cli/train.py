@@ -68,12 +68,27 @@ def launch_shape(recipe: Recipe, args: argparse.Namespace, accelerator: str) -> 
     return here, sum(per_node.values()), words
 
 
+def _resumable(recipe: Recipe) -> bool:
+    """Whether the run would resume from a checkpoint of its own (one with a manifest: its digests are the ranks'
+    to check), so that `train.init_from` is not read."""
+    from ..train import checkpoint
+
+    if recipe.train.resume not in ("auto", "never"):  # a checkpoint PATH
+        return True
+    root = recipe.output_dir / "checkpoints"
+    return recipe.train.resume == "auto" and any((t / checkpoint.MANIFEST).exists() for t in checkpoint.tags(root))
+
+
 def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
     from ..estimate import launch_refusal
     from ..launch import deepspeed_command, rank_env
     from ..train.main import check_output_dir, check_trainable
 
     check_trainable(recipe)
+    if recipe.train.init_from and not _resumable(recipe):  # what a fresh run's ranks would read, checked here
+        from ..train.engine import init_from_source
+
+        init_from_source(recipe)
     from ..train.distributed import launch_env
     from ..train.host_memory import cpu_host_refusal
 

@@ -162,10 +162,15 @@ class SafetensorsSource:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             files = json.loads(index.read_text())["weight_map"]
+            absent = sorted({file for file in files.values() if not (folder / file).is_file()})
+            if absent:
+                raise FileNotFoundError(f"{folder}: {index.name} names {len(absent)} shard(s) the folder lacks "
+                                        f"({', '.join(absent[:3])}); copy the whole folder")
         else:
             single = folder / "model.safetensors"
             if not single.is_file():
-                raise FileNotFoundError(f"{folder} has no model.safetensors nor model.safetensors.index.json")
+                raise FileNotFoundError(f"{folder} has no model.safetensors nor model.safetensors.index.json; "
+                                        "pass a folder written by save_pretrained")
             with safe_open(single, framework="pt") as handle:
                 files = {key: single.name for key in handle.keys()}
         self.folder, self.files, self._open = folder, files, safe_open
@@ -193,6 +198,17 @@ class SafetensorsSource:
             if found != shape:
                 return f"{self.folder}: {name} is {tuple(found)}, the model's is {tuple(shape)}"
         return None
+
+    def unexpected(self, shapes: dict[str, torch.Size]) -> list[str]:
+        """The folder's tensors that no parameter of a model of these shapes reads (under its own name or its Hub
+        Mixtral names), sorted; RoPE frequency buffers older transformers saved are not counted (they are
+        recomputed)."""
+        read = set()
+        for name, shape in shapes.items():
+            read.update((name, hub_name(name)))
+            if hub_parts(name, 0) is not None:
+                read.update(key for e in range(shape[0]) for key in hub_parts(name, e))
+        return sorted(n for n in self.files if n not in read and not n.endswith("rotary_emb.inv_freq"))
 
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._handle(name).get_slice(name).get_shape())

@@ -142,7 +142,7 @@ def weights_source(recipe: Recipe, resuming: bool = False, pieces: Path | None =
     another layout (`pieces`, `reshard`), `train.init_from`'s folder on a fresh run (read lazily, this rank's slices
     only), else the recipe's seed (`SeededInit`). A folder that cannot fill the model is a `RecipeError` naming the
     first tensor missing or shaped otherwise."""
-    from ..parallel.state_dict_adapter import SafetensorsSource, SeededInit, global_shapes
+    from ..parallel.state_dict_adapter import SeededInit, global_shapes
 
     config = recipe.moe_config()
     if pieces is not None:
@@ -151,15 +151,31 @@ def weights_source(recipe: Recipe, resuming: bool = False, pieces: Path | None =
         return sources(pieces, config, ("fp32",))["fp32"]
     shapes = global_shapes(config)
     if recipe.train.init_from and not resuming:
-        try:
-            source = SafetensorsSource(Path(recipe.train.init_from))
-        except FileNotFoundError as err:
-            raise RecipeError("train.init_from", f"{err}; pass a folder written by save_pretrained") from None
-        problem = source.problem(shapes)
-        if problem:
-            raise RecipeError("train.init_from", problem)
-        return source
+        return init_from_source(recipe, shapes)
     return SeededInit(config, recipe.train.seed, shapes)
+
+
+def init_from_source(recipe: Recipe, shapes=None):
+    """`train.init_from`'s folder as a weights source, checked whole from its headers (no weights read): every shard
+    its index names present, every parameter there with its shape, and no tensor the model would not read unless
+    `train.init_from_unexpected: ignore`. `moe train` runs it before any rank starts; a `RecipeError` otherwise."""
+    from ..parallel.state_dict_adapter import SafetensorsSource, global_shapes
+
+    shapes = shapes if shapes is not None else global_shapes(recipe.moe_config())
+    try:
+        source = SafetensorsSource(Path(recipe.train.init_from))
+    except FileNotFoundError as err:
+        raise RecipeError("train.init_from", str(err)) from None
+    problem = source.problem(shapes)
+    if problem:
+        raise RecipeError("train.init_from", problem)
+    unexpected = source.unexpected(shapes)
+    if unexpected and recipe.train.init_from_unexpected == "refuse":
+        raise RecipeError("train.init_from", (
+            f"{recipe.train.init_from} holds {len(unexpected)} tensor(s) the model does not have "
+            f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); set "
+            "train.init_from_unexpected=ignore to start without them"))
+    return source
 
 
 def rank_share(recipe: Recipe, layout: Layout, resuming: bool = False, pieces: Path | None = None) -> ParallelModel:

@@ -26,6 +26,7 @@ import json
 import re
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,42 +105,52 @@ def merged_state_dict(directory: Path, config: MoEConfig, scratch: Path | None =
     return block_state(state)
 
 
+@dataclass
+class Exported:
+    folder: Path  # the Hugging Face folder written
+    checkpoint: Path  # the checkpoint it was read from
+    step: int  # that checkpoint's step
+
+
 def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = None,
-           skipped: list[str] | None = None) -> Path:
-    """Write the newest intact checkpoint of `run_dir` (or `tag`) as a Hugging Face folder. Returns the folder.
+           skipped: list[str] | None = None) -> Exported:
+    """Write the newest intact checkpoint of `run_dir` (or `tag`) as a Hugging Face folder.
 
     Without `tag` the checkpoint folders are scanned (`checkpoint.newest_intact`: sizes and SHA-256 digests, not
-    the `latest` pointer); each newer one passed over is appended to `skipped` (one line each, saying why)."""
+    the `latest` pointer); each newer one passed over is appended to `skipped` (one line each, saying why). A live
+    run's rotation may delete the chosen checkpoint while it is read: the next intact one is taken then, and said."""
     from .. import MoEForCausalLM
 
     run_file = run_dir / "run.json"
     if not run_file.exists():
         raise ExportError("RUN_DIR", f"{run_dir} has no run.json: pass the output_dir of a training run")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError("OUT_DIR", f"{out_dir} is a file, not a folder; choose a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError("OUT_DIR", f"{out_dir} exists and is not empty; choose a new folder")
+    notes = skipped if skipped is not None else []
     root = run_dir / "checkpoints"
-    if tag:
-        directory = root / tag
-        problem = checkpoint.damage(directory)
-        if problem:
-            raise ExportError("checkpoint", f"{problem}; export another tag with --tag")
+    for _ in range(len(checkpoint.tags(root)) + 1):
+        directory = _chosen(run_dir, root, tag, notes)
+        try:
+            # the model the checkpoint was written with (its manifest, since the model-check issue), else the recipe
+            manifest = checkpoint.read_manifest(directory)
+            config = ModelSection(**(manifest.get("model") or json.loads(run_file.read_text())["recipe"]["model"])
+                                  ).to_config()
+            if fmt == "mixtral" and config.hidden_act != "silu":
+                raise ExportError("--format",
+                                  "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
+            state = merged_state_dict(directory, config, scratch=out_dir.parent)
+            break
+        except FileNotFoundError as err:  # removed after it was chosen: a live run's rotation (keep_checkpoints)
+            if tag:
+                raise ExportError("checkpoint", f"{directory} lost {Path(err.filename or '?').name} while it was "
+                                                "read; export another tag with --tag") from None
+            notes.append(f"skipping {directory.name}: removed while it was read (the run's keep_checkpoints rotation)")
     else:
-        directory, notes = checkpoint.newest_intact(root)
-        if skipped is not None:
-            skipped.extend(notes)
-        if directory is None and notes:
-            raise ExportError("RUN_DIR", f"{run_dir} has no intact checkpoint ({'; '.join(notes)})")
-        if directory is None:
-            raise ExportError("RUN_DIR", (f"{run_dir} has no complete checkpoint (a run writes one at its last "
-                                          "step unless train.save_last is false, and every train.save_every steps)"))
-    # the model the checkpoint was written with (its manifest, since the model-check issue), else the run's recipe
-    model_fields = checkpoint.read_manifest(directory).get("model") or json.loads(run_file.read_text())["recipe"]["model"]
-    config = ModelSection(**model_fields).to_config()
-    if fmt == "mixtral" and config.hidden_act != "silu":
-        raise ExportError("--format", "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
+        raise ExportError("RUN_DIR", f"{run_dir}: every checkpoint was removed while it was read; try again")
 
     model = MoEForCausalLM(config)
-    state = merged_state_dict(directory, config, scratch=out_dir.parent)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -157,7 +168,25 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
     if out_dir.exists():
         out_dir.rmdir()
     staging.rename(out_dir)  # the folder appears whole or not at all
-    return out_dir
+    return Exported(out_dir, directory, int(manifest["step"]))
+
+
+def _chosen(run_dir: Path, root: Path, tag: str | None, notes: list[str]) -> Path:
+    """The checkpoint to export: `tag`'s (refused if damaged) or the newest intact one."""
+    if tag:
+        directory = root / tag
+        problem = checkpoint.damage(directory)
+        if problem:
+            raise ExportError("checkpoint", f"{problem}; export another tag with --tag")
+        return directory
+    directory, damaged = checkpoint.newest_intact(root)
+    notes.extend(damaged)
+    if directory is None and damaged:
+        raise ExportError("RUN_DIR", f"{run_dir} has no intact checkpoint ({'; '.join(damaged)})")
+    if directory is None:
+        raise ExportError("RUN_DIR", (f"{run_dir} has no complete checkpoint (a run writes one at its last "
+                                      "step unless train.save_last is false, and every train.save_every steps)"))
+    return directory
 
 
 def to_mixtral(model):
