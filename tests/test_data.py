@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -220,3 +221,28 @@ def test_a_local_corpus_is_prepared_without_asking_the_hub(tmp_path, monkeypatch
     prepare(make_recipe(tmp_path, path, text_field="text"))
     assert lookups == []  # datasets' download-count ping to S3 is not sent for local files
     assert datasets.config.HF_HUB_OFFLINE is False  # and a hub source in the same process is left as it was
+
+
+def test_a_killed_cache_build_leaves_nothing_the_next_build_keeps(tmp_path):
+    """A build killed mid-way leaves `.<key>.tmp-<host>-<pid>/`; the next build on the host removes it once its
+    process is gone, and leaves a live build's and another host's alone (whether that one lives cannot be told)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(30))
+    recipe = make_recipe(tmp_path, path)
+    folder = prepare(recipe).folder
+    shutil.rmtree(folder)  # as if the first build had been killed before moving its folder into place
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    host = socket.gethostname()
+    stale, live, elsewhere = (folder.with_name(f".{folder.name}.tmp-{h}-{p}")
+                              for h, p in ((host, dead), (host, os.getppid()), ("other-node", dead)))
+    for tmp in (stale, live, elsewhere):
+        tmp.mkdir()
+        (tmp / "train.bin").write_bytes(b"x" * 1000)
+    rebuilt = prepare(recipe)
+    assert rebuilt.folder == folder and (folder / "meta.json").is_file()
+    assert not stale.exists() and live.exists() and elsewhere.exists()

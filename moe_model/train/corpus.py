@@ -23,9 +23,7 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..recipe import Recipe, RecipeError
+from .staging import staging_folder
 from .tokenizer import build_tokenizer, save_with_run
 from .tokenizer import fingerprint as tokenizer_fingerprint
 
@@ -203,7 +202,7 @@ def _write_cache(recipe: Recipe, tokenizer, key: str, folder: Path) -> None:
         def encode(texts: list[str]) -> list[list[int]]:
             return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    tmp = folder.with_name(f".{key}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = staging_folder(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..recipe import Recipe, RecipeError
+from .staging import staging_folder
 
 EOS = "<|endoftext|>"
 SPEC_FILE = "moe_tokenizer.json"
@@ -191,7 +191,7 @@ def resolve_tokenizer(recipe: Recipe, training_texts: Callable[[], Iterable[str]
 
 
 def save(tokenizer: PreTrainedTokenizerBase, spec: dict[str, Any], folder: Path) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = staging_folder(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
