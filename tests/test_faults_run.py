@@ -247,3 +247,57 @@ def test_case8_sigint_prints_one_line_and_exits_130(tmp_path):
     newest = checkpoint.newest(run / "checkpoints")
     assert f"newest complete checkpoint: {newest} (step " in lines[0] and "resume with: moe train" in lines[0]
     assert checkpoint.damage(newest) is None
+
+
+def test_sigterm_and_sigusr1_request_a_stop_after_the_step():
+    from moe_model.train import preemption
+
+    previous = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+    try:
+        preemption.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second request changes nothing
+        assert preemption.requested() == "SIGUSR1"
+    finally:
+        preemption._requested = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.multirank
+def test_preemption_saves_after_the_step_and_the_resume_gives_the_uninterrupted_losses(tmp_path, single_rank_run):
+    """Issue 24, cases 1 and 2: SIGTERM to `moe train`'s process group (a job manager, a scheduler's preemption).
+    It comes once the rank has started (its run.json), so the rank stops after its first step: the checkpoint of
+    step 1, one line naming it and the resume command, exit 75, no process left. The resumed run then ends on the
+    losses of the session's uninterrupted 1-rank run of the same schedule."""
+    import psutil
+
+    from tests.layouts import REFERENCE_SAVE, STEPS
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "moe_model.cli", "train", "recipes/tiny_cpu.yaml"]
+    for override in (*SINGLE_RANK, *STEPS, *REFERENCE_SAVE, f"train.output_dir={run}"):
+        args += ["--set", override]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "run.json").exists() and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 75, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("moe: stopped on request")]
+    saved = run / "checkpoints" / checkpoint.tag_for(1)
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"(SIGTERM) after step 1 of {STEPS[0].split('=')[1]}; checkpoint {saved} (written in " in lines[0]
+    assert "resume with: moe train" in lines[0]
+    assert checkpoint.damage(saved) is None and [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
+
+    resumed = launch(1, *SINGLE_RANK, *STEPS, *REFERENCE_SAVE, f"train.output_dir={run}")
+    assert resumed.returncode == 0, failure(resumed)
+    reference = read_metrics(single_rank_run() / "metrics.jsonl")
+    losses = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in losses] == [m["step"] for m in reference]
+    for a, b in zip(reference, losses):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a["step"], a["loss"], b["loss"])

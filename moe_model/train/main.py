@@ -6,11 +6,11 @@ The same command runs on GPUs (NCCL) and on CPU ranks (gloo): DeepSpeed picks it
 itself is `trainer.Trainer`; what the console shows (and `MOE_VERBOSE=1`, which keeps DeepSpeed's logs) is `console`.
 
 Before anything is written, global rank 0 takes the output directory's lock and decides what happens to an earlier
-run's files there (`claim_output_dir`, `ownership`). SIGINT (Ctrl-C) and SIGTERM (what the deepspeed launcher sends
-every rank when it is interrupted or a rank failed) stop the run at once on every rank: rank 0 prints one line naming
-the newest complete checkpoint and the command that resumes it, and the ranks exit 130 (`interrupted_line`); a
-checkpoint being written when the signal came has no manifest and never counts. With MOE_VERBOSE=1 the traceback of
-where each rank stopped is shown too.
+run's files there (`claim_output_dir`, `ownership`). SIGINT (Ctrl-C) stops the run at once on every rank: rank 0
+prints one line naming the newest complete checkpoint and the command that resumes it, and the ranks exit 130
+(`interrupted_line`); a checkpoint being written when the signal came has no manifest and never counts. SIGTERM and
+SIGUSR1 (a scheduler's preemption) stop it after the current step with a checkpoint, exit 75 (`preemption`). With
+MOE_VERBOSE=1 the traceback of where each rank stopped is shown too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import traceback
 from ..launch import rank_program_parser
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..strategy import Strategy
+from . import preemption
 from .console import library_output, quiet_libraries
 from .distributed import close_distributed, init_distributed, stale_build_lock
 
@@ -85,8 +86,8 @@ def _interrupt(signum: int, frame) -> None:
     # wandb's service process got the same Ctrl-C and is gone: its client's asyncio transport would log
     # "socket.send() raised exception." for every message still queued
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    for name in (signal.SIGINT, signal.SIGTERM):  # a no-op, not SIG_IGN: Python raises OSError ("Signal 15 ignored
-        signal.signal(name, lambda *_: None)      # due to race condition") for a pending signal now set to SIG_IGN
+    for name in (signal.SIGINT, *preemption.SIGNALS):  # a no-op, not SIG_IGN: Python raises OSError ("Signal 15
+        signal.signal(name, lambda *_: None)  # ignored due to race condition") for a pending signal now set to SIG_IGN
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import RunStopped, Trainer, recipe_error  # here: `moe train` imports this module's checks only
 
     signal.signal(signal.SIGINT, _interrupt)  # explicitly: a launcher may have started this rank with SIGINT ignored
-    signal.signal(signal.SIGTERM, _interrupt)
+    preemption.install()  # SIGTERM, SIGUSR1: stop after this step, with a checkpoint
     recipe, trainer, world, lock = None, None, None, None
     try:
         try:
@@ -124,20 +125,22 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except RunStopped as stop:
         if global_rank() == 0:
-            print(stop.line, file=sys.stderr)
+            resume = f"; resume with: {resume_command(args, world)}" if stop.code == preemption.PREEMPTED else ""
+            print(stop.line + resume, file=sys.stderr)
         end_run(lock)  # every rank reaches the same verdict at the same point
         return stop.code
     except (KeyboardInterrupt, Exception) as err:
         # after a signal, whatever this rank raises is its side of the stop (a collective whose peer has already
         # exited fails here before the signal's KeyboardInterrupt is raised); anything else is a real error
-        if not isinstance(err, KeyboardInterrupt) and _stopped_by is None:
+        stopped_by = _stopped_by or preemption.requested()
+        if not isinstance(err, KeyboardInterrupt) and stopped_by is None:
             raise
         from .console import verbose
 
         if verbose():
             traceback.print_exc()
         if global_rank() == 0:
-            print(interrupted_line(_stopped_by or "SIGINT", args, recipe, trainer, world), file=sys.stderr)
+            print(interrupted_line(stopped_by or "SIGINT", args, recipe, trainer, world), file=sys.stderr)
         # no atexit hooks: wandb's service process got the same Ctrl-C and is gone, and its teardown would print
         # a traceback and a line per unsent message; the metrics and checkpoints are already on disk
         if lock is not None:
@@ -221,18 +224,19 @@ def interrupted_line(signal_name: str, args: argparse.Namespace, recipe: Recipe 
 
 
 def run_launcher(command: list[str], env: dict[str, str], call=None) -> int:
-    """`moe train`'s side: run the deepspeed launcher (`call(command, env=env)`, default `subprocess.call`) and wait
-    for it; returns its exit code, or 130 after Ctrl-C.
+    """`moe train`'s side: run the deepspeed launcher (`call(command, env=env, start_new_session=True)`, default
+    `subprocess.call`) and wait for it; returns its exit code (the ranks'), or 130 after Ctrl-C.
 
-    Ctrl-C reaches every process of the terminal's foreground group. DeepSpeed's runner (the `deepspeed` command) has
-    no SIGINT handler and would print a KeyboardInterrupt traceback, so it is started with SIGINT ignored (inherited
-    through fork and exec); its per-node launch.py installs its own handler (it stops the ranks with SIGTERM), and the
-    ranks install `_interrupt`. `subprocess.call` has no hook between fork and wait, so it runs on a thread while this
-    (main) thread ignores SIGINT until the runner exists, then records it. A SIGINT sent to this process alone is
-    passed on to the launch.py processes when they are still running 10 s later."""
+    The launcher runs in a session of its own, so a signal to `moe train`'s process group (a terminal's Ctrl-C,
+    `kill -TERM -PGID`, a job manager) or to this process alone (`kill PID`) reaches this process only, which passes
+    it on to every rank at once: SIGINT stops them at once (one line, 130), SIGTERM and SIGUSR1 after their current
+    step with a checkpoint (`preemption`, 75). DeepSpeed's launcher processes get no signal: its runner has no
+    handler (SIGINT would print a KeyboardInterrupt traceback, SIGTERM kill it and orphan the ranks), and its
+    launch.py would stop the ranks one after the other with SIGTERM, 30 s each before SIGKILL. The launcher is
+    always waited for: a signal to `moe train` never leaves ranks running. A signal that comes before any rank has
+    started waits for the first one. `call` runs on a thread so that the main thread takes the signals."""
     import subprocess
     import threading
-    import time
 
     import psutil
 
@@ -240,35 +244,48 @@ def run_launcher(command: list[str], env: dict[str, str], call=None) -> int:
 
     def launch() -> None:
         try:
-            outcome["code"] = (call or subprocess.call)(command, env=env)
+            outcome["code"] = (call or subprocess.call)(command, env=env, start_new_session=True)
         except BaseException as err:  # re-raised on the main thread
             outcome["error"] = err
 
-    interrupted: list[float] = []
-    forwarded = False
+    pending: list[int] = []
+    seen: set[int] = set()
     me = psutil.Process()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handlers = {signum: signal.signal(signum, lambda signum, _: pending.append(signum))
+                for signum in (signal.SIGINT, *preemption.SIGNALS)}
     try:
         thread = threading.Thread(target=launch, name="deepspeed-launcher", daemon=True)
         thread.start()
-        deadline = time.monotonic() + 10
-        while thread.is_alive() and not me.children() and time.monotonic() < deadline:
-            time.sleep(0.01)  # the runner is forked (with SIGINT ignored) within milliseconds
-        signal.signal(signal.SIGINT, lambda *_: interrupted.append(time.monotonic()))
         while thread.is_alive():
-            thread.join(timeout=1)
-            # still running 10 s after a SIGINT: it came to this process alone (`kill -INT`), not from a terminal
-            if interrupted and not forwarded and time.monotonic() - interrupted[0] > 10:
-                forwarded = True
-                for runner in me.children():
-                    for child in runner.children():
-                        with contextlib.suppress(psutil.Error):
-                            child.send_signal(signal.SIGINT)
+            thread.join(timeout=0.2)
+            ranks = launched_ranks(me) if pending else []
+            while pending and ranks:
+                signum = pending.pop(0)
+                seen.add(signum)
+                for rank in ranks:
+                    with contextlib.suppress(psutil.Error):
+                        rank.send_signal(signum)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    return INTERRUPTED if interrupted else int(outcome["code"])  # type: ignore[call-overload]
+    return INTERRUPTED if signal.SIGINT in seen else int(outcome["code"])  # type: ignore[call-overload]
+
+
+def launched_ranks(me):
+    """The rank processes under this process: the children of DeepSpeed's per-node launch.py."""
+    return [child for process in me.children(recursive=True) if _is_node_launcher(process)
+            for child in process.children()]
+
+
+def _is_node_launcher(process) -> bool:
+    import psutil
+
+    try:
+        return "deepspeed.launcher.launch" in process.cmdline()
+    except psutil.Error:
+        return False
 
 
 def global_rank() -> int:

@@ -6,8 +6,8 @@ A run that cannot go on raises `RunStopped` wherever it finds out (a bad corpus,
 loss); `main.main` is the one place that turns it into "print the line on global rank 0, return the code". Every
 rank reaches the same verdict at the same point (the checks are collectives or the same arithmetic everywhere), so
 no rank is left waiting. Exit codes: 2 bad input (one line, nothing trained), 1 the estimate does not fit, 3 the loss
-went non-finite (the line names the newest good checkpoint); an interrupted run (SIGINT/SIGTERM) is
-`main.main`'s: one line, 130.
+went non-finite (the line names the newest good checkpoint), 75 stopped on request (SIGTERM/SIGUSR1, `preemption`:
+after the step, with a checkpoint); an interrupted run (SIGINT) is `main.main`'s: one line, 130.
 
 Validation: every `train.eval_every` steps and at the last step (`evaluation.Validation`), and, when
 `train.eval_at_start` is set, once before the first optimizer step of a fresh run, logged as a metrics line of step 0
@@ -27,7 +27,7 @@ from ..losses import StepStats
 from ..parallel import Layout
 from ..recipe import Recipe, RecipeError
 from ..strategy import Strategy
-from . import checkpoint, reshard
+from . import checkpoint, preemption, reshard
 from .console import header, library_output, print_summary
 from .distributed import collective_device
 
@@ -236,10 +236,26 @@ class Trainer:
             newest = checkpoint.newest(self.checkpoints)
             raise RunStopped(3, f"moe: the loss is {metrics['loss']} at step {step + 1}; stopping. Newest good "
                                 f"checkpoint: {newest or 'none'} (lower train.lr or check the data, then resume)")
-        if checkpoint_due(recipe.train, step + 1):
-            checkpoint.save(engine, self.checkpoints, step + 1, self.layout_sizes, recipe.train.keep_checkpoints,
-                            model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
-                            portable_config=recipe.moe_config() if self.portable else None)
+        saved = checkpoint_due(recipe.train, step + 1)
+        if saved:
+            self.save(step + 1)
+        if step + 1 < self.last_step and preemption.agreed(collective_device()):
+            started = time.perf_counter()
+            directory = self.checkpoints / checkpoint.tag_for(step + 1)
+            took = "the step's scheduled one"
+            if not saved:
+                directory = self.save(step + 1)
+                took = f"written in {time.perf_counter() - started:.1f} s"
+            asked = preemption.requested() or "a signal to another rank"
+            raise RunStopped(preemption.PREEMPTED, (
+                f"moe: stopped on request ({asked}) after step {step + 1} of {recipe.train.steps}; checkpoint "
+                f"{directory} ({took})"))
+
+    def save(self, step: int):
+        recipe = self.recipe
+        return checkpoint.save(self.engine, self.checkpoints, step, self.layout_sizes, recipe.train.keep_checkpoints,
+                               model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
+                               portable_config=recipe.moe_config() if self.portable else None)
 
 
     def _reduce(self, stats: StepStats) -> StepStats:
