@@ -125,6 +125,8 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
                                 master_port=args.master_port)
     if not args.json:
         print("+ " + " ".join(command), file=sys.stderr)
-    from ..train.main import run_launcher
+    from ..train.main import checkpoint_saved_since, run_launcher
 
-    return run_launcher(command, ranks_env, subprocess.call)  # Ctrl-C: one line, 130
+    # Ctrl-C: one line, 130; SIGTERM/SIGUSR1: a checkpoint after the step, 75
+    return run_launcher(command, ranks_env, subprocess.call,
+                        saved_since=lambda since: checkpoint_saved_since(recipe.output_dir, since))

@@ -223,20 +223,25 @@ def interrupted_line(signal_name: str, args: argparse.Namespace, recipe: Recipe 
             f"with: {resume_command(args, world)}")
 
 
-def run_launcher(command: list[str], env: dict[str, str], call=None) -> int:
-    """`moe train`'s side: run the deepspeed launcher (`call(command, env=env, start_new_session=True)`, default
-    `subprocess.call`) and wait for it; returns its exit code (the ranks'), or 130 after Ctrl-C.
+def run_launcher(command: list[str], env: dict[str, str], call=None, saved_since=None) -> int:
+    """`moe train`'s side: run the deepspeed launcher (`call(command, env=env)`, default `subprocess.call`) and wait
+    for it; returns its exit code, or 130 after Ctrl-C.
 
-    The launcher runs in a session of its own, so a signal to `moe train`'s process group (a terminal's Ctrl-C,
-    `kill -TERM -PGID`, a job manager) or to this process alone (`kill PID`) reaches this process only, which passes
-    it on to every rank at once: SIGINT stops them at once (one line, 130), SIGTERM and SIGUSR1 after their current
-    step with a checkpoint (`preemption`, 75). DeepSpeed's launcher processes get no signal: its runner has no
-    handler (SIGINT would print a KeyboardInterrupt traceback, SIGTERM kill it and orphan the ranks), and its
-    launch.py would stop the ranks one after the other with SIGTERM, 30 s each before SIGKILL. The launcher is
-    always waited for: a signal to `moe train` never leaves ranks running. A signal that comes before any rank has
-    started waits for the first one. `call` runs on a thread so that the main thread takes the signals."""
+    DeepSpeed's runner (the `deepspeed` command) has no signal handler: SIGINT would print a KeyboardInterrupt
+    traceback, SIGTERM or SIGUSR1 kill it and orphan the ranks. So it is started with SIGINT, SIGTERM and SIGUSR1
+    ignored (inherited through fork and exec; its per-node launch.py installs its own SIGINT/SIGTERM handler, which
+    stops the ranks with SIGTERM one after the other, 30 s each before SIGKILL, then exits 1; the ranks install
+    theirs). The launcher stays in this process's group, so a signal to the group (a terminal's Ctrl-C, a job
+    manager, `kill -9 -PGID`) reaches every process. One sent to this process alone (`kill PID`) is passed on to
+    every rank (the children of launch.py), and the launcher is waited for: SIGINT stops the ranks at once (one line,
+    130), SIGTERM and SIGUSR1 after their step with a checkpoint (`preemption`, 75; where launch.py took the signal
+    too and exited 1, 75 all the same when `saved_since(time of the signal)` finds the checkpoint the ranks wrote
+    after it). `subprocess.call` has no hook
+    between fork and wait, so it runs on a thread while this (main) thread ignores the signals until the runner
+    exists, then records them."""
     import subprocess
     import threading
+    import time
 
     import psutil
 
@@ -244,25 +249,36 @@ def run_launcher(command: list[str], env: dict[str, str], call=None) -> int:
 
     def launch() -> None:
         try:
-            outcome["code"] = (call or subprocess.call)(command, env=env, start_new_session=True)
+            outcome["code"] = (call or subprocess.call)(command, env=env)
         except BaseException as err:  # re-raised on the main thread
             outcome["error"] = err
 
     pending: list[int] = []
     seen: set[int] = set()
+    preempted_at: list[float] = []
     me = psutil.Process()
-    handlers = {signum: signal.signal(signum, lambda signum, _: pending.append(signum))
-                for signum in (signal.SIGINT, *preemption.SIGNALS)}
+    signals = (signal.SIGINT, *preemption.SIGNALS)
+    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signals}
     try:
         thread = threading.Thread(target=launch, name="deepspeed-launcher", daemon=True)
         thread.start()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and not me.children() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the runner is forked (with the signals ignored) within milliseconds
+        def received(signum: int, frame) -> None:
+            pending.append(signum)
+            seen.add(signum)
+            if signum in preemption.SIGNALS and not preempted_at:
+                preempted_at.append(time.time())
+
+        for signum in signals:
+            signal.signal(signum, received)
         while thread.is_alive():
             thread.join(timeout=0.2)
             ranks = launched_ranks(me) if pending else []
-            while pending and ranks:
+            while pending and ranks:  # a signal before any rank started waits for the first one
                 signum = pending.pop(0)
-                seen.add(signum)
-                for rank in ranks:
+                for rank in ranks:  # a rank that got the same signal from its group takes it once
                     with contextlib.suppress(psutil.Error):
                         rank.send_signal(signum)
     finally:
@@ -270,7 +286,20 @@ def run_launcher(command: list[str], env: dict[str, str], call=None) -> int:
             signal.signal(signum, handler)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
-    return INTERRUPTED if signal.SIGINT in seen else int(outcome["code"])  # type: ignore[call-overload]
+    code = int(outcome["code"])  # type: ignore[call-overload]
+    if signal.SIGINT in seen:
+        return INTERRUPTED
+    if preempted_at and code not in (0, preemption.PREEMPTED) and saved_since and saved_since(preempted_at[0]):
+        return preemption.PREEMPTED
+    return code
+
+
+def checkpoint_saved_since(output_dir, since: float) -> bool:
+    """Whether the run's newest complete checkpoint was signed (its manifest written) at or after `since`."""
+    from . import checkpoint
+
+    newest = checkpoint.newest(output_dir / "checkpoints")
+    return newest is not None and (newest / checkpoint.MANIFEST).stat().st_mtime >= since
 
 
 def launched_ranks(me):
