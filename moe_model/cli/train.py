@@ -69,14 +69,13 @@ def launch_shape(recipe: Recipe, args: argparse.Namespace, accelerator: str) -> 
 
 
 def _resumable(recipe: Recipe) -> bool:
-    """Whether the run would resume from a checkpoint of its own (one with a manifest: its digests are the ranks'
-    to check), so that `train.init_from` is not read."""
+    """Whether the run would resume from a checkpoint of its own (`checkpoint.newest`: complete, its contents the
+    ranks' to check), so that `train.init_from` is not read."""
     from ..train import checkpoint
 
     if recipe.train.resume not in ("auto", "never"):  # a checkpoint PATH
         return True
-    root = recipe.output_dir / "checkpoints"
-    return recipe.train.resume == "auto" and any((t / checkpoint.MANIFEST).exists() for t in checkpoint.tags(root))
+    return recipe.train.resume == "auto" and checkpoint.newest(recipe.output_dir / "checkpoints") is not None
 
 
 def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
