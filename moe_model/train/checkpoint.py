@@ -17,6 +17,12 @@ and its SHA-256 digest (content, not only size: a file of the right size overwri
 `resume: auto` and `moe export` take the newest intact one, naming each newer one skipped and why; an explicit path
 that is not intact is refused.
 
+A write that fails during a save (a full disk, a quota, a file-size limit) stops the run with one line
+(`SaveFailed`): the cause, the rank and file, the newest good checkpoint; the partial folder is removed (it frees
+what it took). Every rank of a save goes through the same collectives (DeepSpeed's barriers, the portable states'
+gathers), so a rank's first failure is kept, not raised, and its later writes are skipped (`Writes`); the ranks
+agree on the outcome after the files and again after the manifest.
+
 Cost: at save the digests are split over the ranks (rank r hashes files r, r + world, ... of the sorted listing,
 streamed; hashlib has no parallel hasher) and gathered on rank 0; at resume global rank 0 alone verifies (reading
 every file once) and tells the others (`Trainer`); `moe export` verifies what it exports.
@@ -30,6 +36,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ from ..recipe import RecipeError
 
 MANIFEST = "manifest.json"
 POINTER = "latest"
+SAVE_FAILED = 74  # EX_IOERR: a checkpoint could not be written; free space (or raise the limit), then resume
 
 
 def tag_for(step: int) -> str:
@@ -74,21 +82,23 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
     (`reshard.save`), so that another layout can resume."""
     tag = tag_for(step)
     rank = dist.get_rank()
-    if rank == 0:  # a folder of this tag saved before (a run resumed from an older one): incomplete until re-signed
-        (root / tag / MANIFEST).unlink(missing_ok=True)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     directory = root / tag
-    torch.save({"step": step, "torch": torch.get_rng_state(), "python": random.getstate()},
-               directory / f"rng_rank{rank}.pt")
+    if rank == 0:  # a folder of this tag saved before (a run resumed from an older one): incomplete until re-signed
+        (directory / MANIFEST).unlink(missing_ok=True)
+    dist.barrier()
+    writes = Writes(directory)
+    with _guarded(engine, writes):
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    writes(torch.save, {"step": step, "torch": torch.get_rng_state(), "python": random.getstate()},
+           directory / f"rng_rank{rank}.pt")
     if portable_config is not None:
         from . import reshard
 
-        reshard.save(engine, directory, Layout(**layout), portable_config, step)
+        reshard.save(engine, directory, Layout(**layout), portable_config, step, write=writes)
     coords = Layout(**layout).coords(rank)
     # which DeepSpeed model-parallel file (mp_rank_XX) holds which pipeline stage and tensor-parallel slice
     mp_file = (engine.mpu.get_model_parallel_rank() if engine.mpu is not None else 0, coords["pipe"], coords["model"])
-    dist.barrier()  # every rank's files are on disk
+    _settle(directory, _first([writes.failure]), step)  # every rank's files are on disk, or the save stops here
     names = [p.name for p in sorted(directory.iterdir()) if p.name != MANIFEST]
     world = dist.get_world_size()
     mine = {"mp_file": mp_file, "digests": {name: file_digest(directory / name) for name in names[rank::world]}}
@@ -104,11 +114,123 @@ def save(engine, root: Path, step: int, layout: dict[str, int], keep: int,
                     "digest": "sha256", "digests": {k: v for part in everyone for k, v in part["digests"].items()}}
         if model is not None:
             manifest["model"] = model
-        _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
-        _write_atomic(root / POINTER, tag)
-        _prune(root, keep, tag)
-    dist.barrier()
+        writes(_write_atomic, directory / MANIFEST, json.dumps(manifest, indent=2))
+        writes(_write_atomic, root / POINTER, tag)
+        if writes.failure is None:
+            _prune(root, keep, tag)
+    verdict = [writes.failure]
+    dist.broadcast_object_list(verdict, src=0)
+    _settle(directory, verdict[0], step)
     return directory
+
+
+class SaveFailed(Exception):
+    """A checkpoint could not be written; `str()` is the one line (the cause, the rank and file, the newest good
+    checkpoint), the same on every rank."""
+
+
+class Writes:
+    """One rank's writes of one save: `writes(fn, *args)` calls `fn` until one of them fails, keeps that first
+    failure (`failure`: rank, file, cause) and skips the rest, so the rank goes on through the save's collectives
+    (why by hand: DeepSpeed's `save_checkpoint` raises out of a rank's file write and leaves its peers waiting in
+    the next barrier)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.failure: dict[str, Any] | None = None
+
+    def __call__(self, write: Callable[..., Any], *args, **kwargs) -> Any:
+        if self.failure is not None:
+            return None
+        try:
+            return write(*args, **kwargs)
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as a RuntimeError
+            target = next((Path(a) for a in (*args, *kwargs.values()) if isinstance(a, (str, Path))), None)
+            cause, fix = write_failure_cause(err, target, self.directory)
+            self.failure = {"rank": dist.get_rank(), "file": target.name if target else "?", "cause": cause,
+                            "fix": fix}
+            return None
+
+
+def write_failure_cause(err: BaseException, target: Path | None, directory: Path) -> tuple[str, str]:
+    """(what made a write fail, what to do about it), in words: the OS's cause (`No space left on device`, `Disk
+    quota exceeded`, `File too large`) where it says; torch's zip writer names none (`unexpected pos`, `file write
+    failed`), so then this process's file-size limit or the free space says it."""
+    import errno
+    import resource
+
+    free = _free_bytes(directory)
+    room = f"free space under {directory.parent} ({free / 1e9:.2f} GB free) or lower train.keep_checkpoints"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    too_large = ("raise the file-size limit (ulimit -f unlimited, or the scheduler's limit on file size) "
+                 f"{'from ' + str(limit) + ' bytes ' if limit != resource.RLIM_INFINITY else ''}before launching")
+    code = err.errno if isinstance(err, OSError) else None
+    if code == errno.EFBIG:
+        return os.strerror(code), too_large
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return os.strerror(code), room.replace("free space", "free space (or quota)") if code == errno.EDQUOT else room
+    if code:
+        return os.strerror(code), f"check {directory.parent} (its file system refused the write)"
+    if limit != resource.RLIM_INFINITY and target is not None and target.exists() and target.stat().st_size >= limit:
+        return f"File too large (the file-size limit, ulimit -f, is {limit} bytes)", too_large
+    if free < (1 << 20):
+        return os.strerror(errno.ENOSPC), room
+    return f"the write failed ({str(err).strip().splitlines()[-1][:200]})", f"check {directory.parent}"
+
+
+def _free_bytes(directory: Path) -> int:
+    for path in (directory, *directory.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(path).free
+    return 0
+
+
+@contextlib.contextmanager
+def _guarded(engine, writes: Writes) -> Iterator[None]:
+    """DeepSpeed's writes of a checkpoint through `writes`: its checkpoint engine's `save` (every state file) and the
+    recovery script rank 0 copies next to ZeRO's files (a plain `shutil.copyfile`)."""
+    inner = engine.checkpoint_engine
+
+    class Guarded:
+        def save(self, state_dict, path):
+            return writes(inner.save, state_dict, path)
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    copy = engine._copy_recovery_script
+    engine.checkpoint_engine = Guarded()
+    engine._copy_recovery_script = lambda path: writes(copy, path)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+        del engine._copy_recovery_script  # the class's method again
+
+
+def _first(failures: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Every rank's failure, gathered (a collective): the first, or None."""
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, failures[0])
+    return next((f for f in everyone if f is not None), None)
+
+
+def _settle(directory: Path, failure: dict[str, Any] | None, step: int) -> None:
+    """Every rank at once: a save that failed somewhere stops here. Rank 0 removes the folder unless it was signed
+    before the failure (a `latest` that could not be moved: the checkpoint is complete); `SaveFailed` on every rank."""
+    dist.barrier()
+    if failure is None:
+        return
+    complete = damage(directory, content=False) is None
+    if dist.get_rank() == 0 and not complete:
+        shutil.rmtree(directory, ignore_errors=True)
+    dist.barrier()
+    root = directory.parent
+    good = newest(root)
+    kept = f"newest good checkpoint: {good} (step {read_manifest(good)['step']})" if good else "no checkpoint saved yet"
+    removed = "" if complete else "; the partial folder is removed"
+    raise SaveFailed(f"moe: checkpoint {directory.name} (step {step}) could not be written: {failure['cause']} "
+                     f"(rank {failure['rank']}, {failure['file']}){removed}; {kept}; {failure['fix']}")
 
 
 def _prune(root: Path, keep: int, current: str) -> None:

@@ -3,7 +3,8 @@
 By default DeepSpeed's chatter stays out of the way (a 5-step 4-rank run printed 93 lines, most of them DeepSpeed's
 and wandb's). Where each line came from, and what keeps it quiet:
 - the `deepspeed` launcher's runner and its per-node `launch.py` log at INFO (the command, world info, "process N
-  spawned", "exits successfully"): `moe train` passes `--log_level` (`launcher_log_args`);
+  spawned", "exits successfully") and echoes the rank command line after a non-zero exit: `moe train` passes
+  `--log_level` (`launcher_log_args`);
 - "Setting accelerator to CPU" (WARNING, once per process, from DeepSpeed's accelerator detection): `moe train` detects
   the accelerator once and hands it to every process as `DS_ACCELERATOR` (`distributed.launch_env`); on the ranks a
   logging filter drops it, so a user calling the deepspeed launcher directly does not see it either;
@@ -42,8 +43,11 @@ def verbose() -> bool:
 def launcher_log_args(verbose_: bool) -> list[str]:
     """The deepspeed launcher's own options for its log level: its default, info, prints the command, the world
     info and every rank's start and end, and its one warning says that there is no hostfile (a run on this
-    machine); failures are errors and still show. `--verbose` (or MOE_VERBOSE=1 here) keeps the default."""
-    return [] if verbose_ or verbose() else ["--log_level", "error"]
+    machine). Its one error is launch.py's echo of the whole rank command line after a rank's non-zero exit
+    ("... exits with return code = 2"), which follows every stop the ranks have already explained in one line
+    (a refusal, 74, 75, a dead peer): critical drops it, and a rank that fails without such a line prints its own
+    traceback. `--verbose` (or MOE_VERBOSE=1 here) keeps the default."""
+    return [] if verbose_ or verbose() else ["--log_level", "critical"]
 
 
 class _DropChatter(logging.Filter):

@@ -9,8 +9,9 @@ Before anything is written, global rank 0 takes the output directory's lock and 
 run's files there (`claim_output_dir`, `ownership`). SIGINT (Ctrl-C) stops the run at once on every rank: rank 0
 prints one line naming the newest complete checkpoint and the command that resumes it, and the ranks exit 130
 (`interrupted_line`); a checkpoint being written when the signal came has no manifest and never counts. SIGTERM and
-SIGUSR1 (a scheduler's preemption) stop it after the current step with a checkpoint, exit 75 (`preemption`). With
-MOE_VERBOSE=1 the traceback of where each rank stopped is shown too.
+SIGUSR1 (a scheduler's preemption) stop it after the current step with a checkpoint, exit 75 (`preemption`). A rank
+that dies (a kill -9, the out-of-memory killer) is named by a survivor in one line with the resume command, exit 69
+(`peers`). With MOE_VERBOSE=1 the traceback of where each rank stopped is shown too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import traceback
 from ..launch import rank_program_parser
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..strategy import Strategy
-from . import preemption
+from . import peers, preemption
 from .console import library_output, quiet_libraries
 from .distributed import close_distributed, init_distributed, stale_build_lock
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         check_build_lock()
         with library_output():
             rank, world = init_distributed(recipe.train.collective_timeout_min)
+        peers.record()  # every rank's host and pid: a rank that dies is named by its peers
         problem = launch_problem(recipe, world)
         if problem:
             raise recipe_error(RecipeError(*problem), f" (world size {world})")
@@ -125,11 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except RunStopped as stop:
         if global_rank() == 0:
-            resume = f"; resume with: {resume_command(args, world)}" if stop.code == preemption.PREEMPTED else ""
+            from .checkpoint import SAVE_FAILED
+
+            resumable = stop.code in (preemption.PREEMPTED, SAVE_FAILED)
+            resume = f"; resume with: {resume_command(args, world)}" if resumable else ""
             print(stop.line + resume, file=sys.stderr)
         end_run(lock)  # every rank reaches the same verdict at the same point
         return stop.code
     except (KeyboardInterrupt, Exception) as err:
+        if _stopped_by is None:  # not Ctrl-C, whose peers exit at once by design: a peer gone is named (`peers`)
+            peer_lost(err, args, recipe, trainer, world, lock)
         # after a signal, whatever this rank raises is its side of the stop (a collective whose peer has already
         # exited fails here before the signal's KeyboardInterrupt is raised); anything else is a real error
         stopped_by = _stopped_by or preemption.requested()
@@ -148,6 +155,30 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED)
+
+
+def peer_lost(err: BaseException, args, recipe, trainer, world, lock) -> None:
+    """Where `err` comes from a rank that is gone (one of this host exited, or the transport says a peer went away;
+    DeepSpeed's launch.py also sends the survivors SIGTERM once it sees the dead rank): the lowest living rank of this
+    host prints `peer_lost_line`, and this rank exits `peers.PEER_LOST` at once (the group is broken: no teardown).
+    Returns for any other error."""
+    if not peers.known():
+        return
+    lost = peers.lost_connection(err)
+    dead = peers.gone(wait_s=3.0 if lost or preemption.requested() else 0.0)
+    if not dead and not lost:
+        return
+    from .console import verbose
+
+    if verbose():
+        traceback.print_exc()
+    if peers.reports(dead):
+        print(peer_lost_line(dead, err, args, recipe, trainer, world), file=sys.stderr)
+    if lock is not None:
+        lock.release()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(peers.PEER_LOST)
 
 
 def end_run(lock) -> None:
@@ -209,17 +240,39 @@ def resume_command(args: argparse.Namespace, world: int | None) -> str:
 
 def interrupted_line(signal_name: str, args: argparse.Namespace, recipe: Recipe | None, trainer, world) -> str:
     """The one line an interrupted run prints: where it stopped, the newest complete checkpoint, how to resume."""
+    return stopped_line(f"interrupted ({signal_name})", args, recipe, trainer, world)
+
+
+def peer_lost_line(dead: list[tuple[int, int]], err: BaseException, args: argparse.Namespace, recipe: Recipe | None,
+                   trainer, world) -> str:
+    """The one line of a run whose rank is gone (`peers`): which rank (or, of another node, the transport's words),
+    where the run stopped, the newest complete checkpoint, how to resume."""
+    import socket
+
+    if dead:
+        ranks = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in dead)
+        cause = (f"{ranks} on {socket.gethostname()} exited during the run (killed: a kill -9 or the out-of-memory "
+                 "killer, see dmesg; or crashed: its own output above)")
+    else:
+        words = peers.lost_connection(err) or "the connection was lost"
+        cause = f"a rank of another node is gone (the collective failed: {words}; that node's output says why)"
+    return stopped_line(cause, args, recipe, trainer, world)
+
+
+def stopped_line(cause: str, args: argparse.Namespace, recipe: Recipe | None, trainer, world) -> str:
+    """`moe: CAUSE at step N; newest complete checkpoint: ... (step K); resume with: CMD`, the tail every run that
+    stops without finishing prints."""
     from . import checkpoint
 
     if recipe is None or trainer is None:
-        return f"moe: interrupted ({signal_name}) before training started; nothing to resume"
+        return f"moe: {cause} before training started; nothing to resume"
     at = f" at step {trainer.current_step + 1}" if trainer.current_step is not None else ""
     newest = checkpoint.newest(recipe.output_dir / "checkpoints")
     if newest is None:
         saved = "no checkpoint saved yet (train.save_every sets how often); rerunning starts over"
-        return f"moe: interrupted ({signal_name}){at}; {saved}: {resume_command(args, world)} --set train.overwrite=true"
+        return f"moe: {cause}{at}; {saved}: {resume_command(args, world)} --set train.overwrite=true"
     step = checkpoint.read_manifest(newest)["step"]
-    return (f"moe: interrupted ({signal_name}){at}; newest complete checkpoint: {newest} (step {step}); resume "
+    return (f"moe: {cause}{at}; newest complete checkpoint: {newest} (step {step}); resume "
             f"with: {resume_command(args, world)}")
 
 
@@ -289,6 +342,8 @@ def run_launcher(command: list[str], env: dict[str, str], call=None, saved_since
     code = int(outcome["code"])  # type: ignore[call-overload]
     if signal.SIGINT in seen:
         return INTERRUPTED
+    if 256 - 64 < code < 256:  # launch.py's sys.exit(-N) for a rank killed by signal N: the shell's 128 + N
+        code = 128 + 256 - code
     if preempted_at and code not in (0, preemption.PREEMPTED) and saved_since and saved_since(preempted_at[0]):
         return preemption.PREEMPTED
     return code

@@ -109,10 +109,12 @@ def optimizer_step(engine) -> int:
 
 
 class _Pieces:
-    """A rank's pieces, written to `portable_rank<r>_<k>.safetensors` files of about `CHUNK_BYTES` each."""
+    """A rank's pieces, written to `portable_rank<r>_<k>.safetensors` files of about `CHUNK_BYTES` each, through
+    `write` (`checkpoint.Writes`: a failed write is kept for the save's verdict, the collectives go on)."""
 
-    def __init__(self, directory: Path, rank: int):
+    def __init__(self, directory: Path, rank: int, write=None):
         self.directory, self.rank, self.files = directory, rank, 0
+        self.write = write or (lambda fn, *args: fn(*args))
         self.pending: dict[str, torch.Tensor] = {}
         self.bytes = 0
 
@@ -126,14 +128,15 @@ class _Pieces:
         from safetensors.torch import save_file
 
         if self.pending:
-            save_file(self.pending, str(self.directory / f"portable_rank{self.rank:05d}_{self.files:03d}.safetensors"))
+            self.write(save_file, self.pending,
+                       str(self.directory / f"portable_rank{self.rank:05d}_{self.files:03d}.safetensors"))
             self.files += 1
         self.pending, self.bytes = {}, 0
 
 
-def save(engine, directory: Path, layout: Layout, config, step: int) -> None:
+def save(engine, directory: Path, layout: Layout, config, step: int, write=None) -> None:
     """Every rank, after `engine.save_checkpoint` into `directory`: write this rank's pieces, and (rank 0) the step
-    counts and the scheduler's state."""
+    counts and the scheduler's state; every file through `write(fn, *args)` when given (`checkpoint.Writes`)."""
     rank = dist.get_rank()
     shapes = global_shapes(config)
     shards = rank_shards(engine.module, layout, config, rank)
@@ -147,7 +150,7 @@ def save(engine, directory: Path, layout: Layout, config, step: int) -> None:
     for r, held in enumerate(everyone):
         for key in held:
             owner.setdefault(key, r)
-    pieces = _Pieces(directory, rank)
+    pieces = _Pieces(directory, rank, write)
     link_fragments(engine)
     for name, param in engine.module.named_parameters():  # every rank of a group in the same order: collectives
         states = full_states(engine, param)
@@ -160,7 +163,7 @@ def save(engine, directory: Path, layout: Layout, config, step: int) -> None:
     optimizer_steps = optimizer_step(engine)
     if rank == 0:
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-        (directory / STATE_FILE).write_text(json.dumps({
+        pieces.write(Path.write_text, directory / STATE_FILE, json.dumps({
             "step": step, "optimizer_step": optimizer_steps, "lr_scheduler": scheduler,
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
             "skipped_steps": engine.skipped_steps}, indent=2))

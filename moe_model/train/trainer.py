@@ -6,8 +6,9 @@ A run that cannot go on raises `RunStopped` wherever it finds out (a bad corpus,
 loss); `main.main` is the one place that turns it into "print the line on global rank 0, return the code". Every
 rank reaches the same verdict at the same point (the checks are collectives or the same arithmetic everywhere), so
 no rank is left waiting. Exit codes: 2 bad input (one line, nothing trained), 1 the estimate does not fit, 3 the loss
-went non-finite (the line names the newest good checkpoint), 75 stopped on request (SIGTERM/SIGUSR1, `preemption`:
-after the step, with a checkpoint); an interrupted run (SIGINT) is `main.main`'s: one line, 130.
+went non-finite (the line names the newest good checkpoint), 74 a checkpoint could not be written (a full disk, a
+file-size limit: `checkpoint.SaveFailed`), 75 stopped on request (SIGTERM/SIGUSR1, `preemption`: after the step,
+with a checkpoint); an interrupted run (SIGINT) is `main.main`'s: one line, 130.
 
 Validation: every `train.eval_every` steps and at the last step (`evaluation.Validation`), and, when
 `train.eval_at_start` is set, once before the first optimizer step of a fresh run, logged as a metrics line of step 0
@@ -252,11 +253,16 @@ class Trainer:
                 f"{directory} ({took})"))
 
     def save(self, step: int):
+        """The checkpoint of `step` on every rank; a write that fails on any rank stops all (`checkpoint.SaveFailed`:
+        exit 74, its line)."""
         recipe = self.recipe
-        return checkpoint.save(self.engine, self.checkpoints, step, self.layout_sizes, recipe.train.keep_checkpoints,
-                               model=self.model_fields, zero_stage=recipe.parallel.zero_stage,
-                               portable_config=recipe.moe_config() if self.portable else None)
-
+        try:
+            return checkpoint.save(self.engine, self.checkpoints, step, self.layout_sizes,
+                                   recipe.train.keep_checkpoints, model=self.model_fields,
+                                   zero_stage=recipe.parallel.zero_stage,
+                                   portable_config=recipe.moe_config() if self.portable else None)
+        except checkpoint.SaveFailed as err:
+            raise RunStopped(checkpoint.SAVE_FAILED, str(err)) from None
 
     def _reduce(self, stats: StepStats) -> StepStats:
         """This rank's step figures -> the step's averages over every rank and micro-batch (a collective)."""
