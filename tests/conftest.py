@@ -43,8 +43,8 @@ def python():
 
 
 # the files whose tests chain several launches (one to three minutes each on 2 cores): started first
-CHAINED_LAUNCHES = ("test_reshard.py", "test_gpu_check.py", "test_faults_run.py", "test_multinode.py",
-                    "test_checkpoints.py")
+CHAINED_LAUNCHES = ("test_reshard.py", "test_gpu_check.py", "test_faults_run.py", "test_faults_cluster.py",
+                    "test_multinode.py", "test_checkpoints.py")
 
 
 def pytest_collection_modifyitems(items):

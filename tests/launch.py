@@ -32,10 +32,12 @@ def node_launch_command(num_ranks: int, program: Path, args: list[str], override
 
 
 def launch(num_ranks: int, *overrides: str, script: str = "scripts/train.py", recipe: str = "recipes/tiny_cpu.yaml",
-           extra_args: tuple[str, ...] = (), timeout: int = 400) -> subprocess.CompletedProcess:
+           extra_args: tuple[str, ...] = (), timeout: int = 400, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`preexec_fn`: run in the launcher's process before it starts (a resource limit the ranks inherit)."""
     command = node_launch_command(num_ranks, ROOT / script, ["--recipe", str(ROOT / recipe), *extra_args], overrides)
     env = rank_env(WANDB_MODE=os.environ.get("WANDB_MODE", "offline"), WANDB_SILENT="true")
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+                          preexec_fn=preexec_fn)
 
 
 def failure(result: subprocess.CompletedProcess) -> str:

@@ -80,7 +80,6 @@ def _resumable(recipe: Recipe) -> bool:
 
 def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
     from ..estimate import launch_refusal
-    from ..launch import deepspeed_command, rank_env
     from ..train.main import check_output_dir, check_trainable
 
     check_trainable(recipe)
@@ -103,7 +102,7 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 1
-    check_output_dir(recipe)  # created once every check before it passed: a refused launch leaves no folder
+    created = check_output_dir(recipe)  # once every check before it passed: a refused launch leaves no folder
     from ..train.ownership import OutputLock
 
     if not args.node_rank:  # node 0 (or the only one) looks; another node's look would race node 0's rank 0
@@ -112,6 +111,17 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
         lock.release()
         if busy:
             raise UsageError(busy)
+    code = launch(recipe, args, ranks, resources, env)
+    if code != 0 and created:  # refused on the ranks before they wrote anything: the folder goes too
+        from ..train.ownership import remove_if_unused
+
+        remove_if_unused(recipe.output_dir)
+    return code
+
+
+def launch(recipe: Recipe, args: argparse.Namespace, ranks: int, resources: list[str], env: dict[str, str]) -> int:
+    """Start the deepspeed launcher on `moe_model.train.main` and wait for it; its exit code."""
+    from ..launch import deepspeed_command, rank_env
     from ..train.cluster import LAUNCH_COMMAND_ENV, launch_words, write_deepspeed_env
     from ..train.console import launcher_log_args
 

@@ -45,8 +45,10 @@ def check_trainable(recipe: Recipe) -> None:
         raise RecipeError(*problem)
 
 
-def check_output_dir(recipe: Recipe) -> None:
-    """The output folder must be creatable, writable and roomy enough for the checkpoints, before any step."""
+def check_output_dir(recipe: Recipe) -> bool:
+    """The output folder must be creatable, writable and roomy enough for the checkpoints, before any step. Returns
+    whether this call created it (a refused launch removes what it created: `ownership.remove_if_unused`)."""
+    created = not recipe.output_dir.exists()
     try:
         recipe.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -54,7 +56,13 @@ def check_output_dir(recipe: Recipe) -> None:
                                               "choose another") from None
     if not os.access(recipe.output_dir, os.W_OK):
         raise RecipeError("train.output_dir", f"{str(recipe.output_dir)!r} is not writable; choose another")
-    check_disk_space(recipe)
+    try:
+        check_disk_space(recipe)
+    except RecipeError:
+        if created:
+            recipe.output_dir.rmdir()
+        raise
+    return created
 
 
 def check_disk_space(recipe: Recipe) -> None:
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _interrupt)  # explicitly: a launcher may have started this rank with SIGINT ignored
     preemption.install()  # SIGTERM, SIGUSR1: stop after this step, with a checkpoint
-    recipe, trainer, world, lock = None, None, None, None
+    recipe, trainer, world, lock, created = None, None, None, None, False
     try:
         try:
             recipe = load_recipe(args.recipe, args.set)
@@ -116,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = launch_problem(recipe, world)
         if problem:
             raise recipe_error(RecipeError(*problem), f" (world size {world})")
-        try:
-            check_output_dir(recipe)  # created once the layout passed: a refused launch leaves no folder
+        try:  # created once the layout passed: a refused launch leaves no folder
+            created = check_output_dir(recipe) and rank == 0  # rank 0 removes it after a refusal if it created it
         except RecipeError as err:
             raise recipe_error(err) from None
         lock = claim_output_dir(recipe, rank)  # held until the run ends
@@ -132,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             resumable = stop.code in (preemption.PREEMPTED, SAVE_FAILED)
             resume = f"; resume with: {resume_command(args, world)}" if resumable else ""
             print(stop.line + resume, file=sys.stderr)
+        if created and stop.code == 2:  # a refusal: the folder this rank created goes, if nothing else was written
+            from .ownership import remove_if_unused
+
+            remove_if_unused(recipe.output_dir)
         end_run(lock)  # every rank reaches the same verdict at the same point
         return stop.code
     except (KeyboardInterrupt, Exception) as err:

@@ -100,6 +100,30 @@ class OutputLock:
             self.held = None
 
 
+def remove_if_unused(output_dir: Path) -> bool:
+    """Remove OUTPUT_DIR, which this launch created, where the run was refused before writing anything of its own:
+    it holds only what a launch writes before any rank trains (the lock, where flock is refused its created file,
+    the node check's token, the pdsh launch's environment file), so a refusal leaves nothing on disk that was not
+    there before. Returns whether it was removed; a folder holding anything else is kept whole."""
+    from .cluster import ENV_FILE
+
+    launch_files = {LOCK_FILE, LOCK_FILE + ".held", NODE_TOKEN, ENV_FILE}
+    output_dir = Path(output_dir)
+    try:
+        names = {p.name for p in output_dir.iterdir()}
+    except OSError:
+        return False
+    if not names <= launch_files:
+        return False
+    for name in names:
+        (output_dir / name).unlink(missing_ok=True)
+    try:
+        output_dir.rmdir()
+    except OSError:  # something appeared meanwhile (another run's lock): it stays
+        return False
+    return True
+
+
 def _alive(pid) -> bool:
     """Whether a process of this host has this pid (a zombie counts as alive: it still holds its files)."""
     if not isinstance(pid, int) or pid <= 0:
