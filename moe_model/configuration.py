@@ -40,6 +40,30 @@ class MoEConfig(PretrainedConfig):
         min_capacity: the floor of the capacity above (DeepSpeed's default is 4).
         output_router_logits: return each layer's router logits.
         initializer_range: std of the normal initialisation of every matrix.
+
+    The settings below make the block of the other MoE families (Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5-MoE:
+    `formats.FAMILIES`); each default is Mixtral's block, so a config that leaves them out is exactly what it was.
+
+        moe_intermediate_size: width of one routed expert's FFN; None: `intermediate_size`, which is then the width
+            of the dense FFN layers (`dense_layers`) only.
+        dense_layers: the layers whose FFN is one dense FFN of width `intermediate_size` instead of an MoE block.
+        num_shared_experts: experts every token goes through beside its routed ones (one FFN of width
+            `shared_expert_intermediate_size`, added to the routed output).
+        shared_expert_intermediate_size: the shared FFN's width; None: `num_shared_experts` x the routed width.
+        shared_expert_gate: scale the shared FFN's output per token by sigmoid(x w), w [1, D] (Qwen2-MoE).
+        router_scoring: "softmax" over the experts (Mixtral, Qwen, OLMoE) or "sigmoid" per expert (GLM, DeepSeek-V3).
+        norm_topk_prob: renormalise the k chosen weights to sum to 1 (sigmoid: plus 1e-20).
+        routed_scaling_factor: the routed experts' weights are multiplied by it (after any renormalisation).
+        n_group, topk_group: group-limited top-k: the experts in `n_group` groups, a token's experts chosen from the
+            `topk_group` groups whose two best scores sum highest (sigmoid scoring only). None (no groups), not 1:
+            DeepSpeed's AutoEP reads these names from the model's config and routes by groups wherever they are set.
+        router_score_bias: a per-expert bias `mlp.gate.e_score_correction_bias` [E] (fp32, not a parameter) added to
+            the sigmoid scores to choose the experts, never to weight them.
+        qk_norm: None; "head": RMSNorm over each head of q and k (Qwen3, GLM); "projection": over the whole q and k
+            projections (OLMoE). Before RoPE either way.
+        attention_bias: biases on the q, k and v projections; attention_out_bias: on the output projection.
+        clip_qkv: clamp q, k and v to [-clip_qkv, clip_qkv] after the projections and norms (OLMoE).
+        Partial rotary (GLM): `rope_parameters["partial_rotary_factor"]`, the share of each head that rotates.
     """
 
     model_type = "moe_model"
@@ -68,6 +92,21 @@ class MoEConfig(PretrainedConfig):
         min_capacity: int = 4,
         output_router_logits: bool = False,
         initializer_range: float = 0.02,
+        moe_intermediate_size: int | None = None,
+        dense_layers: list[int] | None = None,
+        num_shared_experts: int = 0,
+        shared_expert_intermediate_size: int | None = None,
+        shared_expert_gate: bool = False,
+        router_scoring: str = "softmax",
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        router_score_bias: bool = False,
+        qk_norm: str | None = None,
+        attention_bias: bool = False,
+        attention_out_bias: bool = False,
+        clip_qkv: float | None = None,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -94,6 +133,21 @@ class MoEConfig(PretrainedConfig):
         self.min_capacity = min_capacity
         self.output_router_logits = output_router_logits
         self.initializer_range = initializer_range
+        self.moe_intermediate_size = moe_intermediate_size
+        self.dense_layers = sorted(set(dense_layers or []))
+        self.num_shared_experts = num_shared_experts
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate
+        self.router_scoring = router_scoring
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.router_score_bias = router_score_bias
+        self.qk_norm = qk_norm
+        self.attention_bias = attention_bias
+        self.attention_out_bias = attention_out_bias
+        self.clip_qkv = clip_qkv
         self.use_cache = use_cache
         self._validate_shape()
         super().__init__(
@@ -105,6 +159,25 @@ class MoEConfig(PretrainedConfig):
         )
         # transformers' PretrainedConfig has filled rope_parameters (type "default", rope_theta from the argument)
         self.rope_theta = self.rope_parameters["rope_theta"]
+
+    @property
+    def expert_width(self) -> int:
+        """I of one routed expert's FFN."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def shared_width(self) -> int:
+        """The shared experts' one FFN's width (0: none)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.shared_expert_intermediate_size or self.num_shared_experts * self.expert_width
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     def _validate_shape(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -129,3 +202,29 @@ class MoEConfig(PretrainedConfig):
              f"capacity_factor must be null (no dropping) or > 0, got {self.capacity_factor!r}")
         need(self.router_aux_loss_coef >= 0 and self.router_z_loss_coef >= 0,
              "router_aux_loss_coef and router_z_loss_coef must be >= 0")
+        need(self.moe_intermediate_size is None or (isinstance(self.moe_intermediate_size, int)
+                                                    and self.moe_intermediate_size > 0),
+             f"moe_intermediate_size must be null or a positive integer, got {self.moe_intermediate_size!r}")
+        need(all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.dense_layers),
+             f"dense_layers must name layers 0..{self.num_hidden_layers - 1}, got {self.dense_layers}")
+        need(len(self.dense_layers) < self.num_hidden_layers, "dense_layers leaves no MoE layer; keep at least one")
+        need(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+             f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        need(not self.shared_expert_gate or self.num_shared_experts > 0,
+             "shared_expert_gate needs a shared expert (num_shared_experts >= 1)")
+        need(self.router_scoring in ("softmax", "sigmoid"),
+             f"router_scoring must be softmax or sigmoid, got {self.router_scoring!r}")
+        need(self.routed_scaling_factor > 0, f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        groups, kept = self.n_group or 1, self.topk_group or 1
+        need(groups >= 1 and self.num_local_experts % groups == 0,
+             f"n_group ({self.n_group}) must divide num_local_experts ({self.num_local_experts})")
+        need(1 <= kept <= groups, f"topk_group must be in 1..n_group, got {self.topk_group}")
+        need(groups == 1 or (self.router_scoring == "sigmoid" and self.num_local_experts // groups >= 2),
+             "group-limited top-k (n_group > 1) needs router_scoring sigmoid and at least 2 experts a group")
+        need(groups == 1 or kept * self.num_local_experts // groups >= self.num_experts_per_tok,
+             f"topk_group ({self.topk_group}) groups of {self.num_local_experts // groups} experts cannot "
+             f"hold the {self.num_experts_per_tok} chosen")
+        need(not self.router_score_bias or self.router_scoring == "sigmoid",
+             "router_score_bias goes with router_scoring sigmoid")
+        need(self.qk_norm in (None, "head", "projection"), f"qk_norm must be null, head or projection, got {self.qk_norm!r}")
+        need(self.clip_qkv is None or self.clip_qkv > 0, f"clip_qkv must be null or > 0, got {self.clip_qkv!r}")

@@ -1,5 +1,7 @@
-"""The two Hugging Face formats the project writes (`moe export`) and reads (`train.init_from`): its own
-`MoEForCausalLM` (model_type `moe_model`) and transformers' `MixtralForCausalLM` (model_type `mixtral`).
+"""The Hugging Face formats the project writes (`moe export`) and reads (`train.init_from`): its own
+`MoEForCausalLM` (model_type `moe_model`) and transformers' `MixtralForCausalLM` (model_type `mixtral`); and the
+other MoE families as settings of the same blocks (`FAMILIES`, at the end: Qwen3-MoE, Qwen2-MoE, OLMoE,
+GLM-4.5-MoE), read and written through transformers' own classes for them.
 
 The parameters are the same set: Mixtral is this model with gated (silu) experts, no capacity and no z-loss. Two
 differences are arithmetic, kept here in one place:
@@ -17,6 +19,8 @@ differences are arithmetic, kept here in one place:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,10 @@ def model_fields(folder: Path) -> dict[str, Any]:
     raw = json.loads(path.read_text())
     kind = raw.get("model_type")
     if kind == MoEConfig.model_type:
+        settings = family_settings(raw)
+        if settings:
+            raise ValueError(f"{folder} uses block settings that training does not take yet ({', '.join(settings)}):"
+                             " the recipe's model section has no fields for them")
         return {k: raw[k] for k in _MODEL_FIELDS if k in raw}
     if kind != "mixtral":
         raise ValueError(f"{folder} holds a {kind!r} model; init_from reads {MoEConfig.model_type} or mixtral folders")
@@ -75,6 +83,24 @@ _MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "initializer_range")
 
 
+def family_settings(raw: dict[str, Any]) -> list[str]:
+    """`name value` for every block setting of the other families (`MoEConfig`'s arguments after
+    `initializer_range`) that a config dict sets away from its default (Mixtral's block)."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(MoEConfig.__init__).parameters.items()
+                if name in _FAMILY_SETTINGS}
+    settings = [f"{name} {raw[name]!r}" for name, default in defaults.items()
+                if name in raw and raw[name] != default and not (name == "dense_layers" and raw[name] == [])]
+    partial = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+    return settings + ([f"partial_rotary_factor {partial!r}"] if partial != 1.0 else [])
+
+
+_FAMILY_SETTINGS = ("moe_intermediate_size", "dense_layers", "num_shared_experts", "shared_expert_intermediate_size",
+                    "shared_expert_gate", "router_scoring", "norm_topk_prob", "routed_scaling_factor", "n_group",
+                    "topk_group", "router_score_bias", "qk_norm", "attention_bias", "attention_out_bias", "clip_qkv")
+
+
 def architecture_differences(folder_fields: dict[str, Any], stated: dict[str, Any]) -> list[str]:
     """`field stated -> folder's` for every `ARCHITECTURE` field a recipe states with another value than the folder."""
     return [f"{name} {stated[name]!r} -> {folder_fields[name]!r}" for name in ARCHITECTURE
@@ -94,3 +120,217 @@ def hub_parts(name: str, expert: int) -> list[str] | None:
 def hub_name(name: str) -> str:
     """A non-expert parameter's Hub-format Mixtral name (the router moved from `mlp` to `block_sparse_moe`)."""
     return name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+
+
+# ------------------------------------------------------------------------------------------------ the families
+# One table a family: which transformers classes hold it, which of its config fields are MoEConfig's under the same
+# name (`COMMON_FIELDS`, every family) or its own (`fields`, written back verbatim), and two functions for the rest:
+# `read` (its config -> MoEConfig's other arguments, or a ValueError naming a feature this model cannot compute) and
+# `write` (MoEConfig -> its config's other arguments, or a ValueError naming a setting the family cannot hold).
+# transformers 5.24 holds every family's experts stacked as this model does (`mlp.experts.gate_up_proj` [E, 2I, D],
+# gate rows first; `mlp.experts.down_proj` [E, D, I]) and itself converts the Hub's one tensor per expert on load and
+# on save, so weight names differ only where a family names a module otherwise (`renames`).
+
+COMMON_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "num_experts_per_tok", "hidden_act", "max_position_embeddings",
+                 "rms_norm_eps", "tie_word_embeddings", "initializer_range", "pad_token_id", "bos_token_id",
+                 "eos_token_id")
+
+
+@dataclass(frozen=True)
+class Family:
+    config_class: str
+    model_class: str
+    fields: tuple[str, ...]  # its own config fields that `write` sets verbatim (a round trip gives them back)
+    read: Callable[[Any], dict[str, Any]]
+    write: Callable[[MoEConfig], dict[str, Any]]
+    renames: tuple[tuple[str, str], ...] = ()  # (its module path part, this model's)
+
+
+def _need(ok: bool, kind: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"a {kind} model cannot hold this config: {what}")
+
+
+def _head_dim(hf) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def _no_sliding_window(hf) -> None:
+    if getattr(hf, "use_sliding_window", False) and getattr(hf, "sliding_window", None):
+        raise ValueError(f"{hf.model_type}: use_sliding_window with sliding_window {hf.sliding_window} is not "
+                         "supported (this model attends to the whole sequence)")
+
+
+def _qwen_dense_layers(hf) -> list[int]:
+    """Qwen's rule: a layer is dense when `mlp_only_layers` lists it or it is off `decoder_sparse_step`'s beat."""
+    return [i for i in range(hf.num_hidden_layers) if i in (hf.mlp_only_layers or []) or hf.num_experts <= 0
+            or (i + 1) % hf.decoder_sparse_step != 0]
+
+
+def _their_aux(c: MoEConfig) -> float:
+    return c.router_aux_loss_coef / c.num_experts_per_tok  # their balance loss is k times this model's (Mixtral's)
+
+
+def _read_qwen3(hf) -> dict[str, Any]:
+    _no_sliding_window(hf)
+    return dict(head_dim=_head_dim(hf), num_local_experts=hf.num_experts, moe_intermediate_size=hf.moe_intermediate_size,
+                dense_layers=_qwen_dense_layers(hf), norm_topk_prob=hf.norm_topk_prob, qk_norm="head",
+                attention_bias=hf.attention_bias, attention_out_bias=hf.attention_bias,
+                router_aux_loss_coef=hf.router_aux_loss_coef * hf.num_experts_per_tok)
+
+
+def _write_qwen3(c: MoEConfig) -> dict[str, Any]:
+    _need(c.qk_norm == "head", "qwen3_moe", f"qk_norm {c.qk_norm!r} (it normalises q and k per head)")
+    _need(c.attention_bias == c.attention_out_bias, "qwen3_moe", "one attention_bias covers q, k, v and o")
+    _need(not c.num_shared_experts and c.router_scoring == "softmax", "qwen3_moe",
+          "no shared expert, softmax routing")
+    return dict(head_dim=c.head_dim, num_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
+                mlp_only_layers=list(c.dense_layers), decoder_sparse_step=1, norm_topk_prob=c.norm_topk_prob,
+                attention_bias=c.attention_bias, router_aux_loss_coef=_their_aux(c))
+
+
+def _read_qwen2(hf) -> dict[str, Any]:
+    _no_sliding_window(hf)
+    shared = hf.shared_expert_intermediate_size
+    return dict(head_dim=_head_dim(hf), num_local_experts=hf.num_experts, moe_intermediate_size=hf.moe_intermediate_size,
+                dense_layers=_qwen_dense_layers(hf), norm_topk_prob=hf.norm_topk_prob, num_shared_experts=int(shared > 0),
+                shared_expert_intermediate_size=shared or None, shared_expert_gate=shared > 0,
+                attention_bias=hf.qkv_bias, router_aux_loss_coef=hf.router_aux_loss_coef * hf.num_experts_per_tok)
+
+
+def _write_qwen2(c: MoEConfig) -> dict[str, Any]:
+    _need(c.qk_norm is None and not c.attention_out_bias, "qwen2_moe", "no q/k norm, no bias on o_proj")
+    _need(c.num_shared_experts == 1 and c.shared_expert_gate and c.router_scoring == "softmax", "qwen2_moe",
+          "one shared expert behind its sigmoid gate, softmax routing")
+    _need(c.head_dim == c.hidden_size // c.num_attention_heads, "qwen2_moe", "head_dim = hidden_size / heads")
+    return dict(num_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
+                shared_expert_intermediate_size=c.shared_width, mlp_only_layers=list(c.dense_layers),
+                decoder_sparse_step=1, norm_topk_prob=c.norm_topk_prob, qkv_bias=c.attention_bias,
+                router_aux_loss_coef=_their_aux(c))
+
+
+def _read_olmoe(hf) -> dict[str, Any]:
+    return dict(num_local_experts=hf.num_experts, norm_topk_prob=hf.norm_topk_prob, qk_norm="projection",
+                clip_qkv=hf.clip_qkv, attention_bias=hf.attention_bias, attention_out_bias=hf.attention_bias,
+                router_aux_loss_coef=hf.router_aux_loss_coef * hf.num_experts_per_tok)
+
+
+def _write_olmoe(c: MoEConfig) -> dict[str, Any]:
+    _need(c.qk_norm == "projection" and c.attention_bias == c.attention_out_bias, "olmoe",
+          "q/k norm over the projection, one attention_bias for q, k, v and o")
+    _need(not c.dense_layers and not c.num_shared_experts and c.router_scoring == "softmax"
+          and c.expert_width == c.intermediate_size, "olmoe",
+          "every layer MoE, no shared expert, softmax routing, one FFN width")
+    _need(c.head_dim == c.hidden_size // c.num_attention_heads, "olmoe", "head_dim = hidden_size / heads")
+    return dict(num_experts=c.num_local_experts, norm_topk_prob=c.norm_topk_prob, clip_qkv=c.clip_qkv,
+                attention_bias=c.attention_bias, router_aux_loss_coef=_their_aux(c))
+
+
+def _read_glm4(hf) -> dict[str, Any]:
+    return dict(head_dim=_head_dim(hf), num_local_experts=hf.n_routed_experts, moe_intermediate_size=hf.moe_intermediate_size,
+                dense_layers=list(range(hf.first_k_dense_replace)), num_shared_experts=hf.n_shared_experts,
+                router_scoring="sigmoid", router_score_bias=True, n_group=hf.n_group, topk_group=hf.topk_group,
+                routed_scaling_factor=hf.routed_scaling_factor, norm_topk_prob=hf.norm_topk_prob,
+                qk_norm="head" if hf.use_qk_norm else None, attention_bias=hf.attention_bias,
+                router_aux_loss_coef=0.0)  # GLM's loss is the cross-entropy alone
+
+
+def _write_glm4(c: MoEConfig) -> dict[str, Any]:
+    k = len(c.dense_layers)
+    _need(c.dense_layers == list(range(k)), "glm4_moe", f"dense layers first (first_k_dense_replace), not {c.dense_layers}")
+    _need(c.router_scoring == "sigmoid" and c.router_score_bias, "glm4_moe", "sigmoid routing with a score bias")
+    _need(not c.shared_expert_gate and c.shared_width == c.num_shared_experts * c.expert_width, "glm4_moe",
+          "shared experts of the routed width, no gate")
+    _need(c.qk_norm in (None, "head") and not c.attention_out_bias, "glm4_moe", "q/k norm per head, no o_proj bias")
+    return dict(head_dim=c.head_dim, n_routed_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
+                n_shared_experts=c.num_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
+                routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+                first_k_dense_replace=k, use_qk_norm=c.qk_norm == "head", attention_bias=c.attention_bias)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen3_moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM", (
+        "head_dim", "num_experts", "moe_intermediate_size", "norm_topk_prob", "attention_bias"), _read_qwen3,
+        _write_qwen3),
+    "qwen2_moe": Family("Qwen2MoeConfig", "Qwen2MoeForCausalLM", (
+        "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob", "qkv_bias"),
+        _read_qwen2, _write_qwen2, renames=(("mlp.shared_expert.", "mlp.shared_experts."),)),
+    "olmoe": Family("OlmoeConfig", "OlmoeForCausalLM", (
+        "num_experts", "norm_topk_prob", "clip_qkv", "attention_bias"), _read_olmoe, _write_olmoe),
+    "glm4_moe": Family("Glm4MoeConfig", "Glm4MoeForCausalLM", (
+        "head_dim", "n_routed_experts", "moe_intermediate_size", "n_shared_experts", "n_group", "topk_group",
+        "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "use_qk_norm", "attention_bias"),
+        _read_glm4, _write_glm4),
+}
+FAMILY_FIELDS = {kind: COMMON_FIELDS + family.fields for kind, family in FAMILIES.items()}
+
+
+def family_config(hf) -> MoEConfig:
+    """This model's config for transformers' config `hf` of a family in `FAMILIES`. Raises ValueError naming what
+    the family uses and this model cannot compute (a sliding window)."""
+    family = FAMILIES.get(hf.model_type)
+    if family is None:
+        raise ValueError(f"model_type {hf.model_type!r} is not a family this model reads ({', '.join(FAMILIES)})")
+    fields = {name: getattr(hf, name) for name in COMMON_FIELDS if hasattr(hf, name)}
+    return MoEConfig(**fields, rope_parameters=dict(hf.rope_parameters), **family.read(hf))
+
+
+def family_weights_config(kind: str, c: MoEConfig):
+    """transformers' config of family `kind` for this model's config `c` (ValueError: a setting it cannot hold)."""
+    import transformers
+
+    family = FAMILIES[kind]
+    rope = {"partial_rotary_factor": 1.0, **c.rope_parameters}  # explicit: GLM's config would default it to 0.5
+    if rope["partial_rotary_factor"] == 1.0 and kind != "glm4_moe":
+        rope.pop("partial_rotary_factor")
+    _need(rope.get("partial_rotary_factor", 1.0) == 1.0 or kind == "glm4_moe", kind, "partial rotary is GLM's")
+    _need(c.clip_qkv is None or kind == "olmoe", kind, "clip_qkv is OLMoE's")
+    _need(c.capacity_factor is None and c.router_z_loss_coef == 0, kind, "dropless routing without a z-loss")
+    fields = {name: getattr(c, name) for name in COMMON_FIELDS}
+    return getattr(transformers, family.config_class)(**fields, rope_parameters=rope, **family.write(c))
+
+
+def _renamed(state: dict[str, Any], pairs) -> dict[str, Any]:
+    out = {}
+    for name, tensor in state.items():
+        for old, new in pairs:
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+def from_family_names(kind: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A family model's state dict (transformers' module names) under this model's names."""
+    return _renamed(state, FAMILIES[kind].renames)
+
+
+def to_family(c: MoEConfig, state: dict[str, Any], kind: str):
+    """(transformers' config, state dict under its module names) of family `kind` for this model."""
+    return family_weights_config(kind, c), _renamed(state, [(new, old) for old, new in FAMILIES[kind].renames])
+
+
+def load_family(folder: Path):
+    """`MoEForCausalLM` holding a family's Hugging Face folder (any `FAMILIES` model_type): read through
+    transformers' own class (which joins the Hub's one tensor per expert), renamed, loaded."""
+    import transformers
+
+    from .modeling import MoEForCausalLM
+
+    hf_config = transformers.AutoConfig.from_pretrained(folder)
+    config = family_config(hf_config)
+    source = getattr(transformers, FAMILIES[hf_config.model_type].model_class).from_pretrained(folder)
+    model = MoEForCausalLM(config)
+    model.load_state_dict(from_family_names(hf_config.model_type, source.state_dict()), strict=True)
+    return model.eval()
+
+
+def save_family(model, folder: Path, kind: str) -> None:
+    """Write `model` (an `MoEForCausalLM`) as family `kind`'s Hugging Face folder through transformers' own class
+    (its save writes the Hub layout)."""
+    import transformers
+
+    config, state = to_family(model.config, model.state_dict(), kind)
+    target = getattr(transformers, FAMILIES[kind].model_class)(config)
+    target.load_state_dict(state, strict=True)
+    target.save_pretrained(folder)

@@ -71,9 +71,10 @@ class MoERotaryEmbedding(nn.Module):
     def frequencies(self, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
         """(inverse frequencies [Hd/2] in fp32, the factor cos and sin are scaled by) for positions below `seq_len`
         (only "dynamic" depends on it)."""
-        if self.rope_type == "default":
-            theta, head_dim = self.config.rope_parameters["rope_theta"], self.config.head_dim
-            return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)), 1.0
+        if self.rope_type == "default":  # over the rotating share of each head (partial_rotary_factor, GLM's 0.5)
+            theta = self.config.rope_parameters["rope_theta"]
+            dim = int(self.config.head_dim * self.config.rope_parameters.get("partial_rotary_factor", 1.0))
+            return 1.0 / (theta ** (torch.arange(0, dim, 2, device=device).float() / dim)), 1.0
         init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
         if self.rope_type == "dynamic":
             return init_fn(self.config, device, seq_len=max(seq_len, self.config.max_position_embeddings))
@@ -93,11 +94,15 @@ class MoERotaryEmbedding(nn.Module):
         return (angles_BSd.cos() * scaling).to(x.dtype), (angles_BSd.sin() * scaling).to(x.dtype)
 
 
-def apply_rope(x_BHSd: torch.Tensor, cos_BSd: torch.Tensor, sin_BSd: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos_BSd.unsqueeze(1), sin_BSd.unsqueeze(1)
-    half = x_BHSd.shape[-1] // 2
-    rotated = torch.cat((-x_BHSd[..., half:], x_BHSd[..., :half]), dim=-1)
-    return x_BHSd * cos + rotated * sin
+def apply_rope(x_BHSd: torch.Tensor, cos_BSr: torch.Tensor, sin_BSr: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first r dims of each head (r = the tables' width: d, or its `partial_rotary_factor` share), by
+    halves (dim i pairs with i + r/2), as transformers' rotate_half; the other d - r dims pass unchanged."""
+    cos, sin = cos_BSr.unsqueeze(1), sin_BSr.unsqueeze(1)
+    r = cos.shape[-1]
+    x_BHSr, rest = (x_BHSd, None) if r == x_BHSd.shape[-1] else (x_BHSd[..., :r], x_BHSd[..., r:])
+    rotated = torch.cat((-x_BHSr[..., r // 2:], x_BHSr[..., : r // 2]), dim=-1)
+    out = x_BHSr * cos + rotated * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)
 
 
 def eager_attention(module: nn.Module, q_BHSd: torch.Tensor, k_BhKd: torch.Tensor, v_BhKd: torch.Tensor,
@@ -123,7 +128,10 @@ class MoEAttention(nn.Module):
 
     The attention itself is the function transformers registers for `config._attn_implementation` ("sdpa", the
     default: torch's `scaled_dot_product_attention`; "flex_attention"; "flash_attention_*" where installed), or
-    `eager_attention`. Returns (output [B, S, D], attention weights or None: only the eager path has them)."""
+    `eager_attention`. Returns (output [B, S, D], attention weights or None: only the eager path has them).
+
+    Per family (`MoEConfig`): biases on q, k, v (`attention_bias`) and o (`attention_out_bias`); q/k RMSNorm per head
+    (`qk_norm="head"`) or over the whole projection ("projection"), before RoPE; `clip_qkv` after the norms."""
 
     is_causal = True
 
@@ -137,16 +145,30 @@ class MoEAttention(nn.Module):
         self.num_heads = config.num_attention_heads if num_heads is None else num_heads
         self.num_kv_heads = config.num_key_value_heads if num_kv_heads is None else num_kv_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.qk_norm, self.clip_qkv = config.qk_norm, config.clip_qkv
+        if self.qk_norm is not None:
+            per_head = self.qk_norm == "head"
+            self.q_norm = MoERMSNorm(self.head_dim if per_head else self.num_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = MoERMSNorm(self.head_dim if per_head else self.num_kv_heads * self.head_dim,
+                                     config.rms_norm_eps)
 
     def forward(self, x_BSD, cos_sin, mask=None, cache: Cache | None = None, **kwargs):
         B, S, _ = x_BSD.shape
-        q_BHSd = self.q_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        k_BHSd = self.k_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
-        v_BHSd = self.v_proj(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q_BSF, k_BSF, v_BSF = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "projection":
+            q_BSF, k_BSF = self.q_norm(q_BSF), self.k_norm(k_BSF)
+        if self.clip_qkv is not None:
+            q_BSF, k_BSF, v_BSF = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q_BSF, k_BSF, v_BSF))
+        q_BSHd, k_BSHd = q_BSF.view(B, S, -1, self.head_dim), k_BSF.view(B, S, -1, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHd, k_BSHd = self.q_norm(q_BSHd), self.k_norm(k_BSHd)
+        q_BHSd, k_BHSd = q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2)
+        v_BHSd = v_BSF.view(B, S, -1, self.head_dim).transpose(1, 2)
         q_BHSd, k_BHSd = apply_rope(q_BHSd, *cos_sin), apply_rope(k_BHSd, *cos_sin)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(k_BHSd, v_BHSd, self.layer_idx)
@@ -157,10 +179,32 @@ class MoEAttention(nn.Module):
 
 class MoERouter(nn.Linear):
     """The gate: one linear map to expert logits (no bias), `weight` [E, D] like Mixtral's `mlp.gate`. An
-    `nn.Linear`, so that PEFT's LoRA (and anything else that adapts linear layers) can target it as `gate`."""
+    `nn.Linear`, so that PEFT's LoRA (and anything else that adapts linear layers) can target it as `gate`. With
+    `router_score_bias` it also holds `e_score_correction_bias` [E] (fp32, a buffer: it chooses experts and is
+    moved by the balance rule, never by a gradient; GLM's and DeepSeek-V3's name and place)."""
 
     def __init__(self, config: MoEConfig):
         super().__init__(config.hidden_size, config.num_local_experts, bias=False)
+        if config.router_score_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_local_experts, dtype=torch.float32))
+
+
+class MoEMLP(nn.Module):
+    """One dense FFN of width `width`: a dense layer's (`MoEConfig.dense_layers`) or the shared experts'. silu:
+    down(silu(gate(x)) * up(x)), the Qwen, OLMoE and GLM MLP; gelu: down(gelu(up(x)))."""
+
+    def __init__(self, config: MoEConfig, width: int):
+        super().__init__()
+        self.gated = config.hidden_act == "silu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act_fn(self.up_proj(x))
+        return self.down_proj(h)
 
 
 def expert_ffn(x_ND, w_in, w_down, act_fn, gated: bool) -> torch.Tensor:
@@ -184,7 +228,7 @@ class MoEExperts(nn.Module):
 
     def __init__(self, config: MoEConfig):
         super().__init__()
-        E, D, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        E, D, I = config.num_local_experts, config.hidden_size, config.expert_width
         self.num_experts = E
         self.gated = config.hidden_act == "silu"
         self.act_fn = ACT2FN[config.hidden_act]
@@ -249,17 +293,32 @@ class RouterOutput:
 
 
 class MoESparseBlock(nn.Module):
+    """Router, routed experts and (`num_shared_experts`) one shared FFN every token goes through, added to the
+    routed output, per token scaled by sigmoid(`shared_expert_gate`(x)) where the config has that gate."""
+
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
         self.top_k = config.num_experts_per_tok
         self.gate = MoERouter(config)
         self.experts = MoEExperts(config)
+        if config.num_shared_experts:
+            self.shared_experts = MoEMLP(config, config.shared_width)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def _score_bias(self) -> torch.Tensor | None:
+        if not self.config.router_score_bias:
+            return None
+        return getattr(self.gate, "base_layer", self.gate).e_score_correction_bias  # PEFT's LoRA wraps the router
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         logits_TE = self.gate(x_TD)
-        probs_TE, weights_TK, experts_TK = route(logits_TE, self.top_k)
+        c = self.config
+        probs_TE, weights_TK, experts_TK = route(logits_TE, self.top_k, c.router_scoring, c.norm_topk_prob,
+                                                 c.routed_scaling_factor, c.n_group, c.topk_group,
+                                                 self._score_bias())
         keep_TK = None
         if self.config.capacity_factor is not None:
             if self.config._experts_implementation not in (None, "eager"):
@@ -270,6 +329,11 @@ class MoESparseBlock(nn.Module):
             keep_TK = capacity_keep_mask(experts_TK, self.config.num_local_experts, capacity)
         y_TD = self.experts(x_TD, experts_TK, weights_TK) if keep_TK is None else \
             self.experts(x_TD, experts_TK, weights_TK, keep_TK)
+        if c.num_shared_experts:
+            shared_TD = self.shared_experts(x_TD)
+            if c.shared_expert_gate:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
                               expert_counts(experts_TK.detach(), self.config.num_local_experts), experts_TK)
@@ -277,16 +341,21 @@ class MoESparseBlock(nn.Module):
 
 
 class MoEDecoderLayer(GradientCheckpointingLayer):
+    """Attention, then the layer's FFN: an MoE block, or a dense FFN in the config's `dense_layers` (whose router
+    output is None)."""
+
     def __init__(self, config: MoEConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MoEAttention(config, layer_idx)
         self.post_attention_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoESparseBlock(config)
+        self.mlp = MoESparseBlock(config) if config.is_moe_layer(layer_idx) else MoEMLP(config, config.intermediate_size)
 
-    def forward(self, x_BSD, cos_sin, mask=None, cache=None, **kwargs) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x_BSD, cos_sin, mask=None, cache=None, **kwargs) -> tuple[torch.Tensor, RouterOutput | None]:
         attn_BSD, _ = self.self_attn(self.input_layernorm(x_BSD), cos_sin, mask, cache, **kwargs)
         h_BSD = x_BSD + attn_BSD
+        if isinstance(self.mlp, MoEMLP):
+            return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD)), None
         moe_BSD, router = self.mlp(self.post_attention_layernorm(h_BSD))
         return h_BSD + moe_BSD, router
 
@@ -321,11 +390,14 @@ class MoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, MoEExperts):  # the router is an nn.Linear: transformers' own init draws it
             for param in module.parameters(recurse=False):
                 init.normal_(param, mean=0.0, std=std)
+        if isinstance(module, MoERouter) and self.config.router_score_bias:
+            init.zeros_(module.e_score_correction_bias)
 
 
 @dataclass
 class MoEModelOutput(MoeModelOutputWithPast):
-    """`aux_loss`, `z_loss`: means over the layers; `expert_counts_LE`: routes per expert of every layer [L, E]."""
+    """`aux_loss`, `z_loss`: means over the MoE layers; `expert_counts_LE`: routes per expert of every MoE layer
+    [L, E] (dense layers have none)."""
 
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
@@ -375,7 +447,8 @@ class MoEModel(MoEPreTrainedModel):
         routers = []
         for layer in self.layers:
             x_BSD, router = layer(x_BSD, cos_sin, mask, cache)
-            routers.append(router)
+            if router is not None:  # a dense layer routes nothing
+                routers.append(router)
         num_layers = len(routers)
         return MoEModelOutput(
             last_hidden_state=self.norm(x_BSD),

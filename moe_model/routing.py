@@ -2,8 +2,13 @@
 
 Shapes: T tokens, E experts, K = top-k.
 
-Routing: `probs_TE = softmax(logits_TE in fp32)`, take the top-k, renormalise the k weights to sum to 1
-(exactly transformers' Mixtral router).
+Routing (`route`): `probs_TE = softmax(logits_TE in fp32)`, take the top-k, renormalise the k weights to sum to 1
+(exactly transformers' Mixtral router; Qwen's and OLMoE's with `norm_topk_prob` on or off). Sigmoid scoring
+(DeepSeek-V3 section 2.1.2, transformers' Glm4Moe router): `scores_TE = sigmoid(logits in fp32)`; the experts are
+chosen on `scores + bias_E` (the bias chooses, it never weights), among the `topk_group` of `n_group` expert groups
+whose two best biased scores sum highest; the weights are the chosen unbiased scores, renormalised (+1e-20) with
+`norm_topk_prob`, times `routed_scaling_factor`. Its `probs_TE` (what the balance loss reads) are the scores
+normalised per token (DeepSeek-V3 eq. 18).
 
 Load-balancing loss (Switch Transformer, eq. 4-6, normalised per route):
 
@@ -33,10 +38,31 @@ class Routing(NamedTuple):
     experts_TK: torch.Tensor  # chosen expert ids, int64
 
 
-def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    top_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
-    weights_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
+def route(logits_TE: torch.Tensor, top_k: int, scoring: str = "softmax", norm_topk_prob: bool = True,
+          routed_scaling_factor: float = 1.0, n_group: int | None = None, topk_group: int | None = None,
+          bias_E: torch.Tensor | None = None) -> Routing:
+    """The module docstring's routing; the defaults are Mixtral's (no groups: `n_group` None or 1)."""
+    if scoring == "softmax":
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+        if norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    else:
+        scores_TE = torch.sigmoid(logits_TE.float())
+        choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+        if n_group is not None and n_group > 1:
+            T, E = choice_TE.shape
+            best_TG = choice_TE.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)
+            kept_TG = torch.zeros_like(best_TG).scatter_(1, torch.topk(best_TG, topk_group, dim=-1).indices, 1.0)
+            kept_TE = kept_TG.repeat_interleave(E // n_group, dim=1).bool()
+            choice_TE = choice_TE.masked_fill(~kept_TE, float("-inf"))
+        experts_TK = torch.topk(choice_TE, top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    if routed_scaling_factor != 1.0:
+        weights_TK = weights_TK * routed_scaling_factor
     return Routing(probs_TE, weights_TK, experts_TK)
 
 

@@ -1,6 +1,7 @@
 """transformers' own common model tests (`ModelTesterMixin`, from the installed release's sdist) on the model.
 
-Both expert activations run the whole mixin at a tiny shape; tests the model does not pass are skipped in
+Both expert activations, and a config with every block setting of the other families (`FAMILY_BLOCKS`), run the
+whole mixin at a tiny shape; tests the model does not pass are skipped in
 `NOT_FOR_THE_MODEL`, each with its reason. `MIXTRAL_RESULTS=1` also runs transformers' Mixtral in the same harness
 (the reference the counts in the README compare against: every test that passes for Mixtral passes here or is in
 that list).
@@ -92,6 +93,21 @@ class TestModelGelu(_Suite, unittest.TestCase):
 class TestModelSilu(_Suite, unittest.TestCase):
     all_model_classes = (MoEModel, MoEForCausalLM)
     make_config = staticmethod(_moe_config("silu"))
+
+
+# every block setting the other families use (`formats.FAMILIES`), at once: a dense first layer, a shared expert
+# behind its sigmoid gate, sigmoid group-limited routing with a score bias and a routed scale, q/k norm over the
+# projection with clip_qkv, q/k/v and o biases, partial rotary
+FAMILY_BLOCKS = dict(hidden_act="silu", moe_intermediate_size=16, dense_layers=[0], num_shared_experts=1,
+                     shared_expert_gate=True, router_scoring="sigmoid", router_score_bias=True, n_group=2,
+                     topk_group=1, routed_scaling_factor=2.5, qk_norm="projection", clip_qkv=8.0,
+                     attention_bias=True, attention_out_bias=True,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+
+
+class TestModelFamilyBlocks(_Suite, unittest.TestCase):
+    all_model_classes = (MoEModel, MoEForCausalLM)
+    make_config = staticmethod(lambda: MoEConfig(**SHAPE, **FAMILY_BLOCKS))
 
 
 if os.environ.get("MIXTRAL_RESULTS") == "1":  # the reference run, not part of make test

@@ -1,0 +1,139 @@
+"""The MoE families as configurations of the same blocks (issue 25), each against transformers' own class for it.
+
+Per family (Qwen3-MoE, Qwen2-MoE, OLMoE, GLM-4.5-MoE), at a tiny shape with random weights that uses every feature
+the family has (dense layers, shared experts and their gate, q/k norm per head or over the projection, q/k/v bias,
+clip_qkv, partial rotary, sigmoid group-limited routing with a non-zero score bias, routed scaling):
+- `formats.family_config` maps transformers' config onto `MoEConfig`, and the family's weights load into
+  `MoEForCausalLM` under the names `formats.from_family_names` gives; its logits and its loss equal transformers'
+  on the same batch (fp32, eager attention on both sides);
+- the way back (`formats.to_family`) gives transformers' config and every tensor bit for bit, and a Hub folder
+  transformers saved (one tensor per expert on disk) reads in and writes back to the same tensors;
+- a family feature the model cannot compute (a sliding window) is refused by name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from moe_model import formats
+from moe_model.modeling import MoEForCausalLM
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, num_experts_per_tok=2, initializer_range=0.2)
+FAMILIES = {  # model_type -> (config class, model class, kwargs)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32, num_experts=8, head_dim=32,
+        norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[3], attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, router_aux_loss_coef=0.001)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, norm_topk_prob=False, mlp_only_layers=[2],
+        qkv_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, router_aux_loss_coef=0.001)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        COMMON, num_hidden_layers=2, intermediate_size=32, num_experts=8, clip_qkv=0.5, norm_topk_prob=False,
+        pad_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        router_aux_loss_coef=0.01)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, use_qk_norm=True, attention_bias=True, head_dim=32, partial_rotary_factor=0.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+
+
+def family_model(name: str, **changes):
+    """transformers' own model of the family, random weights (seeded), eager attention; GLM's score bias non-zero
+    (random, as a trained one is), so that it moves the choice of experts."""
+    config_class, model_class, kwargs = FAMILIES[name]
+    config = getattr(transformers, config_class)(**{**kwargs, **changes})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for module_name, buffer in model.named_buffers():
+            if module_name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.5)
+    return model
+
+
+def ours_from(family) -> MoEForCausalLM:
+    config = formats.family_config(family.config)
+    config._attn_implementation = "eager"
+    model = MoEForCausalLM(config).eval()
+    model.load_state_dict(formats.from_family_names(family.config.model_type, family.state_dict()), strict=True)
+    return model
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return family_model(request.param)
+
+
+def batch():
+    torch.manual_seed(1)
+    return torch.randint(0, COMMON["vocab_size"], (2, 12))
+
+
+def test_the_logits_and_the_loss_equal_transformers(family):
+    model = ours_from(family)
+    ids = batch()
+    with torch.no_grad():
+        theirs = family(input_ids=ids, labels=ids)  # no router logits asked: the loss is the cross-entropy alone
+        mine = model(input_ids=ids, labels=ids)
+    assert (mine.logits - theirs.logits).abs().max() <= 1e-5
+    assert abs(mine.lm_loss.item() - theirs.loss.item()) <= 1e-5
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["MoESparseBlock" if "Moe" in type(layer.mlp).__name__ and "MLP" not in type(layer.mlp).__name__
+                     else "MoEMLP" for layer in family.model.layers], kinds
+
+
+def test_the_way_back_gives_the_config_and_every_tensor_bit_for_bit(family):
+    model = ours_from(family)
+    kind = family.config.model_type
+    config, state = formats.to_family(model.config, model.state_dict(), kind)
+    assert type(config) is type(family.config)
+    rebuilt = type(family)(config)
+    rebuilt.load_state_dict(state, strict=True)
+    theirs = family.state_dict()
+    assert set(rebuilt.state_dict()) == set(theirs)
+    for name, tensor in rebuilt.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+    for field in formats.FAMILY_FIELDS[kind]:
+        assert getattr(config, field) == getattr(family.config, field), field
+
+
+def test_a_hub_folder_reads_in_and_writes_back_bit_for_bit(family, tmp_path):
+    family.save_pretrained(tmp_path / "hub")  # transformers' Hub layout: one tensor per expert on disk
+    model = formats.load_family(tmp_path / "hub")
+    formats.save_family(model, tmp_path / "back", family.config.model_type)
+    back = type(family).from_pretrained(tmp_path / "back")
+    theirs = family.state_dict()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+@pytest.mark.parametrize("name, changes, words", [
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}, "sliding_window"),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}, "sliding_window"),
+])
+def test_a_feature_the_model_cannot_compute_is_refused_by_name(name, changes, words):
+    family = family_model(name, **changes)
+    with pytest.raises(ValueError, match=words):
+        formats.family_config(family.config)
+
+
+def test_a_native_folder_with_family_blocks_is_refused_by_init_from_until_recipes_take_them(tmp_path):
+    from moe_model import MoEConfig
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_local_experts=4)
+    MoEConfig(**shape).save_pretrained(tmp_path / "mixtral-shaped")
+    assert formats.model_fields(tmp_path / "mixtral-shaped")["hidden_size"] == 32
+    MoEConfig(**shape, num_shared_experts=1, dense_layers=[0],
+              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+              ).save_pretrained(tmp_path / "family")
+    with pytest.raises(ValueError, match=r"block settings that training does not take yet \(dense_layers \[0\], "
+                                         r"num_shared_experts 1, partial_rotary_factor 0.5\)"):
+        formats.model_fields(tmp_path / "family")
