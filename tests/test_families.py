@@ -137,3 +137,45 @@ def test_a_native_folder_with_family_blocks_is_refused_by_init_from_until_recipe
     with pytest.raises(ValueError, match=r"block settings that training does not take yet \(dense_layers \[0\], "
                                          r"num_shared_experts 1, partial_rotary_factor 0.5\)"):
         formats.model_fields(tmp_path / "family")
+
+
+# The Hub config.json values of the models the issue names (the shape fields only; no download here), the way
+# transformers' own classes read them
+REAL_SIZE = {
+    "Qwen3-30B-A3B": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "Qwen3-235B-A22B": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "Qwen1.5-MoE-A2.7B": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        num_experts=60, num_experts_per_tok=4, max_position_embeddings=8192, tie_word_embeddings=False)),
+    "OLMoE-1B-7B": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096)),
+    "GLM-4.5-Air": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128,
+        n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1, attention_bias=True, use_qk_norm=False,
+        partial_rotary_factor=0.5, n_group=1, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=131072,
+        tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_SIZE))
+def test_the_parameter_count_at_real_size_is_transformers_numel(name):
+    """`count_params` (estimate/params.py over `shapes.layer_table`) against the numel of transformers' own class
+    for the family, built on the meta device (no memory), and of this model built from the mapped config."""
+    from moe_model.estimate import count_params
+
+    config_class, model_class, kwargs = REAL_SIZE[name]
+    config = getattr(transformers, config_class)(**kwargs)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in getattr(transformers, model_class)(config).parameters())
+        ours_config = formats.family_config(config)
+        ours = sum(p.numel() for p in MoEForCausalLM(ours_config).parameters())
+    assert count_params(ours_config).total == theirs == ours

@@ -6,7 +6,8 @@ Per decoder layer, with D hidden, Hq/Hkv query/key-value heads of width d, E exp
     router     D*E
     experts    E*I*D*m, with m = 3 for the gated silu FFN (gate, up, down) and 2 for the two-matrix gelu FFN
 The model adds the embedding V*D, the final norm D and the LM head V*D (none when tied).
-A token runs k of the E experts, so active = total - (E - k)*I*D*m per layer.
+A token runs k of the E experts, so active = total - (E - k)*I*D*m per MoE layer. The other families' blocks
+(dense layers, shared experts, biases, q/k norms) add what `shapes.layer_table` lists.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..configuration import MoEConfig
-from .shapes import dims, expert_params, layer_dense_params, rank_params
+from .shapes import dims, layer_table
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,20 @@ class ParamCounts:
 
 
 def count_params(config: MoEConfig) -> ParamCounts:
-    """The counts of the module docstring: the whole model is one rank holding every layer (`shapes.rank_params`)."""
+    """The counts of the module docstring, summed over `shapes.layer_table` (every layer's parts: the families'
+    dense layers, shared experts, biases and q/k norms included). `per_layer` and `per_expert` are an MoE layer's."""
     m = dims(config)
-    whole = rank_params(m, layers=m.L, first=True, last=True, tp=1, ep=1)
-    per_expert = expert_params(m)
+    table = layer_table(config)
+    embedding = m.V * m.D * (1 if m.tied else 2)
+    expert = sum(row.experts * row.per_expert for row in table)
+    total = embedding + m.D + sum(row.total for row in table)
+    moe = next(row for row in table if row.moe)
     return ParamCounts(
-        total=whole.total,
-        active_per_token=whole.total - m.L * (m.E - m.k) * per_expert,
-        expert=whole.expert,
-        non_expert=whole.dense,
-        embedding=m.V * m.D * (1 if m.tied else 2),
-        per_layer=layer_dense_params(m) + m.E * per_expert,
-        per_expert=per_expert,
+        total=total,
+        active_per_token=total - sum((row.experts - m.k) * row.per_expert for row in table if row.moe),
+        expert=expert,
+        non_expert=total - expert,
+        embedding=embedding,
+        per_layer=moe.total,
+        per_expert=moe.per_expert,
     )

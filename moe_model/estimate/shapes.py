@@ -54,7 +54,8 @@ def dims(model: Any) -> Any:
         return model
     return Dims(D=model.hidden_size, Dq=model.num_attention_heads * model.head_dim,
                 Dkv=model.num_key_value_heads * model.head_dim, E=model.num_local_experts, k=model.num_experts_per_tok,
-                I=model.intermediate_size, g=3 if model.hidden_act == "silu" else 2, V=model.vocab_size,
+                I=getattr(model, "expert_width", model.intermediate_size),  # a routed expert's width
+                g=3 if model.hidden_act == "silu" else 2, V=model.vocab_size,
                 L=model.num_hidden_layers, tied=model.tie_word_embeddings, capacity_factor=model.capacity_factor,
                 min_capacity=model.min_capacity)
 
@@ -76,10 +77,61 @@ def expert_params(model: Any) -> int:
     return m.g * m.I * m.D
 
 
+def attention_params(model: Any, tp=1):
+    """The q, k, v and o projections' weights on one of tp ranks: (2*D*Dq + 2*D*Dkv) / tp."""
+    m = dims(model)
+    return (2 * m.D * m.Dq + 2 * m.D * m.Dkv) // tp
+
+
 def layer_dense_params(model: Any, tp=1):
     """Dense parameters of one decoder layer on one of tp ranks: attention / tp, two norms, the router."""
     m = dims(model)
-    return (2 * m.D * m.Dq + 2 * m.D * m.Dkv) // tp + 2 * m.D + m.D * m.E
+    return attention_params(m, tp) + 2 * m.D + m.D * m.E
+
+
+class LayerShape(NamedTuple):
+    """One decoder layer's parameters by part (`layer_table`): `dense` is everything but the routed experts."""
+
+    moe: bool
+    attention: int  # q, k, v, o (and their biases, q/k norms)
+    norms: int  # the two RMSNorms
+    router: int  # the gate's weight (a score bias is a buffer, not a parameter)
+    shared: int  # the shared experts' FFN and its gate
+    ffn: int  # a dense layer's FFN
+    experts: int  # E routed experts
+    per_expert: int  # g * I_expert * D
+
+    @property
+    def dense(self) -> int:
+        return self.attention + self.norms + self.router + self.shared + self.ffn
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.experts * self.per_expert
+
+
+def layer_table(config) -> list[LayerShape]:
+    """Every decoder layer of a `MoEConfig` by part, the one home of the per-layer parameter arithmetic of the
+    families' blocks (`MoEConfig`'s settings after `initializer_range`), layer by layer:
+
+        attention  `attention_params` + Dq + 2*Dkv (`attention_bias`) + D (`attention_out_bias`)
+                   + 2*d (`qk_norm` head) or Dq + Dkv (projection)
+        MoE layer  router D*E, experts E*g*I_e*D (I_e = `expert_width`), shared g*D*I_s (+ D for its gate)
+        dense layer  g*D*I (`intermediate_size`), no router
+    A Mixtral-shaped config's rows are `layer_dense_params` and `expert_params` (`rank_params` reads those)."""
+    m = dims(config)
+    d = config.head_dim
+    attention = attention_params(m) + (m.Dq + 2 * m.Dkv) * config.attention_bias + m.D * config.attention_out_bias
+    attention += {None: 0, "head": 2 * d, "projection": m.Dq + m.Dkv}[config.qk_norm]
+    per_expert = expert_params(m)
+    shared = m.g * m.D * config.shared_width + m.D * bool(config.shared_width and config.shared_expert_gate)
+    rows = []
+    for layer in range(m.L):
+        if config.is_moe_layer(layer):
+            rows.append(LayerShape(True, attention, 2 * m.D, m.D * m.E, shared, 0, m.E, per_expert))
+        else:
+            rows.append(LayerShape(False, attention, 2 * m.D, 0, 0, m.g * m.D * config.intermediate_size, 0, 0))
+    return rows
 
 
 def rank_params(model: Any, *, layers, first, last, tp, ep) -> RankParams:
