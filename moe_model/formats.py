@@ -88,17 +88,14 @@ def family_settings(raw: dict[str, Any]) -> list[str]:
     `initializer_range`) that a config dict sets away from its default (Mixtral's block)."""
     import inspect
 
-    defaults = {name: p.default for name, p in inspect.signature(MoEConfig.__init__).parameters.items()
-                if name in _FAMILY_SETTINGS}
+    arguments = list(inspect.signature(MoEConfig.__init__).parameters.values())
+    names = [a.name for a in arguments]
+    family = arguments[names.index("initializer_range") + 1:names.index("use_cache")]  # MoEConfig's own grouping
+    defaults = {a.name: a.default for a in family}
     settings = [f"{name} {raw[name]!r}" for name, default in defaults.items()
                 if name in raw and raw[name] != default and not (name == "dense_layers" and raw[name] == [])]
     partial = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
     return settings + ([f"partial_rotary_factor {partial!r}"] if partial != 1.0 else [])
-
-
-_FAMILY_SETTINGS = ("moe_intermediate_size", "dense_layers", "num_shared_experts", "shared_expert_intermediate_size",
-                    "shared_expert_gate", "router_scoring", "norm_topk_prob", "routed_scaling_factor", "n_group",
-                    "topk_group", "router_score_bias", "qk_norm", "attention_bias", "attention_out_bias", "clip_qkv")
 
 
 def architecture_differences(folder_fields: dict[str, Any], stated: dict[str, Any]) -> list[str]:

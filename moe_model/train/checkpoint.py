@@ -216,9 +216,9 @@ def _first(failures: list[dict[str, Any] | None]) -> dict[str, Any] | None:
 
 
 def _settle(directory: Path, failure: dict[str, Any] | None, step: int) -> None:
-    """Every rank at once: a save that failed somewhere stops here. Rank 0 removes the folder unless it was signed
-    before the failure (a `latest` that could not be moved: the checkpoint is complete); `SaveFailed` on every rank."""
-    dist.barrier()
+    """Every rank, after the collective that told it `failure` (so every rank's writes are done): a save that failed
+    somewhere stops here. Rank 0 removes the folder unless it was signed before the failure (a `latest` that could
+    not be moved: the checkpoint is complete); `SaveFailed` on every rank."""
     if failure is None:
         return
     complete = damage(directory, content=False) is None
