@@ -224,7 +224,9 @@ def measure_skew(stepper: Stepper, skew: float, x_BSD: torch.Tensor, designed_E:
 
 def on_rank(args) -> None:
     from moe_model import MoEConfig
-    from moe_model.train.distributed import collective_device, init_distributed
+    import torch.distributed as dist
+
+    from moe_model.train.distributed import close_distributed, collective_device, init_distributed
 
     rank, world = init_distributed()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.gpu else torch.device("cpu")
@@ -247,6 +249,10 @@ def on_rank(args) -> None:
                   "tokens_per_rank": args.tokens, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
                   "threads_per_rank": torch.get_num_threads(), "steps_timed": args.steps, "rows": rows}
         Path(args.out).write_text(json.dumps(result, indent=2))
+    # every rank leaves together and tears gloo down first: a rank whose interpreter exits with gloo's threads still
+    # alive aborts ("terminate called without an active exception", exit -6), which failed CI once
+    dist.barrier()
+    close_distributed()
 
 
 def launch_one(args, ranks: int, out: Path) -> dict:

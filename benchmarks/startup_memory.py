@@ -67,7 +67,7 @@ def measure(out: Path, mode: str, recipe_path: str, train_steps: int) -> None:
     from moe_model.recipe import load_recipe
     from moe_model.strategy import Strategy
     from moe_model.train.data import StepBatches
-    from moe_model.train.distributed import init_distributed
+    from moe_model.train.distributed import close_distributed, init_distributed
     from moe_model.train.engine import build_engine, rank_share
 
     recipe = load_recipe(recipe_path)
@@ -91,6 +91,7 @@ def measure(out: Path, mode: str, recipe_path: str, train_steps: int) -> None:
         report["training"] = peak_rss()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
+    close_distributed()  # gloo's threads down before the interpreter exits (see ds_moe_layer.on_rank)
 
 
 def main() -> int:
