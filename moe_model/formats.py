@@ -13,7 +13,8 @@ differences are arithmetic, kept here in one place:
 - on disk transformers writes Mixtral's experts one per tensor under the Hub's names,
   `model.layers.<l>.block_sparse_moe.experts.<e>.{w1,w3,w2}.weight` (gate, up, down) and
   `...block_sparse_moe.gate.weight`, where the module holds them stacked as `mlp.experts.gate_up_proj` [E, 2I, D] (gate
-  rows, then up rows) and `mlp.experts.down_proj` [E, D, I] (`hub_parts`).
+  rows, then up rows) and `mlp.experts.down_proj` [E, D, I] (`hub_parts`; the families' Hub folders likewise, as
+  `mlp.experts.<e>.{gate_proj,up_proj,down_proj}.weight`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Any
 
 from .configuration import MoEConfig
 
-# the fields that fix the weights' shapes and the function they compute: a recipe must agree with its init_from folder
-ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "hidden_act",
-                "tie_word_embeddings", "rms_norm_eps", "rope_theta")
+# with the block settings (`ARCHITECTURE`, below): the fields that fix the weights' shapes and the function they
+# compute, on which a recipe must agree with its init_from folder
+_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "hidden_act",
+          "tie_word_embeddings", "rms_norm_eps", "rope_theta")
 
 
 def mixtral_config(c: MoEConfig, dtype=None):
@@ -49,31 +51,46 @@ def mixtral_config(c: MoEConfig, dtype=None):
 
 
 def model_fields(folder: Path) -> dict[str, Any]:
-    """The recipe's `model` fields of a Hugging Face folder's config.json (native or Mixtral). Raises ValueError with
-    the reason when the folder holds neither, or a Mixtral this model cannot compute (sliding window, other rope)."""
+    """The recipe's `model` fields of a Hugging Face folder's config.json (native, Mixtral or a `FAMILIES` model).
+    Raises ValueError with the reason when the folder holds none of these, or a model this one cannot compute
+    (sliding window, another rope type)."""
     path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no config.json: pass a folder written by save_pretrained (or moe export)")
     raw = json.loads(path.read_text())
     kind = raw.get("model_type")
     if kind == MoEConfig.model_type:
-        settings = family_settings(raw)
-        if settings:
-            raise ValueError(f"{folder} uses block settings that training does not take yet ({', '.join(settings)}):"
-                             " the recipe's model section has no fields for them")
-        return {k: raw[k] for k in _MODEL_FIELDS if k in raw}
+        fields = {k: raw[k] for k in _MODEL_FIELDS + BLOCK_SETTINGS if k in raw}
+        return {**fields, **_rope_fields(folder, raw.get("rope_parameters") or {"rope_theta": raw.get("rope_theta")})}
+    if kind in FAMILIES:
+        import transformers
+
+        try:
+            config = family_config(transformers.AutoConfig.from_pretrained(folder))
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
+        fields = {k: getattr(config, k) for k in _MODEL_FIELDS + BLOCK_SETTINGS}
+        return {**fields, **_rope_fields(folder, config.rope_parameters)}
     if kind != "mixtral":
-        raise ValueError(f"{folder} holds a {kind!r} model; init_from reads {MoEConfig.model_type} or mixtral folders")
+        raise ValueError(f"{folder} holds a {kind!r} model; init_from reads {MoEConfig.model_type}, mixtral or "
+                         f"{', '.join(FAMILIES)} folders")
     if raw.get("sliding_window") is not None:
         raise ValueError(f"{folder}: sliding_window {raw['sliding_window']} is not supported (full attention only)")
     rope = raw.get("rope_parameters") or {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1e6)}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{folder}: rope_type {rope['rope_type']!r} is not supported (default rope only)")
     k = raw["num_experts_per_tok"]
     fields = {name: raw[name] for name in _MODEL_FIELDS if name in raw and name not in ("router_aux_loss_coef",)}
-    fields.update(rope_theta=rope["rope_theta"], hidden_act="silu",
+    fields.update(_rope_fields(folder, rope), hidden_act="silu",
                   router_aux_loss_coef=raw.get("router_aux_loss_coef", 0.0) * k)
     return fields
+
+
+def _rope_fields(folder: Path, rope: dict[str, Any]) -> dict[str, Any]:
+    """A config's rope parameters as recipe fields (`rope_theta`, `partial_rotary_factor`): the recipe takes plain
+    RoPE only."""
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{folder}: rope_type {rope['rope_type']!r} is not supported by recipes (default rope only)")
+    fields = {"rope_theta": rope["rope_theta"]} if rope.get("rope_theta") is not None else {}
+    return {**fields, "partial_rotary_factor": rope.get("partial_rotary_factor", 1.0)}
 
 
 _MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -83,19 +100,28 @@ _MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "initializer_range")
 
 
-def family_settings(raw: dict[str, Any]) -> list[str]:
-    """`name value` for every block setting of the other families (`MoEConfig`'s arguments after
-    `initializer_range`) that a config dict sets away from its default (Mixtral's block)."""
+def _block_settings() -> tuple[str, ...]:
+    """The settings of the other families' blocks: MoEConfig's arguments between `initializer_range` and
+    `use_cache` (its own grouping, so a new setting is named once)."""
     import inspect
 
-    arguments = list(inspect.signature(MoEConfig.__init__).parameters.values())
-    names = [a.name for a in arguments]
-    family = arguments[names.index("initializer_range") + 1:names.index("use_cache")]  # MoEConfig's own grouping
-    defaults = {a.name: a.default for a in family}
-    settings = [f"{name} {raw[name]!r}" for name, default in defaults.items()
-                if name in raw and raw[name] != default and not (name == "dense_layers" and raw[name] == [])]
-    partial = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
-    return settings + ([f"partial_rotary_factor {partial!r}"] if partial != 1.0 else [])
+    names = list(inspect.signature(MoEConfig.__init__).parameters)
+    return tuple(names[names.index("initializer_range") + 1:names.index("use_cache")])
+
+
+BLOCK_SETTINGS = _block_settings()
+
+
+def block_settings_set(c: MoEConfig) -> list[str]:
+    """`name value` for each block setting of `c` away from its default (Mixtral's block), partial rotary too."""
+    import inspect
+
+    defaults = {a.name: a.default for a in inspect.signature(MoEConfig.__init__).parameters.values()}
+    changed = [f"{name} {getattr(c, name)!r}" for name in BLOCK_SETTINGS
+               if getattr(c, name) != defaults[name] and not (name == "dense_layers" and not c.dense_layers)]
+    partial = c.rope_parameters.get("partial_rotary_factor", 1.0)
+    return changed + ([f"partial_rotary_factor {partial!r}"] if partial != 1.0 else [])
+ARCHITECTURE = _SHAPE + BLOCK_SETTINGS + ("partial_rotary_factor",)
 
 
 def architecture_differences(folder_fields: dict[str, Any], stated: dict[str, Any]) -> list[str]:
@@ -104,19 +130,31 @@ def architecture_differences(folder_fields: dict[str, Any], stated: dict[str, An
             if stated.get(name) is not None and name in folder_fields and stated[name] != folder_fields[name]]
 
 
-def hub_parts(name: str, expert: int) -> list[str] | None:
-    """The Hub-format Mixtral tensors that hold expert `expert` of the stacked parameter `name`, concatenated by rows
-    (gate then up), or None for a name that is not a stacked expert parameter."""
+# The Hub's one tensor per expert, per layout: (the module holding the experts, its gate, up and down tensor names).
+HUB_EXPERT_LAYOUTS = (("block_sparse_moe", "w1", "w3", "w2"),  # Mixtral
+                      ("mlp", "gate_proj", "up_proj", "down_proj"))  # Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5-MoE
+
+
+def hub_parts(name: str, expert: int, layout: int = 0) -> list[str] | None:
+    """The Hub tensors (of `HUB_EXPERT_LAYOUTS[layout]`) that hold expert `expert` of the stacked parameter `name`,
+    concatenated by rows (gate then up), or None for a name that is not a stacked expert parameter."""
     prefix, sep, part = name.partition(".mlp.experts.")
     if not sep:
         return None
-    where = f"{prefix}.block_sparse_moe.experts.{expert}"
-    return {"gate_up_proj": [f"{where}.w1.weight", f"{where}.w3.weight"], "down_proj": [f"{where}.w2.weight"]}[part]
+    module, gate, up, down = HUB_EXPERT_LAYOUTS[layout]
+    where = f"{prefix}.{module}.experts.{expert}"
+    return {"gate_up_proj": [f"{where}.{gate}.weight", f"{where}.{up}.weight"],
+            "down_proj": [f"{where}.{down}.weight"]}[part]
 
 
-def hub_name(name: str) -> str:
-    """A non-expert parameter's Hub-format Mixtral name (the router moved from `mlp` to `block_sparse_moe`)."""
-    return name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+def hub_names(name: str) -> list[str]:
+    """The names a non-expert parameter may have in a Hub folder: its own; Mixtral's (the router in
+    `block_sparse_moe`); each family's module renames (`Family.renames`, Qwen2-MoE's `shared_expert`)."""
+    names = [name, name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")]
+    for family in FAMILIES.values():
+        for theirs, ours in family.renames:
+            names.append(name.replace(ours, theirs))
+    return list(dict.fromkeys(names))
 
 
 # ------------------------------------------------------------------------------------------------ the families
@@ -261,6 +299,7 @@ FAMILIES: dict[str, Family] = {
         _read_glm4, _write_glm4),
 }
 FAMILY_FIELDS = {kind: COMMON_FIELDS + family.fields for kind, family in FAMILIES.items()}
+EXPORT_FORMATS = ("native", "mixtral", *FAMILIES, "hub")  # `moe export --format` (hub: the init_from folder's)
 
 
 def family_config(hf) -> MoEConfig:

@@ -48,7 +48,11 @@ class MoERMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_fp32 = x.float()
         x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
+        return self.scale() * x_fp32.to(x.dtype)
+
+    def scale(self) -> torch.Tensor:
+        """The weight the normalised values are multiplied by (a tensor-parallel q/k norm wraps it)."""
+        return self.weight
 
 
 class MoERotaryEmbedding(nn.Module):
@@ -292,6 +296,15 @@ class RouterOutput:
     experts_TK: torch.Tensor | None = None  # the chosen experts (the routes `MoEModel` masks padding out of)
 
 
+def shared_output(block: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
+    """The shared experts' output of an MoE block (any of its parallel forms) that holds `shared_experts` and, with
+    `shared_expert_gate`, that gate: one FFN every token goes through, scaled per token by sigmoid(x w)."""
+    shared_TD = block.shared_experts(x_TD)
+    if block.config.shared_expert_gate:
+        shared_TD = torch.sigmoid(block.shared_expert_gate(x_TD)) * shared_TD
+    return shared_TD
+
+
 class MoESparseBlock(nn.Module):
     """Router, routed experts and (`num_shared_experts`) one shared FFN every token goes through, added to the
     routed output, per token scaled by sigmoid(`shared_expert_gate`(x)) where the config has that gate."""
@@ -330,10 +343,7 @@ class MoESparseBlock(nn.Module):
         y_TD = self.experts(x_TD, experts_TK, weights_TK) if keep_TK is None else \
             self.experts(x_TD, experts_TK, weights_TK, keep_TK)
         if c.num_shared_experts:
-            shared_TD = self.shared_experts(x_TD)
-            if c.shared_expert_gate:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            y_TD = y_TD + shared_output(self, x_TD)
         z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
         router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
                               expert_counts(experts_TK.detach(), self.config.num_local_experts), experts_TK)

@@ -76,9 +76,29 @@ class ModelSection(Section):
     capacity_factor: PositiveFloat | None = None
     min_capacity: PositiveInt = 4
     initializer_range: PositiveFloat = 0.02
+    # the blocks of the other families (MoEConfig's docstring; `formats.FAMILIES`): every default is Mixtral's block
+    moe_intermediate_size: PositiveInt | None = None
+    dense_layers: list[Annotated[int, Field(ge=0)]] = []
+    num_shared_experts: int = Field(0, ge=0)
+    shared_expert_intermediate_size: PositiveInt | None = None
+    shared_expert_gate: bool = False
+    router_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: PositiveFloat = 1.0
+    n_group: PositiveInt | None = None
+    topk_group: PositiveInt | None = None
+    router_score_bias: bool = False
+    qk_norm: Literal["head", "projection"] | None = None
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    clip_qkv: PositiveFloat | None = None
+    partial_rotary_factor: float = Field(1.0, gt=0, le=1)  # the share of each head RoPE rotates (GLM: 0.5)
 
     def to_config(self) -> MoEConfig:
-        return MoEConfig(**self.model_dump())
+        fields = self.model_dump()
+        partial = fields.pop("partial_rotary_factor")
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        return MoEConfig(**fields, rope_parameters=rope if partial == 1.0 else {**rope, "partial_rotary_factor": partial})
 
 
 class ParallelSection(Section):

@@ -86,9 +86,14 @@ class Strategy:
         if model.capacity_factor is not None:
             return (f"is dropless and has no capacity (model.capacity_factor is {model.capacity_factor}); set it "
                     "null")
-        if model.hidden_size % 8 or model.intermediate_size % 8:
-            return (f"needs hidden_size and intermediate_size in multiples of 8 (got {model.hidden_size} and "
-                    f"{model.intermediate_size}): torch's grouped GEMM takes rows of 16-byte multiples in bf16")
+        if model.hidden_size % 8 or model.intermediate_size % 8 or expert_width(model) % 8:
+            return (f"needs hidden_size and the FFN widths in multiples of 8 (got {model.hidden_size}, "
+                    f"{model.intermediate_size} and {expert_width(model)}): torch's grouped GEMM takes rows of "
+                    "16-byte multiples in bf16")
+        routing = routing_settings(model)
+        if routing:
+            return (f"is not yet given this model's routed block ({', '.join(routing)}): the project's adapter "
+                    "carries softmax top-k routing without shared experts only")
         return None
 
     def with_backend(self, model: ModelShape) -> Strategy:
@@ -170,6 +175,12 @@ class Strategy:
         backend = self.backend_problem(model)
         if backend:
             return backend
+        if tp > 1 and getattr(model, "qk_norm", None) == "projection":
+            return "parallel.tp", (f"tp={tp} splits the heads, and model.qk_norm projection normalises over all of "
+                                   "them (OLMoE's); use tp 1 (or qk_norm head)")
+        if tp > 1 and getattr(model, "attention_out_bias", False):
+            return "parallel.tp", (f"tp={tp} sums o_proj's partial outputs over the tp ranks, and "
+                                   "model.attention_out_bias would be added on each; use tp 1")
         if self.zero_stage == 3 and ep > 1 and self.with_backend(model).moe_backend != "autoep":
             why = self.autoep_problem(model) or "is not chosen (moe_backend legacy; use auto or autoep)"
             return "parallel.zero_stage", (f"ZeRO-3 with ep={ep} needs the AutoEP backend (DeepSpeed's legacy MoE "
@@ -179,7 +190,7 @@ class Strategy:
                                            "use zero_stage 1 or set pp 1")
         return None
 
-    def training_problem(self) -> Problem | None:
+    def training_problem(self, model: ModelShape | None = None) -> Problem | None:
         """What DeepSpeed accepts but this project cannot train correctly (checked before launch and by the planner).
 
         DeepSpeed's expert groups are consecutive ranks: with tp > 1 and ep not a multiple of tp, two tensor-parallel
@@ -187,6 +198,10 @@ class Strategy:
         tp rank 0 only) cannot count them exactly once, so gradient clipping would use a wrong norm.
         """
         tp, ep = self.tp, self.ep
+        if model is not None and getattr(model, "router_score_bias", False):
+            return "model.router_score_bias", ("training does not move or keep the score bias yet (it lands with "
+                                               "the aux-loss-free balance update); set it false to train, or "
+                                               "estimate and plan the model as it is")
         if tp > 1 and ep > 1 and ep % tp:
             return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
                                    "tensor-parallel peers hold different experts; raise ep or lower tp")
@@ -205,8 +220,21 @@ class Strategy:
                 trainable: bool = False) -> Problem | None:
         """The first rule this strategy breaks: the training rule (only with `trainable`), the layout rules, then the
         global batch; None when every rule holds."""
-        return ((self.training_problem() if trainable else None) or self.layout_problem(model, gpus_per_node)
+        return ((self.training_problem(model) if trainable else None) or self.layout_problem(model, gpus_per_node)
                 or self.batch_problem(global_batch, dp_assumed))
+
+
+def expert_width(model: ModelShape) -> int:
+    """One routed expert's FFN width (`MoEConfig.expert_width`, for a recipe's model section too)."""
+    return getattr(model, "moe_intermediate_size", None) or model.intermediate_size
+
+
+def routing_settings(model: ModelShape) -> list[str]:
+    """`name value` for each setting of the routed block away from Mixtral's (softmax top-k, no shared expert, no
+    scaling, no groups, no score bias): what only the project's own block and the legacy layer compute."""
+    defaults = {"num_shared_experts": 0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": None, "topk_group": None, "router_score_bias": False}
+    return [f"{name} {getattr(model, name)!r}" for name, default in defaults.items()
+            if getattr(model, name, default) != default]
 
 
 def batch_divides(global_batch, micro_batch_size, dp):

@@ -124,19 +124,31 @@ def test_a_feature_the_model_cannot_compute_is_refused_by_name(name, changes, wo
         formats.family_config(family.config)
 
 
-def test_a_native_folder_with_family_blocks_is_refused_by_init_from_until_recipes_take_them(tmp_path):
+def test_a_native_folder_with_family_blocks_becomes_the_same_config_through_a_recipe(tmp_path):
     from moe_model import MoEConfig
+    from moe_model.recipe import ModelSection
 
-    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 num_local_experts=4)
-    MoEConfig(**shape).save_pretrained(tmp_path / "mixtral-shaped")
-    assert formats.model_fields(tmp_path / "mixtral-shaped")["hidden_size"] == 32
-    MoEConfig(**shape, num_shared_experts=1, dense_layers=[0],
-              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-              ).save_pretrained(tmp_path / "family")
-    with pytest.raises(ValueError, match=r"block settings that training does not take yet \(dense_layers \[0\], "
-                                         r"num_shared_experts 1, partial_rotary_factor 0.5\)"):
-        formats.model_fields(tmp_path / "family")
+    config = MoEConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, num_local_experts=4, moe_intermediate_size=16, num_shared_experts=1,
+                       shared_expert_gate=True, dense_layers=[0], qk_norm="head", attention_bias=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    config.save_pretrained(tmp_path / "native")
+    again = ModelSection(**formats.model_fields(tmp_path / "native")).to_config()
+    for name in formats.ARCHITECTURE[:-1]:
+        assert getattr(again, name) == getattr(config, name), name
+    assert again.rope_parameters == config.rope_parameters
+
+
+def test_each_family_folder_becomes_its_config_through_a_recipe(family, tmp_path):
+    from moe_model.recipe import ModelSection
+
+    family.save_pretrained(tmp_path / "hub")
+    expected = formats.family_config(family.config)
+    again = ModelSection(**formats.model_fields(tmp_path / "hub")).to_config()
+    for name in formats.ARCHITECTURE[:-1] + ("router_aux_loss_coef",):
+        assert getattr(again, name) == getattr(expected, name), name
+    assert again.rope_parameters.get("partial_rotary_factor", 1.0) == \
+        expected.rope_parameters.get("partial_rotary_factor", 1.0)
 
 
 # The Hub config.json values of the models the issue names (the shape fields only; no download here), the way

@@ -82,7 +82,17 @@ BAD_OVERRIDES = [
     (["parallel.moe_backend=autoep", "parallel.tp=2"], "parallel.moe_backend: autoep does not run with tensor parallelism"),
     (["parallel.moe_backend=autoep", "model.capacity_factor=1.25"], "autoep is dropless and has no capacity"),
     (["parallel.moe_backend=autoep", "model.intermediate_size=100"],
-     "autoep needs hidden_size and intermediate_size in multiples of 8 (got 64 and 100)"),
+     "autoep needs hidden_size and the FFN widths in multiples of 8 (got 64, 100 and 100)"),
+    (["parallel.moe_backend=autoep", "model.num_shared_experts=1"],
+     "parallel.moe_backend: autoep is not yet given this model's routed block (num_shared_experts 1)"),
+    (["parallel.moe_backend=autoep", "model.router_scoring=sigmoid", "model.n_group=2", "model.topk_group=1"],
+     "(router_scoring 'sigmoid', n_group 2, topk_group 1)"),
+    (["parallel.tp=2", "model.qk_norm=projection"],
+     "parallel.tp: tp=2 splits the heads, and model.qk_norm projection normalises over all of them"),
+    (["parallel.tp=2", "model.attention_out_bias=true"], "model.attention_out_bias would be added on each"),
+    (["model.dense_layers=[4]"], "model: dense_layers must name layers 0..3, got [4]"),
+    (["model.dense_layers=[0,1,2,3]"], "model: dense_layers leaves no MoE layer"),
+    (["model.partial_rotary_factor=0"], "model.partial_rotary_factor: input should be greater than 0"),
     (["parallel.moe_backend=deepep"], "parallel.moe_backend: input should be 'auto', 'autoep' or 'legacy'"),
     (["parallel.zero_stage=4"], "parallel.zero_stage: input should be 0, 1, 2 or 3"),
     (["parallel.ep=1", "parallel.dp=3"], "train.global_batch_size: 8 is not a multiple of micro_batch_size x dp = 4 x 3"),
@@ -169,7 +179,7 @@ def test_auto_never_picks_a_backend_the_model_cannot_run():
     valid (a default never makes a valid recipe invalid)."""
     assert load_recipe(ROOT / "recipes/tiny_cpu.yaml").strategy(4)[0].moe_backend == "autoep"
     for change in ("model.intermediate_size=100", "model.hidden_act=gelu", "model.capacity_factor=1.5",
-                   "parallel.tp=2"):
+                   "parallel.tp=2", "model.num_shared_experts=1", "model.router_scoring=sigmoid"):
         recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", [change, "parallel.pp=1"])  # dp 2
         assert recipe.strategy(2 * recipe.parallel.tp)[0].moe_backend == "legacy", change
 

@@ -13,7 +13,7 @@ removed inside the forward, so no tensor outlives it) and computing the project'
 expert counts from them with `moe_model.routing`.
 
 Routing is the same function: softmax in fp32, top-k, the k weights renormalised (AutoEP adds 1e-20 to the
-denominator), weights applied after the experts ("post"). The fused `gate_up_proj` [E, 2I, D] is split by AutoEP
+denominator) where `norm_topk_prob` says so, weights applied after the experts ("post"). The fused `gate_up_proj` [E, 2I, D] is split by AutoEP
 into gate (first I rows) and up, as `modeling.expert_ffn` does. Only gated (silu) experts are served: AutoEP
 registers no two-matrix activation (`Strategy.backend_problem`).
 """
@@ -54,7 +54,7 @@ def autoep_section(config: MoEConfig, ep: int) -> dict[str, Any]:
         "top_k": config.num_experts_per_tok,
         "score_func": "softmax",
         "score_apply": "post",
-        "route_norm": True,
+        "route_norm": config.norm_topk_prob,  # False: the k softmax probabilities as they are (OLMoE, Qwen2-MoE)
         "route_scale": 1.0,
         "routed_scaling_factor": 1.0,
         "has_shared_experts": False,

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import MoEConfig
-from ..modeling import MoESparseBlock, RouterOutput, expert_ffn
+from ..modeling import MoESparseBlock, RouterOutput, expert_ffn, shared_output
 from .tensor_parallel import mark_tensor_parallel
 from ..routing import expert_capacity, expert_counts, expert_positions, load_balancing_loss, route, router_z_loss
 
@@ -43,7 +43,7 @@ class ExpertFFN(nn.Module):
 
     def __init__(self, config: MoEConfig):
         super().__init__()
-        D, I = config.hidden_size, config.intermediate_size
+        D, I = config.hidden_size, config.expert_width
         self.gated = config.hidden_act == "silu"
         if self.gated:
             self.gate_up_proj = nn.Parameter(torch.empty(2 * I, D))
@@ -72,7 +72,9 @@ class ProjectGate(TopKGate):
             raise NotImplementedError("ProjectGate serves DeepSpeed's sparse-route dispatch only")
         cfg, E = self.config, self.config.num_local_experts
         logits_TE = F.linear(x_TD, self.wg.weight)
-        probs_TE, weights_TK, experts_TK = route(logits_TE, cfg.num_experts_per_tok)
+        probs_TE, weights_TK, experts_TK = route(logits_TE, cfg.num_experts_per_tok, cfg.router_scoring,
+                                                 cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.n_group,
+                                                 cfg.topk_group)
         position_TK = expert_positions(experts_TK, E)
         counts_E = expert_counts(experts_TK, E)
         if cfg.capacity_factor is None:  # dropless: every expert's buffer is as deep as the busiest one, group-wide
@@ -98,7 +100,9 @@ class ProjectGate(TopKGate):
 
 
 class DeepSpeedMoEBlock(nn.Module):
-    """Drop-in for `MoESparseBlock` (same forward contract) holding this rank's E/ep experts."""
+    """Drop-in for `MoESparseBlock` (same forward contract) holding this rank's E/ep experts; the block's shared
+    experts and their gate (`MoEConfig.num_shared_experts`), which every token goes through, stay beside DeepSpeed's
+    layer under the block's own names, replicated like attention."""
 
     def __init__(self, dense: MoESparseBlock, ep: int, ep_rank: int, tp: int = 1):
         super().__init__()
@@ -123,9 +127,15 @@ class DeepSpeedMoEBlock(nn.Module):
                     # DeepSpeed's expert groups are consecutive ranks, so with tp | ep the tp peers hold different
                     # experts: the global grad norm must count them on every tp rank, not on tp rank 0 only
                     mark_tensor_parallel(param)
+        if config.num_shared_experts:
+            self.shared_experts = dense.shared_experts
+            if config.shared_expert_gate:
+                self.shared_expert_gate = dense.shared_expert_gate
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         y_BSD, router, _ = self.moe(x_BSD)  # ProjectGate's RouterOutput, in DeepSpeed's aux-loss slot
+        if self.config.num_shared_experts:
+            y_BSD = y_BSD + shared_output(self, x_BSD)
         return y_BSD, router
 
 

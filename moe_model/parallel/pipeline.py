@@ -1,7 +1,8 @@
 """The model as a DeepSpeed `PipelineModule`, built from the same blocks as `MoEForCausalLM`.
 
-Stages pass `(hidden_BSD, carry)` to each other. `carry` is one fp32 vector that accumulates, layer by layer,
-`[sum of aux losses, sum of z losses, routes per expert of layer 0, ..., of layer L-1]`: the router losses travel
+Stages pass `(hidden_BSD, carry)` to each other. `carry` is one fp32 vector that accumulates, MoE layer by MoE
+layer (`MoEConfig.moe_layers`: a dense FFN layer routes nothing and passes it on),
+`[sum of aux losses, sum of z losses, routes per expert of the first MoE layer, ..., of the last]`: the router losses travel
 as a tensor and are added in the loss function on the last stage (an autograd-injected aux gradient would be
 mis-scaled by the pipeline engine), and the expert-load counts (no gradient) reach the last stage with them, so
 recomputation under activation checkpointing cannot count a forward twice.
@@ -24,7 +25,7 @@ from .state_dict_adapter import allocate
 
 
 def carry_size(config: MoEConfig) -> int:
-    return 2 + config.num_hidden_layers * config.num_local_experts
+    return 2 + len(config.moe_layers) * config.num_local_experts
 
 
 class EmbeddingPipe(nn.Module):
@@ -56,10 +57,12 @@ class DecoderLayerPipe(nn.Module):
         position_ids = torch.arange(x_BSD.shape[1], device=x_BSD.device).unsqueeze(0)
         cos_sin = self.rotary_emb(x_BSD, position_ids)
         x_BSD, router = self.layer(x_BSD, cos_sin)
-        E, L = cfg.num_local_experts, cfg.num_hidden_layers
+        if router is None:  # a dense FFN layer
+            return x_BSD, carry
+        E, L, slot = cfg.num_local_experts, len(cfg.moe_layers), cfg.moe_layers.index(self.layer_idx)
         load_E = router.expert_counts_E.detach().float()
         update = torch.cat([router.aux_loss.float().reshape(1), router.z_loss.float().reshape(1),
-                            carry.new_zeros(self.layer_idx * E), load_E, carry.new_zeros((L - 1 - self.layer_idx) * E)])
+                            carry.new_zeros(slot * E), load_E, carry.new_zeros((L - 1 - slot) * E)])
         return x_BSD, carry + update
 
 
@@ -84,7 +87,7 @@ class PipelineLoss:
 
     def __call__(self, outputs, labels_BS):
         logits_BSV, carry = outputs
-        L, E = self.config.num_hidden_layers, self.config.num_local_experts
+        L, E = len(self.config.moe_layers), self.config.num_local_experts
         lm_loss, _ = causal_lm_loss(logits_BSV, labels_BS)
         aux_loss, z_loss = carry[0] / L, carry[1] / L
         loss = training_loss(lm_loss, aux_loss, z_loss, self.config)
@@ -94,7 +97,7 @@ class PipelineLoss:
     def take(self) -> StepStats:
         """The sum of the micro-batches kept since the last call, on the CPU (zeros on a stage without the loss)."""
         stats, self.stats = self.stats, []
-        return StepStats.total(stats, self.config.num_hidden_layers, self.config.num_local_experts)
+        return StepStats.total(stats, len(self.config.moe_layers), self.config.num_local_experts)
 
 
 def build_pipeline_module(model: MoEForCausalLM, groups: RankGroups, activation_checkpointing: bool
@@ -111,7 +114,7 @@ def build_pipeline_module(model: MoEForCausalLM, groups: RankGroups, activation_
     loss = PipelineLoss(config)
     module = PipelineModule(
         layers=specs, topology=groups.layout.topology(), loss_fn=loss,
-        partition_method="type:DecoderLayerPipe",  # layers balanced over stages: every stage holds MoE layers
+        partition_method="type:DecoderLayerPipe",  # decoder layers balanced over stages, dense or MoE
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         # non-reentrant: the pipeline engine runs backward once per output tensor (hidden, then carry), and
         # DeepSpeed's reentrant checkpoint frees its saved inputs after the first

@@ -43,7 +43,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..formats import hub_name, hub_parts
+from ..formats import HUB_EXPERT_LAYOUTS, hub_names, hub_parts
 
 LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
 AUTOEP_BLOCK = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>gate\.weight|experts\.\w+)$")
@@ -120,8 +120,8 @@ class Source(Protocol):
 
 
 class SeededInit:
-    """The model's initialisation (normal(0, initializer_range) for matrices, ones for norms, the padding row of the
-    embedding zero) drawn from one generator per parameter, and per expert for stacked expert tensors, each seeded by
+    """The model's initialisation (normal(0, initializer_range) for matrices, ones for norms, zeros for biases, the
+    padding row of the embedding zero) drawn from one generator per parameter, and per expert for stacked expert tensors, each seeded by
     a hash of (seed, name[, expert]): any part of the model comes out the same whoever draws it and whatever else
     they draw."""
 
@@ -135,6 +135,8 @@ class SeededInit:
     def _draw(self, name: str, shape, *key) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.ones(shape)
+        if name.endswith(".bias"):  # q/k/v/o biases (`attention_bias`): zeros, as transformers initialises them
+            return torch.zeros(shape)
         tensor = torch.empty(shape).normal_(0.0, self.config.initializer_range, generator=self._stream(name, *key))
         pad = self.config.pad_token_id
         if name == "model.embed_tokens.weight" and pad is not None:
@@ -183,35 +185,45 @@ class SafetensorsSource:
         """What keeps this folder from filling a model of these parameter shapes (`global_shapes`): the first
         missing or differently shaped tensor, named; None when every one is there (headers only are read)."""
         for name, shape in shapes.items():
-            if name in self.files:
-                found = self.shape(name)
-            elif hub_parts(name, 0) is not None:
-                parts = [key for e in range(shape[0]) for key in hub_parts(name, e)]
-                if any(key not in self.files for key in parts):
-                    return f"{self.folder} has no {name} (nor the Mixtral tensors {parts[0]}, ...)"
-                found = torch.Size([shape[0], sum(self.shape(k)[0] for k in hub_parts(name, 0)),
-                                    *self.shape(parts[0])[1:]])
-            elif hub_name(name) in self.files:
-                found = self.shape(hub_name(name))
+            if hub_parts(name, 0) is not None and name not in self.files:
+                parts = self._expert_parts(name, shape[0])
+                if parts is None:
+                    return f"{self.folder} has no {name} (nor its Hub tensors {hub_parts(name, 0, 1)[0]}, ...)"
+                found = torch.Size([shape[0], sum(self.shape(k)[0] for k in parts[0]), *self.shape(parts[0][0])[1:]])
             else:
-                return f"{self.folder} has no tensor {name}"
+                stored = self._stored_name(name)
+                if stored is None:
+                    return f"{self.folder} has no tensor {name}"
+                found = self.shape(stored)
             if found != shape:
                 return f"{self.folder}: {name} is {tuple(found)}, the model's is {tuple(shape)}"
         return None
 
     def unexpected(self, shapes: dict[str, torch.Size]) -> list[str]:
         """The folder's tensors that no parameter of a model of these shapes reads (under its own name or its Hub
-        Mixtral names), sorted; RoPE frequency buffers older transformers saved are not counted (they are
-        recomputed)."""
+        names, `formats.hub_names` and `hub_parts`), sorted; RoPE frequency buffers older transformers saved are not
+        counted (they are recomputed)."""
         read = set()
         for name, shape in shapes.items():
-            read.update((name, hub_name(name)))
+            read.update(hub_names(name))
             if hub_parts(name, 0) is not None:
-                read.update(key for e in range(shape[0]) for key in hub_parts(name, e))
+                read.update(key for layout in range(len(HUB_EXPERT_LAYOUTS)) for e in range(shape[0])
+                            for key in hub_parts(name, e, layout))
         return sorted(n for n in self.files if n not in read and not n.endswith("rotary_emb.inv_freq"))
 
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._handle(name).get_slice(name).get_shape())
+
+    def _stored_name(self, name: str) -> str | None:
+        return next((n for n in hub_names(name) if n in self.files), None)
+
+    def _expert_parts(self, name: str, experts: int) -> list[list[str]] | None:
+        """Per expert, the Hub tensors holding it in this folder's layout (`formats.HUB_EXPERT_LAYOUTS`), or None."""
+        for layout in range(len(HUB_EXPERT_LAYOUTS)):
+            parts = [hub_parts(name, e, layout) for e in range(experts)]
+            if all(key in self.files for keys in parts for key in keys):
+                return parts
+        return None
 
     def _handle(self, name: str):
         file = self.files[name]
@@ -231,15 +243,17 @@ class SafetensorsSource:
         return part[index]
 
     def _read_hub(self, name: str, index: tuple) -> torch.Tensor:
-        """A parameter of a Hub-format Mixtral folder (`formats`: one tensor per expert, gate and up apart)."""
+        """A parameter of a Hub-format folder (`formats`: one tensor per expert, gate and up apart; or another name)."""
         if hub_parts(name, 0) is None:
-            return self._handle(hub_name(name)).get_slice(hub_name(name))[index or (slice(None),)]
+            stored = self._stored_name(name)
+            return self._handle(stored).get_slice(stored)[index or (slice(None),)]
         layer = name.partition(".mlp.experts.")[0]
-        experts = sum(1 for key in self.files
-                      if key.startswith(f"{layer}.block_sparse_moe.experts.") and key.endswith(".w2.weight"))
+        experts = sum(1 for key in self.files if key.startswith(layer + ".") and ".experts." in key
+                      and key.endswith(tuple(f".{down}.weight" for *_, down in HUB_EXPERT_LAYOUTS)))
+        parts = self._expert_parts(name, experts)
         first, rest = (index[0] if index else slice(None)), index[1:]
         chosen = [first] if isinstance(first, int) else list(range(experts))[first]
-        blocks = [torch.cat([self._handle(key).get_slice(key)[:] for key in hub_parts(name, e)]) for e in chosen]
+        blocks = [torch.cat([self._handle(key).get_slice(key)[:] for key in parts[e]]) for e in chosen]
         return (blocks[0] if isinstance(first, int) else torch.stack(blocks))[rest]
 
 

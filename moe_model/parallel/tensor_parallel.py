@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..modeling import MoEAttention
+from ..modeling import MoEAttention, MoERMSNorm
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -59,6 +59,21 @@ def mark_tensor_parallel(param: nn.Parameter) -> None:
     param.model_parallel = True
 
 
+class HeadNorm(MoERMSNorm):
+    """A per-head q/k RMSNorm on a tp rank: one weight [Hd] for all heads, each rank normalising its own heads, so
+    the weight's gradient here is a sum over this rank's heads only; `copy_to_tp` sums it over the tp group, and the
+    replicated weight stays equal on every rank (counted once in the grad norm: not marked tensor-parallel)."""
+
+    def __init__(self, dense: MoERMSNorm, group):
+        super().__init__(dense.weight.shape[0], dense.eps)
+        self.group = group
+        with torch.no_grad():
+            self.weight.copy_(dense.weight)
+
+    def scale(self) -> torch.Tensor:
+        return copy_to_tp(self.weight, self.group)
+
+
 class TensorParallelAttention(MoEAttention):
     """`MoEAttention` holding this rank's heads, its forward between Megatron's f and g (no KV cache: training only).
 
@@ -71,12 +86,16 @@ class TensorParallelAttention(MoEAttention):
         self.group = group
         q_rows, kv_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         with torch.no_grad():
-            self.q_proj.weight.copy_(dense.q_proj.weight[tp_rank * q_rows:(tp_rank + 1) * q_rows])
-            self.k_proj.weight.copy_(dense.k_proj.weight[tp_rank * kv_rows:(tp_rank + 1) * kv_rows])
-            self.v_proj.weight.copy_(dense.v_proj.weight[tp_rank * kv_rows:(tp_rank + 1) * kv_rows])
+            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+                for part, tensor in getattr(dense, name).named_parameters():  # weight rows, and bias (attention_bias)
+                    getattr(getattr(self, name), part).copy_(tensor[tp_rank * rows:(tp_rank + 1) * rows])
             self.o_proj.weight.copy_(dense.o_proj.weight[:, tp_rank * q_rows:(tp_rank + 1) * q_rows])
-        for param in self.parameters():
-            mark_tensor_parallel(param)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            for param in proj.parameters():
+                mark_tensor_parallel(param)
+        if self.qk_norm is not None:  # "head" (a projection-wide norm with tp is refused: `Strategy.layout_problem`)
+            self.q_norm = HeadNorm(dense.q_norm, group)
+            self.k_norm = HeadNorm(dense.k_norm, group)
 
     def forward(self, x_BSD, cos_sin, mask=None, cache=None, **kwargs):
         if cache is not None:

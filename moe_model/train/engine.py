@@ -249,7 +249,7 @@ def build_engine(recipe: Recipe, layout: Layout, resuming: bool = False, share: 
         engine.enable_backward_allreduce = False
     if keep_norm:
         clip_keeping_norm(engine, recipe.train.grad_clip)
-    L, E = config.num_hidden_layers, config.num_local_experts
+    L, E = len(config.moe_layers), config.num_local_experts  # the step's expert counts: one row per MoE layer
     if layout.pp > 1:
         def step(micro_batches: list[torch.Tensor]) -> StepStats:
             engine.train_batch(data_iter=iter([(ids.to(engine.device), ids.to(engine.device)) for ids in micro_batches]))

@@ -27,7 +27,7 @@ class Validation:
         self.engine, self.layout = engine, layout
         self.batches = StepBatches(recipe, layout.dp, layout.coords(rank)["data"], split="validation") \
             if self.every else None
-        self.num_layers = recipe.moe_config().num_hidden_layers
+        self.num_layers = len(recipe.moe_config().moe_layers)
 
     def due(self, step: int) -> bool:
         """Whether an evaluation follows optimizer step `step` (1-based)."""

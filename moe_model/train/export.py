@@ -33,6 +33,7 @@ import torch
 
 from ..configuration import MoEConfig
 from ..errors import UserError
+from ..formats import FAMILIES, block_settings_set, family_weights_config, save_family
 from ..recipe import ModelSection
 from ..parallel.state_dict_adapter import LEGACY_EXPERT as EXPERT_KEY
 from ..parallel.state_dict_adapter import TP_ROWS
@@ -110,6 +111,7 @@ class Exported:
     folder: Path  # the Hugging Face folder written
     checkpoint: Path  # the checkpoint it was read from
     step: int  # that checkpoint's step
+    format: str  # the format written (`--format hub` resolved to the family the run started from)
 
 
 def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = None,
@@ -137,9 +139,7 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
             manifest = checkpoint.read_manifest(directory)
             config = ModelSection(**(manifest.get("model") or json.loads(run_file.read_text())["recipe"]["model"])
                                   ).to_config()
-            if fmt == "mixtral" and config.hidden_act != "silu":
-                raise ExportError("--format",
-                                  "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
+            fmt = _checked_format(fmt, config, run_file)
             state = merged_state_dict(directory, config, scratch=out_dir.parent)
             break
         except FileNotFoundError as err:  # removed after it was chosen: a live run's rotation (keep_checkpoints)
@@ -160,7 +160,10 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
         model = to_mixtral(model)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    if fmt in FAMILIES:
+        save_family(model, staging, fmt)  # through transformers' own class of the family (its Hub layout)
+    else:
+        model.save_pretrained(staging)
     tokenizer = run_dir / "tokenizer"
     if tokenizer.is_dir():
         for path in tokenizer.iterdir():
@@ -168,7 +171,34 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "native", tag: str | None = 
     if out_dir.exists():
         out_dir.rmdir()
     staging.rename(out_dir)  # the folder appears whole or not at all
-    return Exported(out_dir, directory, int(manifest["step"]))
+    return Exported(out_dir, directory, int(manifest["step"]), fmt)
+
+
+def _checked_format(fmt: str, config: MoEConfig, run_file: Path) -> str:
+    """`fmt` with `hub` resolved to the model_type of the run's `train.init_from` folder, once it is known that the
+    format can hold this model (else an `ExportError` naming the setting it cannot)."""
+    if fmt == "hub":
+        folder = (json.loads(run_file.read_text())["recipe"].get("train") or {}).get("init_from")
+        try:
+            kind = json.loads((Path(folder) / "config.json").read_text())["model_type"] if folder else None
+        except (OSError, ValueError, KeyError):
+            kind = None
+        if kind is None:
+            raise ExportError("--format", ("hub writes the format of the run's train.init_from folder, and "
+                                           + (f"{folder} is unreadable" if folder else "this run has none")
+                                           + "; name the format (--format native, mixtral or a family)"))
+        fmt = "native" if kind == MoEConfig.model_type else kind
+    if fmt == "mixtral" and config.hidden_act != "silu":
+        raise ExportError("--format", "mixtral needs silu (gated) experts; this model's are gelu: use --format native")
+    if fmt == "mixtral" and block_settings_set(config):
+        raise ExportError("--format", f"mixtral cannot hold {', '.join(block_settings_set(config))}; use --format "
+                                      "native or the family the blocks come from")
+    if fmt in FAMILIES:
+        try:
+            family_weights_config(fmt, config)
+        except ValueError as err:
+            raise ExportError("--format", f"{err}; use --format native") from None
+    return fmt
 
 
 def _chosen(run_dir: Path, root: Path, tag: str | None, notes: list[str]) -> Path:

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_trainable(recipe: Recipe) -> None:
     """Refuse what DeepSpeed accepts but this project cannot yet train correctly, before any process group exists."""
-    problem = Strategy.of(recipe.parallel).training_problem()
+    problem = Strategy.of(recipe.parallel).training_problem(recipe.model)
     if problem:
         raise RecipeError(*problem)
 
