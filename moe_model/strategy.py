@@ -232,7 +232,8 @@ def expert_width(model: ModelShape) -> int:
 def routing_settings(model: ModelShape) -> list[str]:
     """`name value` for each setting of the routed block away from Mixtral's (softmax top-k, no shared expert, no
     scaling, no groups, no score bias): what only the project's own block and the legacy layer compute."""
-    defaults = {"num_shared_experts": 0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": None, "topk_group": None, "router_score_bias": False}
+    defaults = {"num_shared_experts": 0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": None,
+                "topk_group": None, "router_score_bias": False}
     return [f"{name} {getattr(model, name)!r}" for name, default in defaults.items()
             if getattr(model, name, default) != default]
 

@@ -109,3 +109,16 @@ def test_guard_names_the_peak_rank_and_changes_that_really_fit():
                                      *change.overrides])
         again = estimate(changed, world)
         assert again.fits and again.peak.total_bytes == change.peak_bytes < base.peak.total_bytes
+
+
+def test_an_estimate_names_the_block_settings_it_does_not_price_yet(capsys):
+    """The parameter count prices every family block; memory and step time do not yet price dense layers, shared
+    experts, q/k norms, biases or clipping: the estimate says which, rather than hide an approximation."""
+    from moe_model.cli import main as moe
+    from tests.conftest import ROOT
+
+    assert moe(["estimate", str(ROOT / "recipes/tiny_glm4_moe.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unpriced_block_settings"] == [
+        "dense_layers [0]", "num_shared_experts 1", "qk_norm 'head'", "attention_bias True"]
+    assert moe(["estimate", str(ROOT / "recipes/tiny_cpu.yaml"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unpriced_block_settings"] == []

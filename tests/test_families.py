@@ -157,7 +157,8 @@ REAL_SIZE = {
     "Qwen3-30B-A3B": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)),
+        norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, router_aux_loss_coef=0.001)),
     "Qwen3-235B-A22B": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
         num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
@@ -191,3 +192,41 @@ def test_the_parameter_count_at_real_size_is_transformers_numel(name):
         ours_config = formats.family_config(config)
         ours = sum(p.numel() for p in MoEForCausalLM(ours_config).parameters())
     assert count_params(ours_config).total == theirs == ours
+
+
+def test_the_shipped_real_size_recipe_is_the_hub_model():
+    """recipes/qwen3_30b_a3b.yaml states Qwen3-30B-A3B's config.json: every block setting and shape equal to
+    transformers' config mapped by `formats.family_config`, so `moe params`, `moe estimate` and `moe plan` answer for
+    the model on the Hub."""
+    from moe_model.estimate import count_params
+    from moe_model.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    config_class, _, kwargs = REAL_SIZE["Qwen3-30B-A3B"]
+    hub = formats.family_config(getattr(transformers, config_class)(**kwargs))
+    shipped = load_recipe(ROOT / "recipes/qwen3_30b_a3b.yaml").moe_config()
+    for name in formats.ARCHITECTURE[:-1] + ("router_aux_loss_coef",):
+        assert getattr(shipped, name) == pytest.approx(getattr(hub, name)), name
+    assert count_params(shipped).total == 30_532_122_624  # transformers' numel (the test above)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("mixtral", "mixtral cannot hold num_shared_experts 1, shared_expert_gate True"),
+    ("qwen3_moe", "a qwen3_moe model cannot hold this config: qk_norm None"),
+    ("olmoe", "a olmoe model cannot hold this config"),
+])
+def test_an_export_format_that_cannot_hold_the_blocks_is_one_line(tmp_path, kind, words):
+    import json
+
+    from moe_model import MoEConfig
+    from moe_model.train.export import ExportError, _checked_format
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"recipe": {"train": {}}}))
+    config = MoEConfig(hidden_act="silu", num_shared_experts=1, shared_expert_gate=True)
+    with pytest.raises(ExportError, match=words):
+        _checked_format(kind, config, run)
+    assert _checked_format("native", config, run) == "native"
+    with pytest.raises(ExportError, match="hub writes the format of the run's train.init_from folder, and this run "
+                                          "has none"):
+        _checked_format("hub", config, run)

@@ -1,5 +1,5 @@
-"""`moe export RUN_DIR OUT_DIR [--format native|mixtral|qwen3_moe|qwen2_moe|olmoe|glm4_moe|hub] [--tag TAG]`: a run's checkpoint as a Hugging Face folder
-(train/export.py)."""
+"""`moe export RUN_DIR OUT_DIR [--format native|mixtral|qwen3_moe|qwen2_moe|olmoe|glm4_moe|hub] [--tag TAG]`: a
+run's checkpoint as a Hugging Face folder (train/export.py)."""
 
 from __future__ import annotations
 

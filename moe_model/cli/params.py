@@ -18,10 +18,13 @@ def cmd_params(recipe: Recipe, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    m = recipe.model
+    m = recipe.moe_config()
+    extra = (f", dense FFN {m.intermediate_size} in layers {m.dense_layers}" if m.dense_layers else "") + \
+        (f", shared FFN {m.shared_width}" if m.shared_width else "")
     table = Table(title=f"{recipe.name}: parameters", caption=(
-        f"{m.num_hidden_layers} layers x {m.num_local_experts} experts ({m.hidden_act}), hidden {m.hidden_size}, "
-        f"expert FFN {m.intermediate_size}, top-{m.num_experts_per_tok}, vocab {m.vocab_size}"))
+        f"{m.num_hidden_layers} layers, {len(m.moe_layers)} of them MoE x {m.num_local_experts} experts "
+        f"({m.hidden_act}), hidden {m.hidden_size}, expert FFN {m.expert_width}{extra}, top-{m.num_experts_per_tok}, "
+        f"vocab {m.vocab_size}"))
     table.add_column("count")
     table.add_column("parameters", justify="right")
     table.add_column("", justify="right")

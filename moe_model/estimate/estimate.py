@@ -32,7 +32,7 @@ from ..units import GB
 from .activations import MicroBatch, StageActivations, stage_activations
 from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_layers, zero3_residency
 from .params import ParamCounts, count_params
-from .shapes import RankParams, rank_params
+from .shapes import RankParams, rank_params, unpriced_settings
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ class Estimate:
     budget_bytes: int
     assumptions: Assumptions
     performance: object = None  # perf.Performance of the same layout
+    unpriced: tuple[str, ...] = ()  # block settings memory and time do not price yet (`shapes.unpriced_settings`)
 
     tp = property(lambda self: self.strategy.tp)
     pp = property(lambda self: self.strategy.pp)
@@ -152,6 +153,7 @@ class Estimate:
                         "in_flight_micro_batches": s.in_flight, "peak_at": s.peak_at,
                         "optimizer": s.states.optimizer_kind, **s.summary()} for s in self.stages],
             "assumptions": asdict(self.assumptions),
+            "unpriced_block_settings": list(self.unpriced),
         }
 
 
@@ -189,7 +191,8 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
     return Estimate(recipe=recipe.name, counts=count_params(cfg), strategy=strategy, dp_assumed=dp_assumed,
                     micro_steps=micro_steps, precision=t.precision, stages=stages,
                     budget_bytes=budget_bytes(recipe), assumptions=assumptions,
-                    performance=performance(recipe, strategy=strategy, imbalance=assumptions.imbalance))
+                    performance=performance(recipe, strategy=strategy, imbalance=assumptions.imbalance),
+                    unpriced=tuple(unpriced_settings(cfg)))
 
 
 def budget_bytes(recipe: Recipe) -> int:

@@ -134,6 +134,14 @@ def layer_table(config) -> list[LayerShape]:
     return rows
 
 
+def unpriced_settings(model: Any) -> list[str]:
+    """`name value` for each block setting that the parameter count prices (`layer_table`) but the memory, activation
+    and step-time models do not yet: they still take every layer as a routed block without these parts, so their
+    figures for such a model are a Mixtral-block approximation (the routed experts' own width is priced)."""
+    names = ("dense_layers", "num_shared_experts", "qk_norm", "attention_bias", "attention_out_bias", "clip_qkv")
+    return [f"{name} {getattr(model, name)!r}" for name in names if getattr(model, name, None)]  # each off when falsy
+
+
 def rank_params(model: Any, *, layers, first, last, tp, ep) -> RankParams:
     """Parameters one rank of a stage with `layers` decoder layers holds (`first`/`last`: it holds the embedding /
     the final norm and LM head)."""

@@ -13,9 +13,10 @@ removed inside the forward, so no tensor outlives it) and computing the project'
 expert counts from them with `moe_model.routing`.
 
 Routing is the same function: softmax in fp32, top-k, the k weights renormalised (AutoEP adds 1e-20 to the
-denominator) where `norm_topk_prob` says so, weights applied after the experts ("post"). The fused `gate_up_proj` [E, 2I, D] is split by AutoEP
-into gate (first I rows) and up, as `modeling.expert_ffn` does. Only gated (silu) experts are served: AutoEP
-registers no two-matrix activation (`Strategy.backend_problem`).
+denominator) where `norm_topk_prob` says so, weights applied after the experts ("post"). The fused
+`gate_up_proj` [E, 2I, D] is split by AutoEP into gate (first I rows) and up, as `modeling.expert_ffn` does. Only
+gated (silu) experts are served: AutoEP registers no two-matrix activation (`Strategy.backend_problem`); and only the
+routed blocks `Strategy.autoep_problem` lets through (no shared experts, softmax routing without groups or scaling).
 """
 
 from __future__ import annotations

@@ -121,9 +121,9 @@ class Source(Protocol):
 
 class SeededInit:
     """The model's initialisation (normal(0, initializer_range) for matrices, ones for norms, zeros for biases, the
-    padding row of the embedding zero) drawn from one generator per parameter, and per expert for stacked expert tensors, each seeded by
-    a hash of (seed, name[, expert]): any part of the model comes out the same whoever draws it and whatever else
-    they draw."""
+    padding row of the embedding zero) drawn from one generator per parameter, and per expert for stacked expert
+    tensors, each seeded by a hash of (seed, name[, expert]): any part of the model comes out the same whoever draws
+    it and whatever else they draw."""
 
     def __init__(self, config, seed: int, global_shapes: dict[str, torch.Size]):
         self.config, self.seed, self.shapes = config, seed, global_shapes
