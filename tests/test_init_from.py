@@ -29,6 +29,13 @@ def mixtral_folder(path):
     return model
 
 
+def largest_difference(source, exported) -> float:
+    """The largest absolute difference between two folders' `model.safetensors`, which must hold the same names."""
+    with safe_open(source / "model.safetensors", "pt") as before, safe_open(exported / "model.safetensors", "pt") as after:
+        assert set(before.keys()) == set(after.keys())
+        return max((before.get_tensor(k) - after.get_tensor(k)).abs().max().item() for k in before.keys())
+
+
 def recipe_from(tmp_path, folder, **train):
     raw = copy.deepcopy(TINY)
     raw.pop("model")  # the folder's config.json is the model
@@ -115,9 +122,6 @@ def test_first_loss_is_the_source_models_and_export_returns_its_weights(tmp_path
     assert abs(first["lm_loss"] - expected) <= 1e-5 * expected, (first["lm_loss"], expected)
 
     assert moe(["export", str(run), str(tmp_path / "out"), "--format", "mixtral"]) == 0
-    with safe_open(tmp_path / "hf/model.safetensors", "pt") as before, \
-            safe_open(tmp_path / "out/model.safetensors", "pt") as after:
-        assert set(before.keys()) == set(after.keys())
-        worst = max((before.get_tensor(k) - after.get_tensor(k)).abs().max().item() for k in before.keys())
+    worst = largest_difference(tmp_path / "hf", tmp_path / "out")
     print(f"init_from -> 2 steps at lr 0 -> moe export: largest difference from the source's tensors {worst}")
     assert worst == 0.0, worst
