@@ -162,11 +162,13 @@ REAL_SIZE = {
     "Qwen3-235B-A22B": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
         num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
-        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False)),
+        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "Qwen1.5-MoE-A2.7B": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
         shared_expert_intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-        num_experts=60, num_experts_per_tok=4, max_position_embeddings=8192, tie_word_embeddings=False)),
+        num_experts=60, num_experts_per_tok=4, max_position_embeddings=8192, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "OLMoE-1B-7B": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096)),
@@ -175,8 +177,12 @@ REAL_SIZE = {
         num_hidden_layers=46, num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=128,
         n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1, attention_bias=True, use_qk_norm=False,
         partial_rotary_factor=0.5, n_group=1, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=131072,
-        tie_word_embeddings=False)),
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                    "partial_rotary_factor": 0.5})),
 }
+# the recipes of recipes/ that state these models at real size
+SHIPPED = {"Qwen3-30B-A3B": "qwen3_30b_a3b", "Qwen3-235B-A22B": "qwen3_235b_a22b",
+           "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "OLMoE-1B-7B": "olmoe_1b_7b", "GLM-4.5-Air": "glm4_5_air"}
 
 
 @pytest.mark.parametrize("name", list(REAL_SIZE))
@@ -194,20 +200,22 @@ def test_the_parameter_count_at_real_size_is_transformers_numel(name):
     assert count_params(ours_config).total == theirs == ours
 
 
-def test_the_shipped_real_size_recipe_is_the_hub_model():
-    """recipes/qwen3_30b_a3b.yaml states Qwen3-30B-A3B's config.json: every block setting and shape equal to
-    transformers' config mapped by `formats.family_config`, so `moe params`, `moe estimate` and `moe plan` answer for
-    the model on the Hub."""
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_each_shipped_real_size_recipe_is_the_hub_model(name):
+    """recipes/<model>.yaml states the Hub model's config.json: every shape and block field equal to transformers'
+    config mapped by `formats.family_config`, so `moe params`, `moe estimate` and `moe plan` answer for the model on
+    the Hub (its parameter count is then transformers' numel, the test above)."""
     from moe_model.estimate import count_params
     from moe_model.recipe import load_recipe
     from tests.conftest import ROOT
 
-    config_class, _, kwargs = REAL_SIZE["Qwen3-30B-A3B"]
+    config_class, model_class, kwargs = REAL_SIZE[name]
     hub = formats.family_config(getattr(transformers, config_class)(**kwargs))
-    shipped = load_recipe(ROOT / "recipes/qwen3_30b_a3b.yaml").moe_config()
-    for name in formats.ARCHITECTURE[:-1] + ("router_aux_loss_coef",):
-        assert getattr(shipped, name) == pytest.approx(getattr(hub, name)), name
-    assert count_params(shipped).total == 30_532_122_624  # transformers' numel (the test above)
+    shipped = load_recipe(ROOT / f"recipes/{SHIPPED[name]}.yaml").moe_config()
+    for field in formats.ARCHITECTURE[:-1] + ("router_aux_loss_coef", "max_position_embeddings"):
+        assert getattr(shipped, field) == pytest.approx(getattr(hub, field)), field
+    assert shipped.rope_parameters == hub.rope_parameters
+    assert count_params(shipped).total == count_params(hub).total
 
 
 @pytest.mark.parametrize("kind, words", [
