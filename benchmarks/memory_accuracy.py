@@ -59,6 +59,7 @@ from moe_model import MoEConfig, MoEForCausalLM  # noqa: E402
 from moe_model.launch import deepspeed_command, rank_env  # noqa: E402
 from moe_model.estimate.activations import MicroBatch, model_saved  # noqa: E402
 from moe_model.estimate.memory import Assumptions  # noqa: E402
+from moe_model.estimate.shapes import unpriced_settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results/memory_accuracy.json"
 
@@ -299,7 +300,17 @@ STATE_MICRO_BATCH, STATE_SEQ_LEN = 2, 16
 HELD_OUT_MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu",
                       max_position_embeddings=256)
-SHAPES = {"state": (STATE_MODEL, STATE_MICRO_BATCH, STATE_SEQ_LEN), "held-out": (HELD_OUT_MODEL, 2, 256)}
+# the families' blocks (model states only, until the activation model prices them: `shapes.unpriced_settings`):
+# Qwen2-MoE's gated shared expert and q/k/v biases; GLM's dense first layer, shared expert, q/k norm, score bias
+SHARED_EXPERT_MODEL = {**STATE_MODEL, "moe_intermediate_size": 32, "num_shared_experts": 1,
+                       "shared_expert_intermediate_size": 96, "shared_expert_gate": True, "attention_bias": True,
+                       "norm_topk_prob": False}
+DENSE_FIRST_MODEL = {**STATE_MODEL, "moe_intermediate_size": 32, "dense_layers": [0], "num_shared_experts": 1,
+                     "router_scoring": "sigmoid", "router_score_bias": True, "n_group": 2, "topk_group": 1,
+                     "qk_norm": "head"}
+SHAPES = {"state": (STATE_MODEL, STATE_MICRO_BATCH, STATE_SEQ_LEN), "held-out": (HELD_OUT_MODEL, 2, 256),
+          "shared-expert": (SHARED_EXPERT_MODEL, STATE_MICRO_BATCH, STATE_SEQ_LEN),
+          "dense-first": (DENSE_FIRST_MODEL, STATE_MICRO_BATCH, STATE_SEQ_LEN)}
 STATE_CASES = [StateCase(0, 1), StateCase(1, 1), StateCase(1, 2), StateCase(2, 2)]
 CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cases in one process group
     "test-dp1": (1, [StateCase(0, 1), StateCase(1, 2), StateCase(2, 1),  # tests/test_estimate_memory.py
@@ -308,7 +319,9 @@ CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cas
                      StateCase(1, 2, ep=2), StateCase(3, 2), StateCase(3, 2, ep=2),
                      StateCase(1, 2, pp=2, checkpointing=True),
                      # bf16's fp32 gradient accumulation: BF16_Optimizer's whole fp32 buffer, ZeRO-2's fp32 partition
-                     StateCase(1, 2, ep=2, moe_backend="legacy", precision="bf16"), StateCase(2, 2, precision="bf16")]),
+                     StateCase(1, 2, ep=2, moe_backend="legacy", precision="bf16"), StateCase(2, 2, precision="bf16"),
+                     StateCase(1, 2, ep=2, moe_backend="legacy", shape="shared-expert"),
+                     StateCase(1, 2, pp=2, shape="dense-first")]),
     "dp1": (1, STATE_CASES + [StateCase(0, 1, shape="held-out")]),
     "dp2": (2, STATE_CASES + [StateCase(3, 1), StateCase(3, 2), StateCase(3, 1, checkpointing=True)]),
     "ep2": (2, [StateCase(0, 1, ep=2, moe_backend="legacy"), StateCase(1, 2, ep=2, moe_backend="legacy"),
@@ -470,7 +483,8 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
             step([batch() for _ in range(case.micro_steps)])
         result = {**dataclasses.asdict(case), "world": world, "rank": rank, "stage": layout.coords(rank)["pipe"],
                   **peak, "optimizer_class": type(engine.optimizer).__name__, "moe_backend": layout.moe_backend}
-        activations = case.precision == "fp32"  # bf16 cases: model states only
+        # bf16 cases, and blocks the activation model does not price yet: model states only
+        activations = case.precision == "fp32" and not unpriced_settings(recipe.moe_config())
         if activations and case.pp == 1 and not case.checkpointing:  # a third real step, as the trainer runs it
             with AutoEPRows() as rows:
                 result["alive"], stats = alive_for_backward(engine, step, batch())

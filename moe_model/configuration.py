@@ -38,6 +38,11 @@ class MoEConfig(PretrainedConfig):
         capacity_factor: null = dropless routing; a number caps each expert at
             `max(ceil(k * capacity_factor * T / E), min_capacity)` routed tokens and drops the rest.
         min_capacity: the floor of the capacity above (DeepSpeed's default is 4).
+        router_aux_loss_per_sequence: the load-balancing loss over each sequence, averaged over the sequences
+            (DeepSeek-V3's sequence-wise balance loss), instead of over the whole micro-batch.
+        router_bias_update_rate: aux-loss-free balancing (`router_score_bias` only): after every optimizer step the
+            trainer moves each expert's score bias by this rate towards the mean load (`routing.bias_update`;
+            DeepSeek-V3 used 0.001). 0: the bias stays as it is (loaded or zero).
         output_router_logits: return each layer's router logits.
         initializer_range: std of the normal initialisation of every matrix.
 
@@ -90,6 +95,8 @@ class MoEConfig(PretrainedConfig):
         router_z_loss_coef: float = 0.0,
         capacity_factor: float | None = None,
         min_capacity: int = 4,
+        router_aux_loss_per_sequence: bool = False,
+        router_bias_update_rate: float = 0.0,
         output_router_logits: bool = False,
         initializer_range: float = 0.02,
         moe_intermediate_size: int | None = None,
@@ -131,6 +138,8 @@ class MoEConfig(PretrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.capacity_factor = capacity_factor
         self.min_capacity = min_capacity
+        self.router_aux_loss_per_sequence = router_aux_loss_per_sequence
+        self.router_bias_update_rate = router_bias_update_rate
         self.output_router_logits = output_router_logits
         self.initializer_range = initializer_range
         self.moe_intermediate_size = moe_intermediate_size
@@ -226,5 +235,8 @@ class MoEConfig(PretrainedConfig):
              f"hold the {self.num_experts_per_tok} chosen")
         need(not self.router_score_bias or self.router_scoring == "sigmoid",
              "router_score_bias goes with router_scoring sigmoid")
+        need(self.router_bias_update_rate >= 0, f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
+        need(self.router_bias_update_rate == 0 or self.router_score_bias,
+             "router_bias_update_rate moves the score bias: set router_score_bias true (with router_scoring sigmoid)")
         need(self.qk_norm in (None, "head", "projection"), f"qk_norm must be null, head or projection, got {self.qk_norm!r}")
         need(self.clip_qkv is None or self.clip_qkv > 0, f"clip_qkv must be null or > 0, got {self.clip_qkv!r}")

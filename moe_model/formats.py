@@ -97,7 +97,7 @@ _MODEL_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "hidden_act",
                  "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps", "rope_theta",
                  "router_aux_loss_coef", "router_z_loss_coef", "capacity_factor", "min_capacity",
-                 "initializer_range")
+                 "router_aux_loss_per_sequence", "router_bias_update_rate", "initializer_range")
 
 
 def _block_settings() -> tuple[str, ...]:

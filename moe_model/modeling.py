@@ -294,6 +294,14 @@ class RouterOutput:
     z_loss: torch.Tensor  # routing.router_z_loss, or 0 where its coefficient is 0
     expert_counts_E: torch.Tensor  # routes each expert received (before any capacity drop), int64, no grad
     experts_TK: torch.Tensor | None = None  # the chosen experts (the routes `MoEModel` masks padding out of)
+    probs_TE: torch.Tensor | None = None  # what the balance loss reads (`routing.Routing.probs_TE`)
+
+
+def balance_loss(config, probs_TE: torch.Tensor, experts_TK: torch.Tensor, sequences: int,
+                 mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's load-balancing loss (`routing.load_balancing_loss`) over its forward's `sequences` sequences:
+    per sequence where the config says `router_aux_loss_per_sequence`, else over all of them at once."""
+    return load_balancing_loss(probs_TE, experts_TK, mask_T, sequences if config.router_aux_loss_per_sequence else 1)
 
 
 def shared_output(block: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
@@ -345,8 +353,8 @@ class MoESparseBlock(nn.Module):
         if c.num_shared_experts:
             y_TD = y_TD + shared_output(self, x_TD)
         z_loss = router_z_loss(logits_TE) if self.config.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
-        router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
-                              expert_counts(experts_TK.detach(), self.config.num_local_experts), experts_TK)
+        router = RouterOutput(logits_TE, balance_loss(c, probs_TE, experts_TK, x_BSD.shape[0]), z_loss,
+                              expert_counts(experts_TK.detach(), self.config.num_local_experts), experts_TK, probs_TE)
         return y_TD.view_as(x_BSD), router
 
 
@@ -463,20 +471,20 @@ class MoEModel(MoEPreTrainedModel):
         return MoEModelOutput(
             last_hidden_state=self.norm(x_BSD),
             cache=cache,
-            aux_loss=sum(masked_aux_loss(r, attention_mask, q_len) for r in routers) / num_layers,
+            aux_loss=sum(masked_aux_loss(r, self.config, attention_mask, q_len) for r in routers) / num_layers,
             z_loss=sum(r.z_loss for r in routers) / num_layers,
             expert_counts_LE=torch.stack([r.expert_counts_E for r in routers]),
         )
 
 
-def masked_aux_loss(router: RouterOutput, attention_mask_BK: torch.Tensor | None, q_len: int) -> torch.Tensor:
+def masked_aux_loss(router: RouterOutput, config, attention_mask_BK: torch.Tensor | None, q_len: int) -> torch.Tensor:
     """A layer's load-balancing loss over the real tokens of a padded batch (a 2-D `attention_mask`, 0 = padding:
     its last q_len columns are this forward's tokens), as transformers' Mixtral counts it; the block's own figure
     where there is no such mask (training batches are packed: never padded)."""
     if attention_mask_BK is None or attention_mask_BK.dim() != 2 or router.experts_TK is None:
         return router.aux_loss
-    probs_TE = torch.softmax(router.logits_TE.float(), dim=-1)
-    return load_balancing_loss(probs_TE, router.experts_TK, attention_mask_BK[:, -q_len:].reshape(-1))
+    mask_BS = attention_mask_BK[:, -q_len:]
+    return balance_loss(config, router.probs_TE, router.experts_TK, mask_BS.shape[0], mask_BS.reshape(-1))
 
 
 def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor | None,

@@ -75,6 +75,8 @@ class ModelSection(Section):
     router_z_loss_coef: float = Field(0.0, ge=0)
     capacity_factor: PositiveFloat | None = None
     min_capacity: PositiveInt = 4
+    router_aux_loss_per_sequence: bool = False  # the balance loss per sequence (DeepSeek-V3), not per micro-batch
+    router_bias_update_rate: float = Field(0.0, ge=0)  # aux-loss-free balancing: the score bias's step per update
     initializer_range: PositiveFloat = 0.02
     # the blocks of the other families (MoEConfig's docstring; `formats.FAMILIES`): every default is Mixtral's block
     moe_intermediate_size: PositiveInt | None = None

@@ -19,6 +19,13 @@ Load-balancing loss (Switch Transformer, eq. 4-6, normalised per route):
 It is 1.0 under perfectly uniform routing for any K, and equals transformers' `load_balancing_loss_func` for one
 layer divided by K (padded tokens left out the same way where an attention mask is given). A model's `aux_loss`
 is the mean of this over its MoE layers; the training loss adds `router_aux_loss_coef * aux_loss`.
+Sequence-level (`router_aux_loss_per_sequence`, DeepSeek-V3 eq. 17-20): the same formula over each sequence's
+tokens alone, averaged over the sequences; it asks every sequence to be balanced, not only the batch.
+
+Aux-loss-free balancing (`router_bias_update_rate` u, DeepSeek-V3 section 2.1.2): after each optimizer step the
+score bias of expert e moves by `u * sign(mean_e' load_e' - load_e)`, the loads being the routes each expert
+received in the step, summed over its micro-batches and data-parallel ranks (`bias_update`): an overloaded expert
+is chosen less, an idle one more, and no gradient is involved.
 
 Router z-loss (ST-MoE): `mean_t logsumexp(logits_TE[t])^2`, averaged over layers the same way.
 """
@@ -76,11 +83,23 @@ def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
-                        mask_T: torch.Tensor | None = None) -> torch.Tensor:
+                        mask_T: torch.Tensor | None = None, sequences: int = 1) -> torch.Tensor:
     """The module docstring's `aux`, over the tokens where `mask_T` (1 = a real token, 0 = padding; default: all)
-    is set: f_e and P_e count and average those tokens only, as transformers' Mixtral does with an attention mask."""
+    is set: f_e and P_e count and average those tokens only, as transformers' Mixtral does with an attention mask.
+    `sequences` > 1: the T tokens are that many sequences of equal length, one after another; the loss is the mean
+    over them of each one's own (the sequence-level loss; a sequence of padding alone contributes 0)."""
     num_tokens, num_experts = probs_TE.shape
     K = experts_TK.shape[1]
+    if sequences > 1:
+        B = sequences
+        m_BS = probs_TE.new_ones(num_tokens) if mask_T is None else mask_T.reshape(-1).to(probs_TE.dtype)
+        m_BS = m_BS.view(B, -1)
+        routes_BE = probs_TE.new_zeros(B, num_experts).scatter_add_(
+            1, experts_TK.reshape(B, -1), m_BS.repeat_interleave(K, dim=1))
+        kept_B1 = m_BS.sum(dim=1, keepdim=True).clamp(min=1)
+        f_BE = routes_BE / (kept_B1 * K)
+        P_BE = (probs_TE.view(B, -1, num_experts) * m_BS[..., None]).sum(dim=1) / kept_B1
+        return num_experts * torch.sum(f_BE * P_BE, dim=1).mean()
     if mask_T is None:
         routes_E = expert_counts(experts_TK, num_experts).to(probs_TE.dtype)
         f_E = routes_E / (num_tokens * K)
@@ -93,6 +112,13 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
         f_E = routes_E / (kept * K)
         P_E = (probs_TE * m_T[:, None]).sum(dim=0) / kept
     return num_experts * torch.sum(f_E * P_E)
+
+
+def bias_update(counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
+    """The change of every MoE layer's score bias after one optimizer step (module docstring), fp32 [L, E]:
+    `rate * sign(mean_e counts_LE[l] - counts_LE[l, e])`; `counts_LE` are the step's routes per expert."""
+    counts_LE = counts_LE.float()
+    return rate * torch.sign(counts_LE.mean(dim=1, keepdim=True) - counts_LE)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -198,10 +198,6 @@ class Strategy:
         tp rank 0 only) cannot count them exactly once, so gradient clipping would use a wrong norm.
         """
         tp, ep = self.tp, self.ep
-        if model is not None and getattr(model, "router_score_bias", False):
-            return "model.router_score_bias", ("training does not move or keep the score bias yet (it lands with "
-                                               "the aux-loss-free balance update); set it false to train, or "
-                                               "estimate and plan the model as it is")
         if tp > 1 and ep > 1 and ep % tp:
             return "parallel.ep", (f"with tp={tp}, training needs ep to be a multiple of tp (got ep={ep}) so that "
                                    "tensor-parallel peers hold different experts; raise ep or lower tp")

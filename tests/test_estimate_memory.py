@@ -3,10 +3,11 @@ the real deepspeed launcher), and against DeepSpeed's own partitioning and memor
 thing."""
 
 import pytest
+import torch
 
 from benchmarks.memory_accuracy import STATE_MODEL, launch_state_measurement, state_rows
-from moe_model import MoEConfig
-from moe_model.estimate.memory import (Assumptions, model_states, partition_balanced, stage_layers,
+from moe_model import MoEConfig, MoEForCausalLM
+from moe_model.estimate.memory import (Assumptions, model_states, partition_balanced, stage_layers, stage_ranges,
                                        zero3_residency)
 from moe_model.estimate.params import count_params
 from moe_model.estimate.shapes import rank_params
@@ -112,3 +113,29 @@ def test_model_states_match_live_engines(case_set, tmp_path):
             assert r["estimate"] == r["measured"], r  # derived term by term from the forward: exact
         tolerance = 0.02 if r["kind"].startswith("activations") else 0.01
         assert abs(r["estimate"] - r["measured"]) <= tolerance * max(r["measured"], 1), r
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe"])
+@pytest.mark.parametrize("pp,ep", [(1, 1), (3, 2), (4, 4)])
+def test_a_family_stage_holds_the_parameters_of_its_own_layers(kind, pp, ep):
+    """`rank_params` of each pipeline stage (its layers' `shapes.layer_table` rows: dense first layers, shared
+    experts, biases, q/k norms) against the numel of the model's own parameters of that stage's layers, the
+    embedding on the first stage and the final norm and head on the last; each expert tensor's share is 1/ep."""
+    from moe_model.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    cfg = load_recipe(ROOT / f"recipes/tiny_{kind}.yaml", ["model.num_hidden_layers=5"]).moe_config()
+    with torch.device("meta"):
+        named = list(MoEForCausalLM(cfg).named_parameters())
+    for s, held in enumerate(stage_ranges(cfg.num_hidden_layers, pp)):
+        first, last = s == 0, s == pp - 1
+        dense = expert = 0
+        for name, p in named:
+            parts = name.split(".")
+            layer = int(parts[2]) if parts[1] == "layers" else None
+            mine = layer in held if layer is not None else (first if "embed_tokens" in name else last)
+            if mine and ".mlp.experts." in name:
+                expert += p.numel() // ep
+            elif mine:
+                dense += p.numel()
+        assert rank_params(cfg, layers=held, first=first, last=last, tp=1, ep=ep) == (dense, expert), (kind, s)

@@ -3,8 +3,11 @@
 transformers' class of the family (random weights, saved as transformers saves it: one tensor per expert) is the
 run's `train.init_from`; 4 CPU ranks (pp2 x dp2 x ep2, the recipes' layout; the backend `auto` picks) run 2 steps
 inside the warm-up (lr 0). The first step's loss must be transformers' loss on the same batches within 1e-5, and
-`moe export --format hub` must give back every source tensor bit for bit. GLM-4.5-MoE's folder carries the score
-bias that training does not keep yet: refused in one line before any rank starts.
+`moe export --format hub` must give back every source tensor bit for bit (GLM-4.5-MoE's non-zero score bias too:
+its recipe fields from the folder leave the bias update off).
+
+Each family's block then trains from the seed on a parallel layout as on one rank; GLM's run also moves its score
+bias (aux-loss-free balancing) and moves layout half-way, and must end with one rank's biases.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def family_folder(kind: str, path, *overrides: str):
     hf_config = formats.family_weights_config(kind, config)
     torch.manual_seed(7)
     model = getattr(transformers, formats.FAMILIES[kind].model_class)(hf_config).eval()
+    for name, buffer in model.named_buffers():  # GLM's score bias, zero as transformers initialises it: made to count
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
     model.save_pretrained(path)
     return model
 
@@ -46,7 +52,7 @@ def recipe_from(tmp_path, folder, **train):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe"])
 def test_first_loss_is_transformers_and_export_gives_its_tensors_back(tmp_path, kind):
     source = family_folder(kind, tmp_path / "hf")
     run = tmp_path / "run"
@@ -72,26 +78,12 @@ def test_first_loss_is_transformers_and_export_gives_its_tensors_back(tmp_path, 
     assert worst == 0.0, worst
 
 
-def test_a_glm_folder_with_its_score_bias_is_refused_before_any_rank_starts(tmp_path, capsys):
-    family_folder("glm4_moe", tmp_path / "hf", "model.router_score_bias=true")
-    out = tmp_path / "run"
-    capsys.readouterr()
-    assert moe(["train", str(recipe_from(tmp_path, tmp_path / "hf", output_dir=str(out)))]) == 2
-    err = capsys.readouterr().err
-    assert "model.router_score_bias: training does not move or keep the score bias yet" in err
-    assert len(err.strip().splitlines()) == 1 and not out.exists()
-
-
 # (family recipe, ranks, layout): each family's block trained from the seed on a parallel layout, against one rank
 FAMILY_PARITY = {
     # Qwen3-MoE-shaped: 16 fine-grained experts top-4, head_dim apart from hidden/heads, q/k norm per head split over
     # tp (`tensor_parallel.HeadNorm`), on the legacy layer (AutoEP does not run with tp)
     "qwen3_moe_tp2_dp2_ep2_legacy": ("qwen3_moe", 4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
                                                       "parallel.dp=2")),
-    # shared expert, sigmoid group-limited routing with a routed scale, a dense first layer on pipeline stage 0,
-    # partial rotary, q/k/v biases: GLM-4.5-MoE's block (without its score bias) on the legacy layer
-    "glm4_moe_pp2_dp2_ep2_legacy": ("glm4_moe", 4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2",
-                                                    "parallel.dp=2")),
 }
 
 
@@ -116,3 +108,47 @@ def test_a_family_block_trains_on_a_parallel_layout_as_on_one_rank(tmp_path, nam
         assert a["expert_load_max_over_mean_per_layer"] == b["expert_load_max_over_mean_per_layer"]
     print(f"{name}: largest relative difference from one rank over 7 steps {worst:.1e}")
     assert many[-1]["loss"] < many[0]["loss"]
+
+
+GLM_MANY = ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2")  # the dense layer 0 on stage 0
+GLM_RESUMED = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=2", "parallel.zero_stage=3")
+
+
+@pytest.mark.multirank
+def test_glm_with_its_moving_score_bias_trains_and_resumes_on_other_layouts_as_on_one_rank(tmp_path):
+    """GLM-4.5-MoE's whole block (shared expert, sigmoid group-limited routing with a routed scale, a dense first
+    layer, q/k norm, q/k/v biases, partial rotary, the score bias moved every step): PP2xDP2xEP2 on the legacy
+    layer for 4 steps, then resumed as DP2 at ZeRO-3 (the bias from the checkpoint's layout-free pieces), against
+    one rank uninterrupted: every step's losses within 1e-4 and the same expert loads, and the exported biases
+    (the ZeRO-3 one read through DeepSpeed's universal checkpoint and the module files) equal."""
+    from tests.layouts import LAST_STEP, SINGLE_RANK, STEPS
+
+    recipe = "recipes/tiny_glm4_moe.yaml"
+    one, moved = tmp_path / "one", tmp_path / "moved"
+    save = ("train.save_last=true", "train.keep_checkpoints=0")
+    for n, overrides in ((1, (*SINGLE_RANK, f"train.output_dir={one}")),
+                         (4, (*GLM_MANY, "train.stop_at=4", f"train.output_dir={moved}")),
+                         (2, (*GLM_RESUMED, f"train.output_dir={moved}"))):
+        result = launch(n, *STEPS, *save, *overrides, recipe=recipe)
+        assert result.returncode == 0, failure(result)
+    assert "on another layout (pp 2 -> 1, ep 2 -> 1, ZeRO stage 1 -> 3)" in result.stderr, failure(result)
+    a_lines, b_lines = read_metrics(one), read_metrics(moved)
+    assert [m["step"] for m in a_lines] == [m["step"] for m in b_lines] == list(range(1, LAST_STEP + 1))
+    worst = 0.0
+    for a, b in zip(a_lines, b_lines):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
+        assert a["expert_tokens"] == b["expert_tokens"], a["step"]
+    print(f"glm4_moe PP2xDP2xEP2 legacy -> DP2 ZeRO-3: largest relative difference from one rank over 7 steps {worst:.1e}")
+    biases = {}
+    for label, run in (("one", one), ("moved", moved)):
+        assert moe(["export", str(run), str(tmp_path / f"out_{label}")]) == 0
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"out_{label}", trust_remote_code=True)
+        biases[label] = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert len(biases["one"]) == 3  # layers 1-3 (layer 0 is dense)
+    for name, bias in biases["one"].items():
+        assert torch.equal(bias, biases["moved"][name]), name
+        assert bias.abs().max() > 0, name  # moved: 7 steps of +-0.01
+    first, last = a_lines[0]["expert_load_max_over_mean"], a_lines[-1]["expert_load_max_over_mean"]
+    print(f"glm4_moe one rank: busiest expert's load over the mean {first:.3f} at step 1, {last:.3f} at step 7")

@@ -117,7 +117,7 @@ def whole_model(recipe: Recipe, est: Estimate, batch: int) -> WholeModel:
     whole `batch` saves (balanced routing, the plan's activation checkpointing)."""
     cfg = recipe.moe_config()
     L = cfg.num_hidden_layers
-    whole = rank_params(cfg, layers=L, first=True, last=True, tp=1, ep=1)
+    whole = rank_params(cfg, layers=range(L), first=True, last=True, tp=1, ep=1)
     states = model_states(whole, precision=recipe.train.precision, zero_stage=est.zero_stage, dp=1, ep=1, pp=1,
                           assumptions=est.assumptions)
     mb = MicroBatch(batch, recipe.train.seq_len, PRECISION_BYTES[recipe.train.precision])

@@ -30,7 +30,7 @@ from ..recipe import Recipe
 from ..strategy import Strategy
 from ..units import GB
 from .activations import MicroBatch, StageActivations, stage_activations
-from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_layers, zero3_residency
+from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_ranges, zero3_residency
 from .params import ParamCounts, count_params
 from .shapes import RankParams, rank_params, unpriced_settings
 
@@ -174,9 +174,9 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
     mb = MicroBatch(strategy.micro_batch_size, t.seq_len, PRECISION_BYTES[t.precision], tp=tp, ep=ep,
                     moe_backend=strategy.moe_backend, triton=assumptions.autoep_triton_kernels)
     stages = []
-    for s, layers in enumerate(stage_layers(cfg.num_hidden_layers, pp)):
-        first, last = s == 0, s == pp - 1
-        params = rank_params(cfg, layers=layers, first=first, last=last, tp=tp, ep=ep)
+    for s, held in enumerate(stage_ranges(cfg.num_hidden_layers, pp)):
+        first, last, layers = s == 0, s == pp - 1, len(held)
+        params = rank_params(cfg, layers=held, first=first, last=last, tp=tp, ep=ep)
         zero3 = (zero3_residency(cfg, layers=layers, first=first, last=last, tp=tp, ep=ep, autoep=autoep,
                                  checkpointing=strategy.activation_checkpointing, assumptions=assumptions)
                  if strategy.zero_stage == 3 else None)

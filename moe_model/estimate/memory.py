@@ -124,14 +124,21 @@ def partition_balanced(weights: list[int], parts: int) -> list[int]:
     return bounds[::-1]
 
 
-def stage_layers(num_layers: int, pp: int) -> list[int]:
-    """Decoder layers per pipeline stage, as `PipelineModule(partition_method="type:DecoderLayerPipe")` splits
-    [embedding, layer x L, head]."""
+def stage_ranges(num_layers: int, pp: int) -> list[range]:
+    """The decoder layers of each pipeline stage (their indices), as
+    `PipelineModule(partition_method="type:DecoderLayerPipe")` splits [embedding, layer x L, head]."""
     if pp == 1:
-        return [num_layers]
+        return [range(num_layers)]
     weights = [0] + [1] * num_layers + [0]
     bounds = partition_balanced(weights, pp)
-    return [sum(weights[bounds[s]:bounds[s + 1]]) for s in range(pp)]
+    counts = [sum(weights[bounds[s]:bounds[s + 1]]) for s in range(pp)]
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(start, start + n) for start, n in zip(starts, counts)]
+
+
+def stage_layers(num_layers: int, pp: int) -> list[int]:
+    """Decoder layers per pipeline stage (`stage_ranges`' lengths)."""
+    return [len(r) for r in stage_ranges(num_layers, pp)]
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from ..strategy import FIELDS, Strategy, batch_divides
 from ..units import divisors
 from .activations import MicroBatch, stage_activations
 from .estimate import budget_bytes, estimate, peak_total
-from .memory import PRECISION_BYTES, Assumptions, model_states, stage_layers, zero3_residency, zero3_settings
+from .memory import PRECISION_BYTES, Assumptions, model_states, stage_ranges, zero3_residency, zero3_settings
 from .perf import shape_of, stage_shape, step_components
-from .shapes import dims, rank_params
+from .shapes import dims, layer_table, rank_params
 
 OBJECTIVES = ("latency", "throughput", "cost")
 BACKENDS = ("legacy", "autoep")  # column 7 of the grid (tp pp ep dp zero B ckpt backend): the index into this
@@ -66,6 +66,7 @@ class FastMemory:
         # a plain copy of the attributes the formulas read: PretrainedConfig's attribute lookup is slow; with the
         # `shapes.Dims` names too, so the shape arithmetic takes it as it is
         self.cfg = SimpleNamespace(**{**asdict(dims(cfg)), **{name: getattr(cfg, name) for name in _CONFIG_FIELDS}})
+        self.model, self.table = cfg, layer_table(cfg)  # the parameters a stage holds: its layers' rows
         self.precision = recipe.train.precision
         self.b = PRECISION_BYTES[self.precision]
         self.S = recipe.train.seq_len
@@ -75,17 +76,18 @@ class FastMemory:
         self.acts_line = functools.lru_cache(maxsize=None)(self._acts_line)
         self.kinds = functools.lru_cache(maxsize=None)(self._kinds)
 
-    def _kinds(self, pp: int) -> tuple[tuple[int, bool, bool, int], ...]:
-        """(layers, first, last, earliest stage) per distinct stage kind."""
-        seen: dict[tuple[int, bool, bool], int] = {}
-        for s, layers in enumerate(stage_layers(self.cfg.num_hidden_layers, pp)):
-            seen.setdefault((layers, s == 0, s == pp - 1), s)
-        return tuple((*k, s) for k, s in seen.items())
+    def _kinds(self, pp: int) -> tuple[tuple[range, bool, bool, int], ...]:
+        """(the stage's layers, first, last, earliest stage) per distinct stage kind (the same layer rows, ends)."""
+        seen: dict[tuple, tuple[range, int]] = {}
+        for s, held in enumerate(stage_ranges(self.cfg.num_hidden_layers, pp)):
+            seen.setdefault((tuple(self.table[i] for i in held), s == 0, s == pp - 1), (held, s))
+        return tuple((held, first, last, s) for (_, first, last), (held, s) in seen.items())
 
-    def _states(self, layers, first, last, tp, ep, zero, dp, pp_multi, autoep, ckpt):
-        """The model states' parts (`autoep` and `ckpt` matter at ZeRO-3 only: callers pass False elsewhere)."""
-        params = rank_params(self.cfg, layers=layers, first=first, last=last, tp=tp, ep=ep)
-        zero3 = (zero3_residency(self.cfg, layers=layers, first=first, last=last, tp=tp, ep=ep, autoep=autoep,
+    def _states(self, held, first, last, tp, ep, zero, dp, pp_multi, autoep, ckpt):
+        """The model states' parts of a stage holding layers `held` (`autoep` and `ckpt` matter at ZeRO-3 only:
+        callers pass False elsewhere)."""
+        params = rank_params(self.model, layers=held, first=first, last=last, tp=tp, ep=ep)
+        zero3 = (zero3_residency(self.cfg, layers=len(held), first=first, last=last, tp=tp, ep=ep, autoep=autoep,
                                  checkpointing=ckpt, assumptions=self.a) if zero == 3 else None)
         st = model_states(params, precision=self.precision, zero_stage=zero, dp=dp, ep=ep, pp=2 if pp_multi else 1,
                           assumptions=self.a, zero3=zero3)
@@ -114,9 +116,10 @@ class FastMemory:
             m = m_all[sel]
             best = np.zeros(len(sel), dtype=np.int64)
             z3 = zero == 3
-            for layers, first, last, s in self.kinds(pp):
+            for held, first, last, s in self.kinds(pp):
+                layers = len(held)
                 uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp, backend * z3, ckpt * z3], axis=1))
-                svals = np.array([self.states(layers, first, last, int(a), int(e), int(z), int(d), pp > 1, bool(k),
+                svals = np.array([self.states(held, first, last, int(a), int(e), int(z), int(d), pp > 1, bool(k),
                                               bool(c)) for a, e, z, d, k, c in uniq.tolist()],
                                  dtype=np.int64).reshape(-1, 3)[inv.reshape(-1)]
                 in_flight = np.minimum(m, pp - s)

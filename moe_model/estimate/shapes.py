@@ -93,7 +93,8 @@ class LayerShape(NamedTuple):
     """One decoder layer's parameters by part (`layer_table`): `dense` is everything but the routed experts."""
 
     moe: bool
-    attention: int  # q, k, v, o (and their biases, q/k norms)
+    attention: int  # q, k, v, o and the q/k/v biases: what tensor parallelism splits by heads
+    attention_whole: int  # the o bias and per-head q/k norms: whole on every tp rank (`parallel.tensor_parallel`)
     norms: int  # the two RMSNorms
     router: int  # the gate's weight (a score bias is a buffer, not a parameter)
     shared: int  # the shared experts' FFN and its gate
@@ -103,7 +104,12 @@ class LayerShape(NamedTuple):
 
     @property
     def dense(self) -> int:
-        return self.attention + self.norms + self.router + self.shared + self.ffn
+        return self.attention + self.attention_whole + self.norms + self.router + self.shared + self.ffn
+
+    def dense_on_rank(self, tp=1):
+        """The dense parameters one of tp ranks holds: the split attention / tp, the rest whole (a dense layer's
+        FFN and the shared experts are replicated over tp like the norms)."""
+        return self.attention // tp + self.dense - self.attention
 
     @property
     def total(self) -> int:
@@ -114,38 +120,48 @@ def layer_table(config) -> list[LayerShape]:
     """Every decoder layer of a `MoEConfig` by part, the one home of the per-layer parameter arithmetic of the
     families' blocks (`MoEConfig`'s settings after `initializer_range`), layer by layer:
 
-        attention  `attention_params` + Dq + 2*Dkv (`attention_bias`) + D (`attention_out_bias`)
-                   + 2*d (`qk_norm` head) or Dq + Dkv (projection)
+        attention  `attention_params` + Dq + 2*Dkv (`attention_bias`), split over tp; whole on each tp rank:
+                   D (`attention_out_bias`) + 2*d (`qk_norm` head) or Dq + Dkv (projection)
         MoE layer  router D*E, experts E*g*I_e*D (I_e = `expert_width`), shared g*D*I_s (+ D for its gate)
         dense layer  g*D*I (`intermediate_size`), no router
     A Mixtral-shaped config's rows are `layer_dense_params` and `expert_params` (`rank_params` reads those)."""
     m = dims(config)
     d = config.head_dim
-    attention = attention_params(m) + (m.Dq + 2 * m.Dkv) * config.attention_bias + m.D * config.attention_out_bias
-    attention += {None: 0, "head": 2 * d, "projection": m.Dq + m.Dkv}[config.qk_norm]
+    attention = attention_params(m) + (m.Dq + 2 * m.Dkv) * config.attention_bias
+    whole = m.D * config.attention_out_bias + {None: 0, "head": 2 * d, "projection": m.Dq + m.Dkv}[config.qk_norm]
     per_expert = expert_params(m)
     shared = m.g * m.D * config.shared_width + m.D * bool(config.shared_width and config.shared_expert_gate)
     rows = []
     for layer in range(m.L):
         if config.is_moe_layer(layer):
-            rows.append(LayerShape(True, attention, 2 * m.D, m.D * m.E, shared, 0, m.E, per_expert))
+            rows.append(LayerShape(True, attention, whole, 2 * m.D, m.D * m.E, shared, 0, m.E, per_expert))
         else:
-            rows.append(LayerShape(False, attention, 2 * m.D, 0, 0, m.g * m.D * config.intermediate_size, 0, 0))
+            rows.append(LayerShape(False, attention, whole, 2 * m.D, 0, 0, m.g * m.D * config.intermediate_size, 0, 0))
     return rows
 
 
 def unpriced_settings(model: Any) -> list[str]:
-    """`name value` for each block setting that the parameter count prices (`layer_table`) but the memory, activation
-    and step-time models do not yet: they still take every layer as a routed block without these parts, so their
-    figures for such a model are a Mixtral-block approximation (the routed experts' own width is priced)."""
+    """`name value` for each block setting that the parameter count and the model states price (`layer_table`, by
+    stage in `rank_params`) but the activation and step-time models do not yet: they still take every layer as a
+    routed block without these parts, so their figures for such a model are a Mixtral-block approximation (the
+    routed experts' own width is priced)."""
     names = ("dense_layers", "num_shared_experts", "qk_norm", "attention_bias", "attention_out_bias", "clip_qkv")
     return [f"{name} {getattr(model, name)!r}" for name in names if getattr(model, name, None)]  # each off when falsy
 
 
 def rank_params(model: Any, *, layers, first, last, tp, ep) -> RankParams:
-    """Parameters one rank of a stage with `layers` decoder layers holds (`first`/`last`: it holds the embedding /
-    the final norm and LM head)."""
+    """Parameters one rank of a stage holds (`first`/`last`: it holds the embedding / the final norm and LM head).
+    `layers`: the stage's decoder layers, a `range` of their indices (a `MoEConfig`'s are then its `layer_table`
+    rows: dense layers, shared experts, biases, q/k norms) or their count (every layer a Mixtral-shaped MoE layer,
+    the widths of `dims`; numbers or numpy arrays)."""
     m = dims(model)
+    if isinstance(layers, range) and hasattr(model, "is_moe_layer"):
+        table = layer_table(model)
+        rows = [table[i] for i in layers]
+        dense = sum(row.dense_on_rank(tp) for row in rows) + first * m.V * m.D
+        dense = dense + last * (m.D + (0 if m.tied else m.V * m.D))
+        return RankParams(dense=dense, expert=sum(row.experts // ep * row.per_expert for row in rows))
+    layers = len(layers) if isinstance(layers, range) else layers
     dense = layers * layer_dense_params(m, tp) + first * m.V * m.D
     dense = dense + last * (m.D + (0 if m.tied else m.V * m.D))
     expert = layers * (m.E // ep) * expert_params(m)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..configuration import MoEConfig
-from ..modeling import MoESparseBlock, RouterOutput
-from ..routing import expert_counts, load_balancing_loss, router_z_loss
+from ..modeling import MoESparseBlock, RouterOutput, balance_loss
+from ..routing import expert_counts, router_z_loss
 
 # the block AutoEP converts: `<...>.mlp.moe` on the plain model (`model.layers.N.mlp.moe`) and in the pipeline
 # (`N.layer.mlp.moe`); the `experts` and `gate` children are the project's names, the same as Mixtral's
@@ -88,8 +88,8 @@ class AutoEPBlock(nn.Module):
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
         cfg = self.config
         z_loss = router_z_loss(logits_TE) if cfg.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
-        router = RouterOutput(logits_TE, load_balancing_loss(probs_TE, experts_TK), z_loss,
-                              expert_counts(experts_TK.detach(), cfg.num_local_experts), experts_TK)
+        router = RouterOutput(logits_TE, balance_loss(cfg, probs_TE, experts_TK, x_BSD.shape[0]), z_loss,
+                              expert_counts(experts_TK.detach(), cfg.num_local_experts), experts_TK, probs_TE)
         return y_BSD, router
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import MoEConfig
-from ..modeling import MoESparseBlock, RouterOutput, expert_ffn, shared_output
+from ..modeling import MoESparseBlock, RouterOutput, balance_loss, expert_ffn, shared_output
 from .tensor_parallel import mark_tensor_parallel
 from ..routing import expert_capacity, expert_counts, expert_positions, load_balancing_loss, route, router_z_loss
 
@@ -66,6 +66,8 @@ class ProjectGate(TopKGate):
                          noisy_gate_policy=None, drop_tokens=config.capacity_factor is not None, use_rts=False,
                          top2_2nd_expert_sampling=False)
         self.config = config
+        if config.router_score_bias:  # `MoERouter`'s buffer, under the gate DeepSpeed's layer calls
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_local_experts, dtype=torch.float32))
 
     def forward(self, x_TD, used_token=None, sparse_routes=True, use_tutel=False):
         if not sparse_routes or use_tutel:
@@ -74,7 +76,7 @@ class ProjectGate(TopKGate):
         logits_TE = F.linear(x_TD, self.wg.weight)
         probs_TE, weights_TK, experts_TK = route(logits_TE, cfg.num_experts_per_tok, cfg.router_scoring,
                                                  cfg.norm_topk_prob, cfg.routed_scaling_factor, cfg.n_group,
-                                                 cfg.topk_group)
+                                                 cfg.topk_group, getattr(self, "e_score_correction_bias", None))
         position_TK = expert_positions(experts_TK, E)
         counts_E = expert_counts(experts_TK, E)
         if cfg.capacity_factor is None:  # dropless: every expert's buffer is as deep as the busiest one, group-wide
@@ -90,8 +92,8 @@ class ProjectGate(TopKGate):
         tp = bwc_tensor_model_parallel_world_size(groups.mpu)
         buffer_depth = max(math.ceil(capacity / tp) * tp, tp)
         z_loss = router_z_loss(logits_TE) if cfg.router_z_loss_coef > 0 else logits_TE.new_zeros((), dtype=torch.float32)
-        aux_loss = load_balancing_loss(probs_TE, experts_TK)
-        router = RouterOutput(logits_TE, aux_loss, z_loss, counts_E, experts_TK)
+        aux_loss = load_balancing_loss(probs_TE, experts_TK)  # per sequence: `DeepSpeedMoEBlock.forward`
+        router = RouterOutput(logits_TE, aux_loss, z_loss, counts_E, experts_TK, probs_TE)
         indices_KT = torch.where(keep_TK, experts_TK, -1).t().to(torch.int32).contiguous()
         locations_KT = (position_TK * keep_TK).t().to(torch.int32).contiguous()
         gates_KT = weights_TK.t().contiguous()
@@ -118,6 +120,8 @@ class DeepSpeedMoEBlock(nn.Module):
                        top2_2nd_expert_sampling=False)
         gate = ProjectGate(config)
         gate.wg.weight = nn.Parameter(dense.gate.weight.detach().clone())
+        if config.router_score_bias:
+            gate.e_score_correction_bias = dense.gate.e_score_correction_bias.detach().clone()
         self.moe.deepspeed_moe.gate = gate
         stacked = dict(dense.experts.named_parameters())
         for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
@@ -134,6 +138,8 @@ class DeepSpeedMoEBlock(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         y_BSD, router, _ = self.moe(x_BSD)  # ProjectGate's RouterOutput, in DeepSpeed's aux-loss slot
+        if self.config.router_aux_loss_per_sequence:  # DeepSpeed hands the gate the tokens without their sequences
+            router.aux_loss = balance_loss(self.config, router.probs_TE, router.experts_TK, x_BSD.shape[0])
         if self.config.num_shared_experts:
             y_BSD = y_BSD + shared_output(self, x_BSD)
         return y_BSD, router

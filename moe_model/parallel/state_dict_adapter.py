@@ -10,6 +10,7 @@ Mixtral checkpoint names are the same) and the slice this rank holds:
     ...self_attn.{q,k,v}_proj.weight                            the same                        rows of tp rank
     ...self_attn.o_proj.weight                                  the same                        columns of tp rank
     ...mlp.moe.deepspeed_moe.gate.wg.weight                     ...mlp.gate.weight              all (legacy, ep > 1)
+    ...mlp.moe.deepspeed_moe.gate.e_score_correction_bias       ...mlp.gate.e_score_correction_bias  all (legacy)
     ...mlp.moe.deepspeed_moe.experts.deepspeed_experts.<i>.<w>  ...mlp.experts.<w>              expert ep_rank*E/ep + i
     ...mlp.moe.gate.weight, ...mlp.moe.experts.<w>              ...mlp.gate.weight, experts.<w> AutoEP: this rank's
                                                                                                 experts only (AutoEP
@@ -28,6 +29,10 @@ assembled from the pieces it overlaps).
 Why by hand: torch's `distributed.checkpoint` and DTensor resharding address DTensor shards on a DeviceMesh, and
 DeepSpeed's groups are plain process groups with its own module names; transformers' loading materializes whole
 tensors per process.
+
+Besides the parameters, the model has one state that no optimizer holds: the routers' score bias
+(`e_score_correction_bias`, a buffer the aux-loss-free balance rule moves). It is named, read, filled and written
+with the parameters (`state_tensors`), whole on every rank that holds its layer.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -49,6 +55,20 @@ LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.d
 AUTOEP_BLOCK = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>gate\.weight|experts\.\w+)$")
 AUTOEP_LAYER = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>router\.gate\.weight|experts\.w[123])$")  # converted
 TP_ROWS = ("q_proj", "k_proj", "v_proj")
+STATE_BUFFERS = ("e_score_correction_bias",)  # buffers that are model state (saved, resharded, exported)
+
+
+def state_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The buffers of `module` that are model state (`STATE_BUFFERS`), by local name."""
+    for name, buffer in module.named_buffers():
+        if name.rsplit(".", 1)[-1] in STATE_BUFFERS:
+            yield name, buffer
+
+
+def state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of `module`, then its state buffers: what a source fills and a checkpoint's pieces hold."""
+    yield from module.named_parameters()
+    yield from state_buffers(module)
 
 
 def global_name(local: str, pipelined: bool, num_layers: int) -> str:
@@ -64,7 +84,25 @@ def global_name(local: str, pipelined: bool, num_layers: int) -> str:
             key = f"model.layers.{index - 1}.{rest.removeprefix('layer.')}"
         else:
             key = rest if rest.startswith("lm_head") else f"model.{rest}"
-    return key.replace(".mlp.moe.deepspeed_moe.gate.wg.weight", ".mlp.gate.weight")
+    return key.replace(".mlp.moe.deepspeed_moe.gate.wg.", ".mlp.gate.").replace(".mlp.moe.deepspeed_moe.gate.", ".mlp.gate.")
+
+
+def score_biases(module: nn.Module, pipelined: bool, config) -> dict[int, torch.Tensor]:
+    """This rank's routers' score biases by MoE layer (the row of `StepStats.expert_counts_LE`:
+    `config.moe_layers.index(layer)`), under any layout and backend."""
+    biases = {}
+    for local, buffer in state_buffers(module):
+        layer = int(global_name(local, pipelined, config.num_hidden_layers).split(".")[2])  # model.layers.<i>.mlp...
+        biases[config.moe_layers.index(layer)] = buffer
+    return biases
+
+
+def keep_fp32(module: nn.Module) -> None:
+    """Put `module`'s state buffers back in fp32 after an engine cast the module to bf16/fp16: the balance rule's
+    steps (0.001) are below bf16's resolution at 1."""
+    for local, buffer in list(state_buffers(module)):
+        owner, _, name = local.rpartition(".")
+        module.get_submodule(owner).register_buffer(name, buffer.float())
 
 
 @dataclass(frozen=True)
@@ -135,7 +173,7 @@ class SeededInit:
     def _draw(self, name: str, shape, *key) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.ones(shape)
-        if name.endswith(".bias"):  # q/k/v/o biases (`attention_bias`): zeros, as transformers initialises them
+        if name.endswith("bias"):  # q/k/v/o biases (`attention_bias`), score biases: zeros, as transformers does
             return torch.zeros(shape)
         tensor = torch.empty(shape).normal_(0.0, self.config.initializer_range, generator=self._stream(name, *key))
         pad = self.config.pad_token_id
@@ -328,13 +366,13 @@ class PieceSource:
 
 
 def rank_shards(module: nn.Module, layout, config, rank: int) -> dict[str, Shard]:
-    """Every parameter of `module` (this rank's share under `layout`, before or after `deepspeed.initialize`) ->
-    its `Shard`. A ZeRO-3 parameter's own shape is `ds_shape` (its data is a partition)."""
+    """Every parameter and state buffer of `module` (this rank's share under `layout`, before or after
+    `deepspeed.initialize`) -> its `Shard`. A ZeRO-3 parameter's own shape is `ds_shape` (its data is a partition)."""
     shapes = global_shapes(config)
     coords = layout.coords(rank)
     return {name: shard_of(name, getattr(p, "ds_shape", p.shape), shapes, layout.pp > 1, config.num_hidden_layers,
                            coords["model"], coords["expert"], layout.ep, layout.moe_backend == "autoep")
-            for name, p in module.named_parameters()}
+            for name, p in state_tensors(module)}
 
 
 def allocate(module: nn.Module) -> nn.Module:
@@ -351,21 +389,22 @@ def allocate(module: nn.Module) -> nn.Module:
 
 
 def materialize(module: nn.Module, shards: dict[str, Shard], source: Source) -> None:
-    """Allocate `module`'s meta parameters on the CPU (`allocate`) and fill each from `source` by its `Shard`."""
+    """Allocate `module`'s meta parameters on the CPU (`allocate`) and fill each, and each state buffer, from
+    `source` by its `Shard`."""
     allocate(module)
     with torch.no_grad():
-        for local, param in module.named_parameters():
+        for local, param in state_tensors(module):
             shard = shards[local]
             target = param if shard.fill is None else param[shard.fill]
             target.copy_(source.read(shard.name, shard.index).to(param.dtype))
 
 
 def global_shapes(config) -> dict[str, torch.Size]:
-    """Every parameter's shape in the single-device model (built on the meta device: no memory)."""
+    """Every parameter's and state buffer's shape in the single-device model (built on the meta device: no memory)."""
     from ..modeling import MoEForCausalLM
 
     with torch.device("meta"):
-        return {name: p.shape for name, p in MoEForCausalLM(config).named_parameters()}
+        return {name: p.shape for name, p in state_tensors(MoEForCausalLM(config))}
 
 
 def seeded_model(config, seed: int):
@@ -375,5 +414,5 @@ def seeded_model(config, seed: int):
     with torch.device("meta"):
         model = MoEForCausalLM(config)
     shapes = global_shapes(config)
-    materialize(model, {name: Shard(name) for name, _ in model.named_parameters()}, SeededInit(config, seed, shapes))
+    materialize(model, {name: Shard(name) for name, _ in state_tensors(model)}, SeededInit(config, seed, shapes))
     return model

@@ -20,6 +20,7 @@ from ..losses import StepStats
 from ..modeling import MoEForCausalLM
 from ..parallel import Layout, build_model
 from ..parallel.parallelize import ParallelModel
+from ..parallel.state_dict_adapter import keep_fp32
 from ..recipe import Recipe, RecipeError
 from .ds_config import deepspeed_config
 
@@ -243,6 +244,7 @@ def build_engine(recipe: Recipe, layout: Layout, resuming: bool = False, share: 
         # AutoEP's experts are created inside `initialize`, which re-tags the optimizer groups for them itself
         model_parameters=param_groups(model, recipe.train.weight_decay, layout.ep > 1 and layout.moe_backend == "legacy"),
         mpu=groups.grid if groups is not None and layout.pp == 1 else None)
+    keep_fp32(engine.module)  # the score bias, which bf16/fp16 engines cast with the module
     if layout.dp == 1 and layout.pp == 1 and recipe.parallel.zero_stage == 0:
         # one data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into buckets, reduce
         # over a group of one and copy them back (measured: +40% on a 1-rank step at the seed's layer shape)

@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..formats import FAMILIES, block_settings_set, family_weights_config, save_family
 from ..recipe import ModelSection
 from ..parallel.state_dict_adapter import LEGACY_EXPERT as EXPERT_KEY
-from ..parallel.state_dict_adapter import TP_ROWS
+from ..parallel.state_dict_adapter import STATE_BUFFERS, TP_ROWS
 from ..parallel.state_dict_adapter import global_name as hf_key
 from . import checkpoint, universal
 
@@ -66,7 +66,7 @@ def merged_state_dict(directory: Path, config: MoEConfig, scratch: Path | None =
                 states = universal.read_states(folder, universal.param_shapes(directory))
         except RuntimeError as err:
             raise ExportError("checkpoint", str(err)) from None
-        return block_state({hf_key(k, pipelined, L): v for k, v in states.items()})
+        return block_state({hf_key(k, pipelined, L): v for k, v in {**states, **zero3_buffers(directory)}.items()})
     slices: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
 
@@ -104,6 +104,17 @@ def merged_state_dict(directory: Path, config: MoEConfig, scratch: Path | None =
                                             f"0..{config.num_local_experts - 1}")
         state[f"{prefix}.{name}"] = torch.stack([by_id[e] for e in range(config.num_local_experts)])
     return block_state(state)
+
+
+def zero3_buffers(directory: Path) -> dict[str, torch.Tensor]:
+    """The state buffers (`STATE_BUFFERS`: the score bias) of a ZeRO-3 checkpoint, which the universal conversion
+    leaves out (it joins the optimizer's partitions): every rank's module file holds them whole; the first rank of
+    each pipeline stage's files is read."""
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("zero_pp_rank_0_mp_rank_*_model_states.pt")):
+        module = torch.load(path, map_location="cpu", weights_only=False).get("module") or {}
+        found.update({k: v for k, v in module.items() if k.rsplit(".", 1)[-1] in STATE_BUFFERS})
+    return found
 
 
 @dataclass

@@ -10,7 +10,8 @@ AutoEP (`w1`/`w3`/`w2`) each spell differently. So a checkpoint also carries its
 
     portable_rank<r>_<k>.safetensors   pieces `<state>|<global name>|<spans>` (`state_dict_adapter.piece_key`): the
                                        fp32 master weights (`fp32`) and both Adam moments (`exp_avg`, `exp_avg_sq`) of
-                                       the slice of each single-device parameter this rank holds (`shard_of`); a slice
+                                       the slice of each single-device parameter this rank holds (`shard_of`), and the
+                                       state buffers (the score bias) as `fp32`; a slice
                                        held by several ranks (data-parallel copies) is written once, by the lowest
     portable_state.json                the optimizer's step count, the lr scheduler's state, the engine's counters
 
@@ -41,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.layout import Layout
-from ..parallel.state_dict_adapter import PieceSource, global_shapes, piece_key, rank_shards, region
+from ..parallel.state_dict_adapter import (STATE_BUFFERS, PieceSource, global_shapes, piece_key, rank_shards, region,
+                                           state_buffers)
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 MOMENTS = STATES[1:]
@@ -159,6 +161,9 @@ def save(engine, directory: Path, layout: Layout, config, step: int, write=None)
         shape = [b - a for a, b in keys[name][1]]
         for state, tensor in states.items():
             pieces.add(piece_key(state, *keys[name]), tensor.reshape(shape))
+    for name, buffer in state_buffers(engine.module):  # no optimizer state: the value alone
+        if owner[piece_key("", *keys[name])] == rank:
+            pieces.add(piece_key("fp32", *keys[name]), buffer)
     pieces.flush()
     optimizer_steps = optimizer_step(engine)
     if rank == 0:
@@ -177,7 +182,8 @@ def sources(directory: Path, config, states: tuple[str, ...] = STATES) -> dict[s
     """One `PieceSource` per state over the checkpoint's pieces (the weights of a build: `sources(...)["fp32"]`)."""
     files = sorted(directory.glob(PIECES_GLOB))
     shapes = global_shapes(config)
-    return {state: PieceSource(files, state, shapes) for state in states}
+    moments = {name: shape for name, shape in shapes.items() if name.rsplit(".", 1)[-1] not in STATE_BUFFERS}
+    return {state: PieceSource(files, state, shapes if state == "fp32" else moments) for state in states}
 
 
 def problem(directory: Path, config) -> str | None:
@@ -241,6 +247,8 @@ def load(engine, directory: Path, layout: Layout, config) -> int:
                 param.copy_(values["fp32"])
                 for key in MOMENTS:
                     optimizer.state[param][key].copy_(values[key])
+        for name, buffer in state_buffers(engine.module):  # built from the pieces, then cast by the engine
+            buffer.copy_(read["fp32"].read(shards[name].name, ()))
     if engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         # DeepSpeed's schedulers set the groups' lr for an iteration in `step(n)` (torch's optimizer state, which

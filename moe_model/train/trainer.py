@@ -26,7 +26,9 @@ from typing import Any
 
 from ..losses import StepStats
 from ..parallel import Layout
+from ..parallel.state_dict_adapter import score_biases
 from ..recipe import Recipe, RecipeError
+from ..routing import bias_update
 from ..strategy import Strategy
 from . import checkpoint, preemption, reshard
 from .console import header, library_output, print_summary
@@ -136,6 +138,8 @@ class Trainer:
             self.say(f"moe: resuming from {resume_from} (step {self.first_step})")
             if self.rank == 0:
                 checkpoint.trim_metrics(recipe.output_dir / "metrics.jsonl", self.first_step)
+        rate = recipe.model.router_bias_update_rate
+        self.score_biases = score_biases(self.engine.module, layout.pp > 1, recipe.moe_config()) if rate else {}
         self.portable = recipe.train.portable_checkpoints and reshard.serves(self.engine)
         if recipe.train.portable_checkpoints and not self.portable:
             self.say(f"moe: note: {recipe.train.precision} without ZeRO (DeepSpeed's FP16_UnfusedOptimizer at pp 1) "
@@ -221,6 +225,10 @@ class Trainer:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         stats = self._reduce(self.run_step(self.batches.micro_batches(step)))
+        if self.score_biases:  # aux-loss-free balancing, from the step's loads summed over every rank (all equal)
+            delta_LE = bias_update(stats.expert_counts_LE, self.recipe.model.router_bias_update_rate)
+            for row, bias in self.score_biases.items():
+                bias.add_(delta_LE[row].to(bias.device))
         step_time = time.perf_counter() - t0
         metrics = step_metrics(step + 1, stats, lr, engine.get_global_grad_norm(), step_time, self.tokens_per_step)
         metrics.update(throughput_metrics(metrics["tokens_per_s"], self.step_flops, self.world,
