@@ -112,8 +112,9 @@ def test_guard_names_the_peak_rank_and_changes_that_really_fit():
 
 
 def test_an_estimate_names_the_block_settings_it_does_not_price_yet(capsys):
-    """The parameter count and model states price every family block; activations and step time do not yet price dense layers, shared
-    experts, q/k norms, biases or clipping: the estimate says which, rather than hide an approximation."""
+    """The parameter count and model states price every family block; activations and step time do not yet price
+    dense layers, shared experts, q/k norms, biases or clipping: the estimate says which, rather than hide an
+    approximation."""
     from moe_model.cli import main as moe
     from tests.conftest import ROOT
 
