@@ -56,12 +56,18 @@ AUTOEP_BLOCK = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>gate\.weight|expe
 AUTOEP_LAYER = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>router\.gate\.weight|experts\.w[123])$")  # converted
 TP_ROWS = ("q_proj", "k_proj", "v_proj")
 STATE_BUFFERS = ("e_score_correction_bias",)  # buffers that are model state (saved, resharded, exported)
+LEGACY_GATE = re.compile(r"\.mlp\.moe\.deepspeed_moe\.gate\.(wg\.)?")  # the legacy layer's gate: weight and bias
+
+
+def is_state_buffer(name: str) -> bool:
+    """Whether a tensor's name (local, global or a checkpoint key) is a state buffer's (`STATE_BUFFERS`)."""
+    return name.rsplit(".", 1)[-1] in STATE_BUFFERS
 
 
 def state_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The buffers of `module` that are model state (`STATE_BUFFERS`), by local name."""
     for name, buffer in module.named_buffers():
-        if name.rsplit(".", 1)[-1] in STATE_BUFFERS:
+        if is_state_buffer(name):
             yield name, buffer
 
 
@@ -84,7 +90,7 @@ def global_name(local: str, pipelined: bool, num_layers: int) -> str:
             key = f"model.layers.{index - 1}.{rest.removeprefix('layer.')}"
         else:
             key = rest if rest.startswith("lm_head") else f"model.{rest}"
-    return key.replace(".mlp.moe.deepspeed_moe.gate.wg.", ".mlp.gate.").replace(".mlp.moe.deepspeed_moe.gate.", ".mlp.gate.")
+    return LEGACY_GATE.sub(".mlp.gate.", key)
 
 
 def score_biases(module: nn.Module, pipelined: bool, config) -> dict[int, torch.Tensor]:

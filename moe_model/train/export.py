@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..formats import FAMILIES, block_settings_set, family_weights_config, save_family
 from ..recipe import ModelSection
 from ..parallel.state_dict_adapter import LEGACY_EXPERT as EXPERT_KEY
-from ..parallel.state_dict_adapter import STATE_BUFFERS, TP_ROWS
+from ..parallel.state_dict_adapter import TP_ROWS, is_state_buffer
 from ..parallel.state_dict_adapter import global_name as hf_key
 from . import checkpoint, universal
 
@@ -113,7 +113,7 @@ def zero3_buffers(directory: Path) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
     for path in sorted(directory.glob("zero_pp_rank_0_mp_rank_*_model_states.pt")):
         module = torch.load(path, map_location="cpu", weights_only=False).get("module") or {}
-        found.update({k: v for k, v in module.items() if k.rsplit(".", 1)[-1] in STATE_BUFFERS})
+        found.update({k: v for k, v in module.items() if is_state_buffer(k)})
     return found
 
 

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.layout import Layout
-from ..parallel.state_dict_adapter import (STATE_BUFFERS, PieceSource, global_shapes, piece_key, rank_shards, region,
-                                           state_buffers)
+from ..parallel.state_dict_adapter import (PieceSource, global_shapes, is_state_buffer, piece_key, rank_shards,
+                                           region, state_buffers)
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 MOMENTS = STATES[1:]
@@ -182,7 +182,7 @@ def sources(directory: Path, config, states: tuple[str, ...] = STATES) -> dict[s
     """One `PieceSource` per state over the checkpoint's pieces (the weights of a build: `sources(...)["fp32"]`)."""
     files = sorted(directory.glob(PIECES_GLOB))
     shapes = global_shapes(config)
-    moments = {name: shape for name, shape in shapes.items() if name.rsplit(".", 1)[-1] not in STATE_BUFFERS}
+    moments = {name: shape for name, shape in shapes.items() if not is_state_buffer(name)}
     return {state: PieceSource(files, state, shapes if state == "fp32" else moments) for state in states}
 
 

@@ -138,8 +138,8 @@ class Trainer:
             self.say(f"moe: resuming from {resume_from} (step {self.first_step})")
             if self.rank == 0:
                 checkpoint.trim_metrics(recipe.output_dir / "metrics.jsonl", self.first_step)
-        rate = recipe.model.router_bias_update_rate
-        self.score_biases = score_biases(self.engine.module, layout.pp > 1, recipe.moe_config()) if rate else {}
+        self.bias_rate = recipe.model.router_bias_update_rate
+        self.score_biases = score_biases(self.engine.module, layout.pp > 1, recipe.moe_config()) if self.bias_rate else {}
         self.portable = recipe.train.portable_checkpoints and reshard.serves(self.engine)
         if recipe.train.portable_checkpoints and not self.portable:
             self.say(f"moe: note: {recipe.train.precision} without ZeRO (DeepSpeed's FP16_UnfusedOptimizer at pp 1) "
@@ -226,7 +226,7 @@ class Trainer:
         lr = engine.get_lr()[0]
         stats = self._reduce(self.run_step(self.batches.micro_batches(step)))
         if self.score_biases:  # aux-loss-free balancing, from the step's loads summed over every rank (all equal)
-            delta_LE = bias_update(stats.expert_counts_LE, self.recipe.model.router_bias_update_rate)
+            delta_LE = bias_update(stats.expert_counts_LE, self.bias_rate)
             for row, bias in self.score_biases.items():
                 bias.add_(delta_LE[row].to(bias.device))
         step_time = time.perf_counter() - t0
