@@ -331,3 +331,152 @@ def test_zero3_gathers_equal_a_live_engines(tmp_path, ep, ckpt, reuse, bucket, l
         engine = live_engine.get(f"forward_{kind}", 0) + live_engine.get(f"backward_{kind}", 0)
         assert engine == getattr(g, f"forward_{kind}") + getattr(g, f"backward_{kind}"), kind
         assert live_engine[f"persistent_{kind}"] == getattr(g, f"persistent_{kind}"), kind
+
+
+# ---- the families' blocks: dense FFN layers, shared experts, the routed width, q/k norms (estimate/perf.py) ----
+
+TINY_GLM = str(ROOT / "recipes/tiny_glm4_moe.yaml")  # dense layer 0, one shared expert, routed width 32, q/k norm
+TINY_QWEN2 = str(ROOT / "recipes/tiny_qwen2_moe.yaml")  # shared expert of 64 with its gate, routed width 32
+
+
+def family(path=TINY_GLM, *sets):
+    return load_recipe(path, ["train.seq_len=16", "train.global_batch_size=8", *sets])
+
+
+def attention_flops(S, D, Dq, Dkv):
+    """q, k, v, o projections and the causal-halved scores and values of one sequence's layer (the model's rule)."""
+    return 2 * S * D * (Dq + 2 * Dkv) + 2 * S * Dq * D + 2 * S * S * Dq
+
+
+def test_a_dense_first_configs_step_flops_are_the_sum_of_its_layers():
+    """tiny GLM: 4 layers, the first a dense FFN of width 128, the others router + 2 of 8 routed experts of width 32 +
+    a shared FFN of 32; gated (g 3), hidden 64, 4 query and 2 key/value heads of 16, vocabulary 256."""
+    s = shape_of(family())
+    S, D, Dq, Dkv, g = 16, 64, 64, 32, 3
+    assert (s.I, s.I_dense, s.I_shared, s.dense_layers, s.shared_gate) == (32, 128, 32, (0,), False)
+    dense = attention_flops(S, D, Dq, Dkv) + 2 * S * D * 128 * g
+    moe = attention_flops(S, D, Dq, Dkv) + 2 * S * D * 8 + 2 * S * 2 * D * 32 * g + 2 * S * D * 32 * g
+    forward = dense + 3 * moe + 2 * S * D * 256
+    assert model_flops_per_step(s) == pytest.approx(3 * 8 * forward, rel=1e-12)
+    per = lambda dense_layer: sum(float(v) for v in layer_forward_flops(s, 1, 1, 1, dense=dense_layer).values())  # noqa: E731
+    assert per(True) == pytest.approx(dense, rel=1e-12) and per(False) == pytest.approx(moe, rel=1e-12)
+
+
+def test_shared_experts_add_exactly_their_flops_on_every_tp_rank():
+    """Qwen2-MoE's shared FFN of 64 and its D -> 1 gate: 2*T*D*64*g + 2*T*D more per MoE layer, whole on each tp
+    rank (replicated over tp like the norms), nothing else changed."""
+    with_shared = shape_of(family(TINY_QWEN2))
+    without = dataclasses.replace(with_shared, I_shared=0, shared_gate=False)
+    T, D, g = 16, 64, 3
+    shared = 2 * T * D * 64 * g + 2 * T * D
+    assert model_flops_per_step(with_shared) - model_flops_per_step(without) == pytest.approx(3 * 8 * 4 * shared)
+    for tp in (1, 2):
+        f = layer_forward_flops(with_shared, 1, tp, 1)
+        assert float(f["shared_experts"]) == shared
+        assert float(f["qkv"]) == float(layer_forward_flops(without, 1, tp, 1)["qkv"])
+
+
+def test_the_routed_experts_run_at_the_expert_width_not_the_dense_width():
+    """Qwen3-30B-A3B: experts of 768 (`moe_intermediate_size`), intermediate_size 6144 belongs to no layer."""
+    s = shape_of(load_recipe(str(ROOT / "recipes/qwen3_30b_a3b.yaml")))
+    assert (s.I, s.I_dense, s.dense_layers) == (768, 0, ())
+    T = s.S
+    assert float(layer_forward_flops(s, 1, 1, 1)["experts"]) == 2 * T * 8 * s.D * 768 * 3
+
+
+def test_a_stage_holding_a_dense_layer_is_faster_and_sends_no_all_to_all_for_it():
+    """pp 2 over 4 layers: stage 0 holds layers 0 and 1. With layer 0 dense its layers cost one MoE layer (with its
+    all-to-all) and one dense layer, less than two MoE layers; the last stage is the same either way."""
+    sets = ["parallel.pp=2", "parallel.ep=2", "parallel.dp=2", "parallel.micro_batch_size=1"]
+    dense_first = shape_of(family(TINY_GLM, *sets))
+    all_moe = dataclasses.replace(dense_first, dense_layers=())
+    a, b = (step_components(s, 1, 2, 2, 2, 1, 1, False) for s in (dense_first, all_moe))
+    assert float(a["first_t"]) < float(b["first_t"]) and float(a["last_t"]) == float(b["last_t"])
+    per_moe = float(a["layer_t"]) * 3 + float(a["tp_comm"]) + float(a["ep_comm"])
+    per_dense = sum(float(v) for v in a["dense_layer_times"].values()) * 3 + float(a["tp_comm_dense"])
+    assert float(a["first_t"]) == pytest.approx(per_moe + per_dense + 3 * float(a["emb_t"]) + float(a["p2p"]),
+                                                rel=1e-12)
+    assert float(a["dense_layer_times"]["router"]) == float(a["dense_layer_times"]["experts"]) == 0.0
+    assert float(a["ep_comm"]) > 0 and per_dense < per_moe
+    # the report's per-micro-batch terms name the parts this model has (a Mixtral-shaped one's stay as they were)
+    assert {"compute.dense_ffn", "compute.shared_experts"} <= set(performance(family(TINY_GLM, *sets)).per_micro_batch)
+    assert not {"compute.dense_ffn", "compute.shared_experts"} & set(performance(tiny(), dp=1).per_micro_batch)
+
+
+def test_a_mixtral_shaped_config_prices_the_same_with_or_without_its_layer_rows():
+    """The families' path (layer rows from `layer_table`) gives a Mixtral-shaped model exactly the widths' figures."""
+    s = shape_of(tiny("silu", parallel={"pp": 1}))
+    bare = dataclasses.replace(s, rows=())
+    assert s.I_shared == s.I_dense == 0 and s.rows
+    for zero in (0, 1, 2, 3):
+        a = step_components(s, 1, 1, 2, 2, zero, 1, True, autoep=zero == 3)
+        b = step_components(bare, 1, 1, 2, 2, zero, 1, True, autoep=zero == 3)
+        assert float(a["step"]) == float(b["step"]) and float(a["zero3_gather"]) == float(b["zero3_gather"])
+
+
+def test_stage_params_by_layer_kind_are_the_stages_own_rows():
+    """`traffic.stage_params` (counts of MoE and dense layers, as the grid needs) equals `shapes.rank_params` of the
+    stage's layer range, and ZeRO-3's parts of a family layer add up to it (gathered + kept whole)."""
+    from moe_model.estimate.memory import stage_ranges
+    from moe_model.estimate.shapes import rank_params
+    from moe_model.estimate.traffic import Zero3Settings, stage_params, zero3_gathers
+
+    r = family(TINY_GLM, "model.num_hidden_layers=7", "model.dense_layers=[0,3]")
+    cfg, s = r.moe_config(), shape_of(r)
+    for pp in (1, 2, 3):
+        for i, held in enumerate(stage_ranges(7, pp)):
+            first, last = int(i == 0), int(i == pp - 1)
+            dense = sum(1 for j in held if j in cfg.dense_layers)
+            for tp, ep in ((1, 1), (2, 4)):
+                want = rank_params(cfg, layers=held, first=first, last=last, tp=tp, ep=ep)
+                got = stage_params(s, layers=len(held), first=first, last=last, tp=tp, ep=ep, dense_layers=dense)
+                assert got == want
+                for threshold in (0, 1000, 10**9):
+                    g = zero3_gathers(s, layers=len(held), first=first, last=last, tp=tp, ep=ep, dense_layers=dense,
+                                      zero3=Zero3Settings(persistence_threshold=threshold))
+                    assert g.forward_dense + g.persistent_dense == want.dense
+                    assert g.forward_expert + g.persistent_expert == want.expert
+                    assert (threshold == 10**9) == (g.forward_dense == g.forward_expert == 0)
+
+
+@pytest.mark.parametrize("sets", [[], ["model.num_hidden_layers=9", "model.dense_layers=[0,1,5]"]])
+def test_the_grid_path_equals_the_scalar_path_with_dense_layers(sets):
+    """The planner's numpy grid (`stage_table` of every pp) and a single strategy's call give the same step, stage
+    kinds with dense layers in the first and in middle stages included."""
+    import numpy as np
+
+    from moe_model.estimate.perf import stage_table
+
+    s = shape_of(family(TINY_GLM, *sets))
+    rows = [(tp, pp, ep, dp, zero, B, ckpt) for tp in (1, 2) for pp in range(1, s.L + 1) for ep in (1, 2)
+            for dp in (2, 4) for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)) for B in (1, 2) for ckpt in (0, 1)]
+    grid = np.array(rows, dtype=np.int64)
+    tp, _, ep, dp, zero, B, ckpt = (grid[:, i].astype(np.float64) for i in range(7))
+    c = step_components(s, tp, grid[:, 1], ep, dp, zero, B, ckpt, pp_table=stage_table(s, s.L))
+    for i in range(0, len(rows), 7):
+        one = step_components(s, *rows[i][:6], bool(rows[i][6]))
+        assert float(one["step"]) == pytest.approx(float(c["step"][i]), rel=1e-12), rows[i]
+
+
+@pytest.mark.parametrize("path", [TINY_QWEN2, TINY_GLM, str(ROOT / "recipes/tiny_cpu.yaml")])
+def test_model_flops_equal_torchs_count_of_the_real_models_forward(path):
+    """torch's FlopCounterMode on the model's own forward (eager attention, ep 1, dropless: the experts run exactly
+    the T*k routed rows however the router balances them): its matmuls are the model's FLOPs, the attention's two
+    batched products halved for causality as the time model counts them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moe_model import MoEForCausalLM
+
+    recipe = family(path)
+    cfg = recipe.moe_config()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = MoEForCausalLM(cfg).eval()
+    B, S = 2, 16
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, cfg.vocab_size, (B, S)))
+    ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(ops) <= {"aten.mm", "aten.addmm", "aten.bmm"}, ops
+    counted = ops.get("aten.mm", 0) + ops.get("aten.addmm", 0) + ops["aten.bmm"] / 2
+    assert model_flops_per_step(shape_of(recipe)) == 3 * (8 // B) * counted

@@ -9,8 +9,12 @@ reduce-scatter or all-gather (Patarasuk & Yuan 2009); the 1F1B pipeline takes `(
 stage, a bubble of `(pp - 1) / (m + pp - 1)` (Narayanan et al. 2021). See /work/shared/REFERENCES.md.
 
 Symbols: B micro-batch, S sequence, T = B*S tokens of a micro-batch, D hidden, Dq = Hq*d, Dkv = Hkv*d, E experts,
-k top-k, I expert FFN width, g = 2 matrices (two-matrix gelu FFN) or 3 (gated silu), V vocabulary, b bytes of the
-compute dtype, t = tp, e = ep. Per decoder layer, per micro-batch, per rank (FLOPs of the forward pass):
+k top-k, I a routed expert's FFN width (`MoEConfig.expert_width`), I_s the shared experts' one FFN (`shared_width`,
+0: none), I_d a dense FFN layer's (`intermediate_size`), g = 2 matrices (two-matrix gelu FFN) or 3 (gated silu),
+V vocabulary, b bytes of the compute dtype, t = tp, e = ep. The model's shape is read once (`shape_of`): its widths
+and its layers' rows (`shapes.layer_table`); a layer is an MoE layer or a dense FFN layer (`dense_layers`), and every
+stage is priced by its own layers of each kind (`stage_kinds`). Per decoder layer, per micro-batch, per rank (FLOPs
+of the forward pass):
     q, k, v projections   2*T*D*(Dq + 2*Dkv) / t
     o projection          2*T*Dq*D / t
     SDPA (causal)         scores Q K^T 2*B*S^2*Dq/t and values P V 2*B*S^2*Dq/t, each halved for causality
@@ -22,17 +26,27 @@ compute dtype, t = tp, e = ep. Per decoder layer, per micro-batch, per rank (FLO
                           R = E*C/t: equal to T*k/t only when routing is balanced. AutoEP backend: the grouped GEMMs
                           run the routed rows the busiest rank receives, each local expert's rounded up to 8, no
                           capacity padding (traffic.py)
+    shared experts        2*T*D*I_s*g + 2*T*D (its D -> 1 gate, `shared_expert_gate`), MoE layers only, every token
+                          on every tp rank (replicated over tp like the norms, beside DeepSpeed's layer too)
+    dense FFN (dense layer)  2*T*D*I_d*g on every tp rank (replicated); a dense layer has no router, experts, shared
+                          experts, all-to-all or dispatch
     LM head (last stage)  2*T*D*V (not vocabulary-parallel: each tp rank computes all of it)
-Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N); SDPA (fused): read q, k, v and write the output.
+Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N) (an FFN of width W: b*(g*D*W + T*g*(D + W)); the shared
+gate b*(D + T*D + T)); SDPA (fused): read q, k, v and write the output.
 Memory-bound element-wise work per layer (bytes only): two RMSNorms and two residual adds (10*b*T*D), RoPE on q and
-k (2*b*T*(Dq + Dkv)/t), router softmax/top-k (8*T*E), dispatch gather and combine scatter (4*b*R*D), the expert
-activation (g*b*R*I); per micro-batch the embedding (2*b*T*D) and the fp32 log-softmax/loss (12*T*V).
+k (2*b*T*(Dq + Dkv)/t); an MoE layer's router softmax/top-k (8*T*E, sigmoid and groups alike), dispatch gather and
+combine scatter (4*b*R*D), the expert activation (g*b*R*I); the shared FFN's activation (g*b*T*I_s), its sum into the
+routed output (3*b*T*D) and gate scaling (2*b*T*D); a dense layer's FFN activation (g*b*T*I_d); q/k norms
+(`qk_norm`, 2*b*T*(Dq + Dkv)/t), the q, k, v clamp (`clip_qkv`, 2*b*T*(Dq + 2*Dkv)/t); per micro-batch the embedding
+(2*b*T*D) and the fp32 log-softmax/loss (12*T*V). Biases (`attention_bias`, `attention_out_bias`) are parameters
+(gradients, optimizer, ZeRO-3 gathers), not roofline terms (one row beside a projection's weight).
 Backward = 2x the forward's FLOPs and bytes; activation checkpointing adds one forward of every decoder layer.
 
 Communication (per micro-batch unless said), `link(span)`: the links a group uses, by the rank layout
 rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per node:
-    TP all-reduce         2 forward + 2 backward per layer (+2 with recompute) of b*T*D, 2(t-1)/t of it over
-                          intra-node links (tp stays inside a node: a layout rule)
+    TP all-reduce         2 forward + 2 backward per MoE layer (+2 with recompute) of b*T*D, 2(t-1)/t of it over
+                          intra-node links (tp stays inside a node: a layout rule); a dense layer the attention's
+                          only, 1 forward + 1 backward (+1 with recompute)
     EP all-to-all         dispatch + combine, forward and backward: 4 per MoE layer (+2 with recompute) of
                           R_a2a*D*b per rank, (e-1)/e of it leaving the rank: legacy, the whole buffers (R = E*C/t
                           as above); AutoEP, a variable-split all-to-all of the routed rows only, the rows the
@@ -42,7 +56,8 @@ rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per no
     PP point-to-point     one activation forward and one gradient backward of b*T*D per stage boundary; inter-node
                           when the tp*dp*pp ranks of a replica chain span more than one node
     DP reduction          dense gradients over dp, expert gradients over the expert-data-parallel group dp/e, over
-                          the group's span tp*dp, when DeepSpeed runs them (`traffic.data_parallel_traffic`): ZeRO-0
+                          the group's span tp*dp, when DeepSpeed runs them (`traffic.data_parallel_traffic`), P the
+                          stage's own parameters (its layers' rows, `traffic.stage_params`): ZeRO-0
                           all-reduce and ZeRO-1 reduce-scatter + all-gather of the updated weights at the step,
                           2(N-1)/N * b*P; ZeRO-2 reduce-scatter after every micro-batch's backward and the weights'
                           all-gather after the step, (m+1)(N-1)/N * b*P; ZeRO-3 the reduce-scatter per micro-batch
@@ -51,10 +66,13 @@ rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per no
                           parameters re-gathered once after the step (traffic.py states when DeepSpeed gathers)
     optimizer step        memory-bound: 28 bytes per partitioned element (fp32 master, m, v read and written, the fp32
                           gradient read) plus writing the b-byte weights (ZeRO-3: the partition's only)
-A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP collectives, ZeRO-3 gathers and
-optimizer step) + `hardware.step_overhead_ms`, m = global_batch / (micro_batch * dp) micro-batches per data-parallel
-rank. The last term is what a step costs whatever the model's size (op dispatch, DeepSpeed's engine, collective
-latencies): `moe calibrate` measures it as the step time of the same layout with every width shrunk to almost nothing.
+A stage's per-micro-batch time: its MoE layers x (an MoE layer's forward times (3 + recompute) + its TP and EP
+collectives) + its dense layers x (a dense layer's likewise, TP only) + the embedding (first) / LM head (last) and the
+PP point-to-point. A step: (m + pp - 1) * (slowest stage's per-micro-batch time) + (slowest stage's DP collectives,
+ZeRO-3 gathers and optimizer step) + `hardware.step_overhead_ms`, m = global_batch / (micro_batch * dp)
+micro-batches per data-parallel rank. The last term is what a step costs whatever the model's size (op dispatch,
+DeepSpeed's engine, collective latencies): `moe calibrate` measures it as the step time of the same layout with every
+width shrunk to almost nothing.
 
 Overlap assumptions (stated, conservative, DeepSpeed's defaults): nothing overlaps compute. TP all-reduces and EP
 all-to-alls are synchronous inside the layer; pipeline sends are blocking in DeepSpeed's PipelineEngine; gradient
@@ -63,8 +81,9 @@ Routing: with ep > 1 and dropless routing the legacy layer's experts and all-to-
 busiest expert's load, `imbalance` times the mean (the estimator's assumption, 3 early in training, `--imbalance`;
 `moe calibrate` reports what a short run of the layout showed); AutoEP's busiest rank receives that expert's load and
 its other experts' share of the rest (traffic.py); with ep = 1 imbalance costs nothing here (the sort-based block
-runs exactly the routed rows). MFU = model FLOPs (3x the forward of every token, no recompute, no redundant tp work)
-/ (step time * GPUs * peak).
+runs exactly the routed rows). MFU = model FLOPs (3x the forward of every token through every layer as it is, MoE
+or dense, no recompute, no redundant tp work) / (step time * GPUs * peak); tests/test_perf.py holds its forward to
+torch's FlopCounterMode on the real model (tiny Qwen2-MoE- and GLM-4.5-shaped configs).
 """
 
 from __future__ import annotations
@@ -78,9 +97,9 @@ import numpy as np
 from ..recipe import Recipe, RecipeError
 from ..strategy import Strategy
 from ..units import FP32
-from .memory import PRECISION_BYTES, stage_layers
-from .shapes import rank_params
-from .traffic import Zero3Settings, data_parallel_traffic, expert_rows
+from .memory import PRECISION_BYTES, stage_layers, stage_ranges
+from .shapes import layer_table
+from .traffic import NO_LAYER, Zero3Settings, data_parallel_traffic, expert_rows, stage_params
 
 
 @dataclass(frozen=True)
@@ -111,21 +130,40 @@ class Shape:
     min_capacity: int = 4
     imbalance: float = 1.0  # busiest expert's load over the mean (dropless DeepSpeed buffers are that deep)
     zero3: Zero3Settings = Zero3Settings()  # DeepSpeed's stage-3 gather settings (traffic.py)
+    # the families' blocks (`MoEConfig`; the defaults are Mixtral's block)
+    I_dense: int = 0  # a dense FFN layer's width (`intermediate_size`)
+    I_shared: int = 0  # the shared experts' one FFN (`MoEConfig.shared_width`; 0: none)
+    shared_gate: bool = False  # its D -> 1 sigmoid gate
+    dense_layers: tuple[int, ...] = ()  # the dense FFN layers' indices
+    qk_norm: bool = False  # an RMSNorm over q and k (per head or over the projection)
+    clip_qkv: bool = False  # q, k, v clamped
+    rows: tuple = ()  # (an MoE layer's, a dense layer's `shapes.LayerShape`), `layer_table`'s; (): from the widths
+    attention_small: tuple = ((), ())  # the attention's biases and q/k norms, numel: (split over tp, whole on each)
 
 
 def shape_of(recipe: Recipe, imbalance: float = 1.0, zero3: Zero3Settings = Zero3Settings()) -> Shape:
-    m, hw, t = recipe.model, recipe.hardware, recipe.train
+    """The model's derived shape, read once from its `MoEConfig`: the widths, and its layers' rows (`layer_table`:
+    every MoE layer's row is the same, and every dense layer's)."""
+    hw, t = recipe.hardware, recipe.train
     cfg = recipe.moe_config()
-    return Shape(D=cfg.hidden_size, Dq=cfg.num_attention_heads * cfg.head_dim,
-                 Dkv=cfg.num_key_value_heads * cfg.head_dim, E=m.num_local_experts, k=m.num_experts_per_tok,
-                 I=m.intermediate_size, g=3 if m.hidden_act == "silu" else 2, V=m.vocab_size,
-                 L=m.num_hidden_layers, tied=m.tie_word_embeddings, S=t.seq_len, global_batch=t.global_batch_size,
+    table = layer_table(cfg)
+    rows = (next(row for row in table if row.moe), next((row for row in table if not row.moe), NO_LAYER))
+    Dq, Dkv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    norms = {None: (), "head": (cfg.head_dim, cfg.head_dim), "projection": (Dq, Dkv)}[cfg.qk_norm]
+    small = ((Dq, Dkv, Dkv) if cfg.attention_bias else (), ((cfg.hidden_size,) if cfg.attention_out_bias else ()) + norms)
+    return Shape(D=cfg.hidden_size, Dq=Dq, Dkv=Dkv, E=cfg.num_local_experts, k=cfg.num_experts_per_tok,
+                 I=cfg.expert_width, g=3 if cfg.hidden_act == "silu" else 2, V=cfg.vocab_size,
+                 L=cfg.num_hidden_layers, tied=cfg.tie_word_embeddings, S=t.seq_len, global_batch=t.global_batch_size,
                  b=PRECISION_BYTES[t.precision], compute_flops=hw.peak_tflops * 1e12 * hw.mfu,
                  hbm_bytes_s=hw.hbm_bandwidth_tbps * 1e12 * hw.bandwidth_utilization,
                  gpus_per_node=hw.gpus_per_node, intra_bytes_s=hw.intra_node_gbps * 1e9,
                  inter_bytes_s=hw.inter_node_gbps * 1e9, peak_flops=hw.peak_tflops * 1e12,
-                 overhead_s=hw.step_overhead_ms * 1e-3, capacity_factor=m.capacity_factor or 0.0,
-                 min_capacity=m.min_capacity, imbalance=imbalance, zero3=zero3)
+                 overhead_s=hw.step_overhead_ms * 1e-3, capacity_factor=cfg.capacity_factor or 0.0,
+                 min_capacity=cfg.min_capacity, imbalance=imbalance, zero3=zero3,
+                 I_dense=cfg.intermediate_size if cfg.dense_layers else 0, I_shared=cfg.shared_width,
+                 shared_gate=bool(cfg.shared_width and cfg.shared_expert_gate),
+                 dense_layers=tuple(cfg.dense_layers), qk_norm=cfg.qk_norm is not None,
+                 clip_qkv=cfg.clip_qkv is not None, rows=rows, attention_small=small)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,17 +175,51 @@ def stage_shape(num_layers: int, pp: int) -> tuple[int, int, int]:
     return layers[0], layers[-1], max(layers[1:-1], default=0)
 
 
-def layer_forward_flops(s: Shape, B, tp, ep, autoep=False):
+@functools.lru_cache(maxsize=None)
+def stage_kinds(num_layers: int, dense_layers: tuple[int, ...], pp: int) -> tuple[tuple[int, int], ...]:
+    """(decoder layers, dense FFN layers among them) of the first stage, of the last (pp 1: none), then of each kind
+    of middle stage no other middle stage outnumbers in both (the only ones that can be the slowest), as DeepSpeed
+    splits the layers (`memory.stage_ranges`)."""
+    kinds = [(len(held), sum(1 for i in held if i in dense_layers)) for held in stage_ranges(num_layers, pp)]
+    if pp == 1:
+        return kinds[0], (0, 0)
+    middle = set(kinds[1:-1])
+    top = sorted(k for k in middle if not any(o != k and o[0] - o[1] >= k[0] - k[1] and o[1] >= k[1] for o in middle))
+    return (kinds[0], kinds[-1], *top)
+
+
+def stage_table(s: Shape, max_pp: int) -> np.ndarray:
+    """`stage_kinds` of every pp up to `max_pp` as one int array indexed [row, pp] (what `step_components` reads for a
+    grid of strategies): rows 2j and 2j+1 the layers and dense layers of kind j (first, last, the middle kinds; a
+    kind a pp lacks is 0 layers). Read-only (cached)."""
+    return _stage_table(s.L, s.dense_layers, max_pp)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_table(num_layers: int, dense_layers: tuple[int, ...], max_pp: int) -> np.ndarray:
+    kinds = [stage_kinds(num_layers, dense_layers, pp) for pp in range(1, max_pp + 1)]
+    table = np.zeros((2 * max(len(k) for k in kinds), max_pp + 1), dtype=np.int64)
+    for pp, kind in enumerate(kinds, start=1):
+        table[:len(kind) * 2, pp] = [n for pair in kind for n in pair]
+    table.flags.writeable = False
+    return table
+
+
+def layer_forward_flops(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
     """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike); `autoep`
-    (bool or 0/1 array): the experts run on DeepSpeed's AutoEP layer, else the legacy path (traffic.expert_rows)."""
+    (bool or 0/1 array): the experts run on DeepSpeed's AutoEP layer, else the legacy path (traffic.expert_rows).
+    An MoE layer, or with `dense` a dense FFN layer (no router, experts or shared experts)."""
     T = B * s.S
-    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0]
+    moe = not dense
+    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0] if moe else 0.0
     return {
         "qkv": 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp,
         "o_proj": 2.0 * T * s.Dq * s.D / tp,
         "sdpa": 2 * (2.0 * B * s.S * s.S * s.Dq / tp) * 0.5,
-        "router": 2.0 * T * s.D * s.E,
+        "router": 2.0 * T * s.D * s.E * moe,
         "experts": 2.0 * R * s.D * s.I * s.g,
+        "shared_experts": (2.0 * T * s.D * s.I_shared * s.g + 2.0 * T * s.D * s.shared_gate) * moe,
+        "dense_ffn": 2.0 * T * s.D * s.I_dense * s.g * dense,
     }
 
 
@@ -155,24 +227,35 @@ def _roofline(flops, nbytes, s: Shape):
     return np.maximum(flops / s.compute_flops, nbytes / s.hbm_bytes_s)
 
 
-def layer_forward_times(s: Shape, B, tp, ep, autoep=False):
-    """Forward seconds of one decoder layer on one rank, by op class (roofline per op)."""
+def layer_forward_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
+    """Forward seconds of one decoder layer on one rank, by op class (roofline per op): an MoE layer, or with
+    `dense` a dense FFN layer."""
     T = B * s.S
-    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0]
-    f = layer_forward_flops(s, B, tp, ep, autoep)
+    moe = not dense
+    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0] if moe else 0.0
+    f = layer_forward_flops(s, B, tp, ep, autoep, dense)
     b = s.b
     qkv_w = s.Dq + 2 * s.Dkv
+    Is, Id = s.I_shared * moe, s.I_dense * dense
     by = {
         "qkv": b * (T * s.D + s.D * qkv_w / tp + T * qkv_w / tp),
         "o_proj": b * (T * s.Dq / tp + s.Dq * s.D / tp + T * s.D),
         "sdpa": b * T * (2.0 * s.Dq + 2 * s.Dkv) / tp,
-        "router": b * (T * s.D + s.D * s.E) + FP32 * T * s.E,
-        "experts": b * ((s.E / ep) * s.g * s.D * s.I + R * s.g * (s.D + s.I)),
+        "router": (b * (T * s.D + s.D * s.E) + FP32 * T * s.E) * moe,
+        "experts": b * ((s.E / ep) * s.g * s.D * s.I + R * s.g * (s.D + s.I)) * moe,
+        # replicated over tp: every tp rank runs all T tokens through them
+        "shared_experts": b * (s.g * s.D * Is + T * s.g * (s.D + Is) + s.shared_gate * (s.D + T * s.D + T)) * bool(Is),
+        "dense_ffn": b * (s.g * s.D * Id + T * s.g * (s.D + Id)) * dense,
     }
     times = {name: _roofline(f[name], by[name], s) for name in f}
-    elementwise = (10.0 * b * T * s.D + 2.0 * b * T * (s.Dq + s.Dkv) / tp + 8.0 * T * s.E + 4.0 * b * R * s.D
-                   + s.g * b * R * s.I)
-    times["elementwise"] = elementwise / s.hbm_bytes_s
+    elementwise = 10.0 * b * T * s.D + 2.0 * b * T * (s.Dq + s.Dkv) / tp
+    if moe:
+        elementwise = elementwise + 8.0 * T * s.E + 4.0 * b * R * s.D + s.g * b * R * s.I
+    # the families' element-wise work: q/k norms, the clamp, the shared FFN's activation, its gate and its sum into
+    # the routed output, a dense FFN's activation
+    extra = (2.0 * b * T * (s.Dq + s.Dkv) / tp * s.qk_norm + 2.0 * b * T * qkv_w / tp * s.clip_qkv
+             + s.g * b * T * (Is + Id) + (3.0 + 2.0 * s.shared_gate) * b * T * s.D * bool(Is))
+    times["elementwise"] = (elementwise + extra) / s.hbm_bytes_s
     return times
 
 
@@ -186,24 +269,27 @@ def embedding_forward_time(s: Shape, B):
     return 2.0 * s.b * B * s.S * s.D / s.hbm_bytes_s
 
 
-def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False, autoep: bool = False):
-    """Forward + backward (+ recompute) of `layers` decoder layers, the embedding and the LM head on one rank, one
-    micro-batch, no communication: the work `moe calibrate` times on this machine."""
+def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False, autoep: bool = False,
+                       dense_layers: int = 0):
+    """Forward + backward (+ recompute) of `layers` decoder layers (`dense_layers` of them dense FFN layers), the
+    embedding and the LM head on one rank, one micro-batch, no communication: the work `moe calibrate` times on this
+    machine."""
     passes = 3.0 + float(ckpt)
-    return (layers * passes * sum(layer_forward_times(s, B, tp, ep, autoep).values())
+    dense = (dense_layers * passes * sum(layer_forward_times(s, B, tp, ep, autoep, dense=True).values())
+             if dense_layers else 0.0)
+    return ((layers - dense_layers) * passes * sum(layer_forward_times(s, B, tp, ep, autoep).values()) + dense
             + 3.0 * (head_forward_time(s, B) + embedding_forward_time(s, B)))
 
 
 def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, autoep=False):
     """Every term of the step time (seconds), for scalars or equal-length numpy arrays of strategies.
 
-    `pp_table` maps pp to `stage_shape` rows (arrays path); without it `stage_shape` is called (scalar path).
+    `pp_table`: `stage_table(s, max_pp)` (arrays path); without it that table is built for `pp` (scalar path): each
+    stage kind's decoder layers and dense layers, a stage's time the sum of its MoE layers' and its dense layers'.
     `autoep`: the experts run on DeepSpeed's AutoEP layer (bool or 0/1 array), else on the legacy path."""
     ckpt = np.asarray(ckpt, dtype=float)
-    if pp_table is None:
-        first_l, last_l, mid_l = (np.asarray(v) for v in stage_shape(s.L, int(pp)))
-    else:
-        first_l, last_l, mid_l = pp_table[0][pp], pp_table[1][pp], pp_table[2][pp]
+    kinds = (stage_table(s, int(pp)) if pp_table is None else pp_table)[:, pp]
+    kinds = [(kinds[2 * j], kinds[2 * j + 1]) for j in range(len(kinds) // 2)]  # (layers, dense layers) per kind
     T = B * s.S
     m = s.global_batch / (B * dp)
     passes = 3.0 + ckpt  # forward + backward (2x) + recompute
@@ -221,23 +307,38 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, auto
     p2p_bw = np.where(tp * dp * pp <= s.gpus_per_node, s.intra_bytes_s, s.inter_bytes_s)
     p2p = np.where(pp > 1, 2.0 * act / p2p_bw, 0.0)
     per_layer = layer_t * passes + tp_comm + ep_comm
+    # a dense FFN layer: no router, experts or all-to-all; only the attention's two tp all-reduces (one forward, one
+    # backward, + the recomputed forward's)
+    if s.dense_layers:
+        dense_lt = layer_forward_times(s, B, tp, ep, autoep, dense=True)
+        tp_comm_dense = (2.0 + ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
+        per_dense = sum(dense_lt.values()) * passes + tp_comm_dense
+    else:
+        dense_lt, tp_comm_dense, per_dense = dict.fromkeys(lt, 0.0), 0.0, 0.0
+    layers_t = [(n - d) * per_layer + d * per_dense for n, d in kinds]  # each stage kind's decoder layers
     single = pp == 1
     head_all = head_t * 3.0 + emb_t * 3.0
-    first_t = np.where(single, s.L * per_layer + head_all, first_l * per_layer + emb_t * 3.0 + p2p)
-    last_t = np.where(single, 0.0, last_l * per_layer + head_t * 3.0 + p2p)
-    mid_t = np.where(mid_l > 0, mid_l * per_layer + p2p, 0.0)
+    first_t = np.where(single, layers_t[0] + head_all, layers_t[0] + emb_t * 3.0 + p2p)
+    last_t = np.where(single, 0.0, layers_t[1] + head_t * 3.0 + p2p)
+    mid_t = 0.0
+    for (n, _), t in zip(kinds[2:], layers_t[2:]):
+        mid_t = np.maximum(mid_t, np.where(n > 0, t + p2p, 0.0))
     stage_t = np.maximum(first_t, np.maximum(last_t, mid_t))
     pipeline = (m + pp - 1) * stage_t
+    slow = np.argmax(np.stack([np.broadcast_to(t, np.shape(stage_t)) for t in layers_t]), axis=0)
+    slow_layers, slow_dense = (np.choose(slow, [np.broadcast_to(k[i], np.shape(stage_t)) for k in kinds])
+                               for i in (0, 1))
     # the data-parallel collectives (traffic.py: per step at ZeRO-0/1, per micro-batch at ZeRO-2/3, ZeRO-3's
-    # parameter gathers) and the optimizer step, of the slowest stage
+    # parameter gathers) and the optimizer step, of the slowest stage, each stage's own parameters
     dp_bw = np.where(tp * dp <= s.gpus_per_node, s.intra_bytes_s, s.inter_bytes_s)
     ne = dp / ep
     tails = []
-    for layers, first, last in ((np.where(single, s.L, first_l), 1, np.where(single, 1, 0)), (last_l, 0, 1),
-                                (mid_l, 0, 0)):
-        dense, expert = rank_params(s, layers=layers, first=first, last=last, tp=tp, ep=ep)
+    ends = [(1, np.where(single, 1, 0)), (0, 1)] + [(0, 0)] * (len(kinds) - 2)
+    for (layers, dense_layers), (first, last) in zip(kinds, ends):
+        dense, expert = stage_params(s, layers=layers, first=first, last=last, tp=tp, ep=ep, dense_layers=dense_layers)
         traffic = data_parallel_traffic(s, s.b, layers=layers, first=first, last=last, tp=tp, ep=ep, dp=dp,
-                                        zero=zero, ckpt=ckpt, autoep=autoep, zero3=s.zero3)
+                                        zero=zero, ckpt=ckpt, autoep=autoep, zero3=s.zero3,
+                                        dense_layers=dense_layers)
         reduce_bytes, gather_bytes = traffic.per_step(m)
         reduce, gather = reduce_bytes / dp_bw, gather_bytes / dp_bw
         part = np.where(zero >= 1, dense / dp + expert / ne, dense + expert)
@@ -251,13 +352,18 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, auto
     return {"step": step, "pipeline": pipeline, "stage_t": stage_t, "m": m, "layer_t": layer_t,
             "layer_times": lt, "tp_comm": tp_comm, "ep_comm": ep_comm, "p2p": p2p, "head_t": head_t,
             "emb_t": emb_t, "dp_reduce": dp_reduce, "zero3_gather": zero3_gather, "optimizer": optimizer,
-            "passes": passes}
+            "passes": passes, "dense_layer_times": dense_lt, "tp_comm_dense": tp_comm_dense,
+            "first_t": first_t, "last_t": last_t, "mid_t": mid_t, "slow_layers": slow_layers,
+            "slow_dense_layers": slow_dense}
 
 
 def model_flops_per_step(s: Shape) -> float:
-    """Useful FLOPs of a step: 3x the forward of every token (no recompute, no redundant tp work)."""
+    """Useful FLOPs of a step: 3x the forward of every token (no recompute, no redundant tp work), each layer as it
+    is: an MoE layer (router, the routed copies R = S*k, shared experts) or a dense FFN layer."""
     per_layer = sum(layer_forward_flops(s, 1, 1, 1).values())  # the routed copies only: R = S*k
-    forward = s.L * float(per_layer) + 2.0 * s.S * s.D * s.V
+    dense = len(s.dense_layers)
+    per_dense = float(sum(layer_forward_flops(s, 1, 1, 1, dense=True).values())) if dense else 0.0
+    forward = (s.L - dense) * float(per_layer) + dense * per_dense + 2.0 * s.S * s.D * s.V
     return 3.0 * s.global_batch * forward
 
 
@@ -318,12 +424,16 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
     gpus = tp * pp * dp
     m = float(c["m"])
     passes = float(c["passes"])
-    first_l, last_l, mid_l = stage_shape(s.L, pp)
-    slow_layers = s.L if pp == 1 else max(first_l, last_l, mid_l)
-    per_mb = {f"compute.{name}": float(v) * passes * slow_layers for name, v in c["layer_times"].items()}
+    # the stage whose decoder layers take longest: its MoE layers' and dense layers' terms
+    slow_dense = float(c["slow_dense_layers"])
+    slow_moe = float(c["slow_layers"]) - slow_dense
+    dense_lt = c["dense_layer_times"]
+    priced = {"shared_experts": s.I_shared, "dense_ffn": s.dense_layers}  # terms shown only where the model has them
+    per_mb = {f"compute.{name}": float(v) * passes * slow_moe + float(dense_lt[name]) * passes * slow_dense
+              for name, v in c["layer_times"].items() if priced.get(name, True)}
     per_mb["compute.lm_head_and_embedding"] = float(c["head_t"] + c["emb_t"]) * 3.0
-    per_mb["comm.tp_all_reduce"] = float(c["tp_comm"]) * slow_layers
-    per_mb["comm.ep_all_to_all"] = float(c["ep_comm"]) * slow_layers
+    per_mb["comm.tp_all_reduce"] = float(c["tp_comm"]) * slow_moe + float(c["tp_comm_dense"]) * slow_dense
+    per_mb["comm.ep_all_to_all"] = float(c["ep_comm"]) * slow_moe
     per_mb["comm.pp_p2p"] = float(c["p2p"])
     stage_t = float(c["stage_t"])
     busy = m * stage_t

@@ -49,6 +49,15 @@ runtime/zero/stage_1_and_2.py `reduce_ready_partitions_and_remove_grads`, runtim
             The embedding counts as i = L. Checked against a live ZeRO-3 engine (fp32 CPU ranks, legacy ep 1 and
             AutoEP ep 2, with and without recompute, each rule alone) by tests/test_perf.py: the elements gathered
             per micro-batch (forward + backward), dense and expert, and those kept whole, exactly.
+
+The families' blocks (`perf.Shape.rows`: an MoE layer's and a dense layer's `shapes.LayerShape` of `layer_table`): a
+stage's parameters are its MoE layers' rows and its dense layers' (`stage_params`, = `shapes.rank_params` of its layer
+range), so the reductions above move each stage's own parameters. ZeRO-3 meets an MoE layer as attention (with its
+biases and q/k norms), then post-attention norm + router + shared experts (their matrices and gate kept whole by the
+same threshold, tensor by tensor), then experts; a dense layer as attention, then norm + FFN (g matrices of D*I), no
+experts. Its release rule is the one above with every layer of the stage at an MoE layer's size (n, m), the dense
+layers taken to lead the stage (GLM-4.5, DeepSeek: the first layers), so they are the first gathered again: exact
+for the forward's gathers and the kept-whole tensors, an approximation of which parts the backward gathers again.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .shapes import dims, rank_params, routed_rows
+from .shapes import LayerShape, RankParams, attention_params, dims, expert_params, routed_rows
 
 ALIGN_ROWS = 8  # deepspeed.moe.ep_kernels.TOKEN_GROUP_ALIGN_SIZE_M: rows per expert round up to a multiple, min 8
 
@@ -117,34 +126,68 @@ def _persistent(numel, threshold):
     return np.where(numel <= threshold, numel, 0)
 
 
+NO_LAYER = LayerShape(False, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def layer_rows(model) -> tuple[LayerShape, LayerShape]:
+    """(an MoE layer's, a dense layer's `shapes.LayerShape`): the model's own where it carries them (`perf.Shape.rows`,
+    from `shapes.layer_table`), else a Mixtral-shaped MoE layer's from the widths and no dense layer."""
+    m = dims(model)
+    rows = getattr(m, "rows", ())
+    if rows:
+        return rows
+    return LayerShape(True, attention_params(m), 0, 2 * m.D, m.D * m.E, 0, 0, m.E, expert_params(m)), NO_LAYER
+
+
+def stage_params(model, *, layers, first, last, tp, ep, dense_layers=0) -> RankParams:
+    """Parameters one rank of a stage holds: `layers` decoder layers, `dense_layers` of them dense FFN layers, each
+    kind its `layer_rows` row (numbers or arrays; `shapes.rank_params` of the stage's layer range, by counts)."""
+    m = dims(model)
+    moe_row, dense_row = layer_rows(m)
+    moe = layers - dense_layers
+    dense = moe * moe_row.dense_on_rank(tp) + dense_layers * dense_row.dense_on_rank(tp) + first * m.V * m.D
+    dense = dense + last * (m.D + (0 if m.tied else m.V * m.D))
+    return RankParams(dense=dense, expert=moe * (moe_row.experts // ep) * moe_row.per_expert)
+
+
 class LayerParts(NamedTuple):
     """Parameters of one decoder layer on a rank in the order its forward uses them (numbers or arrays)."""
 
-    attention: object  # input norm, q, k, v, o / tp (dense)
-    moe_dense: object  # post-attention norm, router (dense)
+    attention: object  # input norm, q, k, v, o / tp, their biases and q/k norms (dense)
+    moe_dense: object  # post-attention norm, router, shared experts; a dense layer's: norm and FFN (dense)
     experts: object  # the rank's E/e experts
 
 
-def layer_parts(model, *, tp, ep) -> LayerParts:
-    """One decoder layer's parameters, split as ZeRO-3 meets them (they add up to `shapes.rank_params` of a layer)."""
+def layer_parts(model, *, tp, ep, dense=False) -> LayerParts:
+    """One decoder layer's parameters (an MoE layer's, or with `dense` a dense FFN layer's), split as ZeRO-3 meets
+    them (they add up to its `layer_rows` row on the rank)."""
     m = dims(model)
-    layer = rank_params(m, layers=1, first=0, last=0, tp=tp, ep=ep)
-    moe_dense = m.D + m.E * m.D
-    return LayerParts(attention=layer.dense - moe_dense, moe_dense=moe_dense, experts=layer.expert)
+    row = layer_rows(m)[1 if dense else 0]
+    return LayerParts(attention=row.attention // tp + row.attention_whole + m.D,
+                      moe_dense=m.D + row.router + row.shared + row.ffn,
+                      experts=row.experts // ep * row.per_expert)
 
 
-def persistent_parts(model, *, tp, ep, autoep, threshold) -> tuple[LayerParts, object, object]:
+def persistent_parts(model, *, tp, ep, autoep, threshold, dense=False) -> tuple[LayerParts, object, object]:
     """(a decoder layer's `LayerParts`, the embedding, the final norm and LM head) that ZeRO-3 keeps whole: each
     tensor of at most `threshold` elements, tensor by tensor as the model holds them (q, k, v, o / tp, two norms, the
     router; the experts: the model's block gated [E, 2I, D] and [E, D, I] or two [E, I, D], AutoEP gate, up and down
-    [E/e, I, D] each)."""
+    [E/e, I, D] each; the families' q/k/v biases / tp, o bias and q/k norms, the shared experts' g matrices [I_s, D]
+    and gate [1, D]; with `dense`, a dense layer's: attention, norm and its FFN's g matrices [I, D])."""
     m = dims(model)
     p = lambda n: _persistent(n, threshold)  # noqa: E731
+    split, whole = getattr(m, "attention_small", ((), ()))
+    attention = (2 * p(m.Dq * m.D // tp) + 2 * p(m.Dkv * m.D // tp) + p(m.D) + sum(p(n // tp) for n in split)
+                 + sum(p(n) for n in whole))
+    ends = p(m.V * m.D), p(m.D) + (0 if m.tied else p(m.V * m.D))
+    if dense:
+        return LayerParts(attention=attention, moe_dense=p(m.D) + m.g * p(getattr(m, "I_dense", 0) * m.D),
+                          experts=0), *ends
     n = (m.E // ep) * m.I * m.D
     experts = 2 * p(n) if m.g == 2 else np.where(autoep, 3 * p(n), p(2 * n) + p(n))
-    layer = LayerParts(attention=2 * p(m.Dq * m.D // tp) + 2 * p(m.Dkv * m.D // tp) + p(m.D),
-                       moe_dense=p(m.D) + p(m.E * m.D), experts=experts)
-    return layer, p(m.V * m.D), p(m.D) + (0 if m.tied else p(m.V * m.D))
+    shared = (m.g * p(m.I_shared * m.D) + (p(m.D) if m.shared_gate else 0)) if getattr(m, "I_shared", 0) else 0
+    layer = LayerParts(attention=attention, moe_dense=p(m.D) + p(m.E * m.D) + shared, experts=experts)
+    return layer, *ends
 
 
 def persistent_params(model, *, tp, ep, autoep, threshold):
@@ -183,14 +226,17 @@ class Zero3Gathers:
 
 
 def zero3_gathers(model, *, layers, first, last, tp, ep, ckpt=False, autoep=False,
-                  zero3: Zero3Settings = Zero3Settings()) -> Zero3Gathers:
-    """What ZeRO-3 gathers per micro-batch on one rank of a stage with `layers` decoder layers (docstring), a decoder
-    layer taken as two parts, attention then MoE (`LayerParts`), each gathered again in the backward as a whole."""
+                  zero3: Zero3Settings = Zero3Settings(), dense_layers=0) -> Zero3Gathers:
+    """What ZeRO-3 gathers per micro-batch on one rank of a stage with `layers` decoder layers, `dense_layers` of them
+    dense FFN layers leading the stage (docstring), a decoder layer taken as two parts, attention then MoE (or FFN)
+    (`LayerParts`), each gathered again in the backward as a whole."""
     m = dims(model)
     whole = layer_parts(m, tp=tp, ep=ep)
     keep, keep_embed, keep_head = persistent_parts(m, tp=tp, ep=ep, autoep=autoep,
                                                    threshold=zero3.persistence_threshold)
     got = LayerParts(*(w - k for w, k in zip(whole, keep)))  # the gathered (partitioned) part of each
+    keep_d = persistent_parts(m, tp=tp, ep=ep, autoep=autoep, threshold=zero3.persistence_threshold, dense=True)[0]
+    got_d = LayerParts(*(w - k for w, k in zip(layer_parts(m, tp=tp, ep=ep, dense=True), keep_d)))  # a dense layer's
     embed, head = first * m.V * m.D, last * (m.D + (0 if m.tied else m.V * m.D))
     embed_got, head_got = embed - first * keep_embed, head - last * keep_head
     c = np.asarray(ckpt, dtype=float)
@@ -206,30 +252,39 @@ def zero3_gathers(model, *, layers, first, last, tp, ep, ckpt=False, autoep=Fals
 
     again_moe = layers - np.minimum(layers, kept(c * whole.attention, moe_got))
     again_attention = layers - np.minimum(layers, kept((2.0 - c) * moe, n_got))
+    # of the layers gathered again (the stage's earliest), the leading dense layers
+    dense_moe, dense_attention = np.minimum(again_moe, dense_layers), np.minimum(again_attention, dense_layers)
     embed_again = kept(0, embed_got) <= layers
     head_again = (reuse <= 0) & (live <= 0)  # its backward follows its forward at once
+    moe_layers = layers - dense_layers
     return Zero3Gathers(
-        forward_dense=layers * (got.attention + got.moe_dense) + embed_got + head_got,
-        forward_expert=layers * got.experts,
-        backward_dense=(again_attention * got.attention + again_moe * got.moe_dense + embed_again * embed_got
-                        + head_again * head_got),
-        backward_expert=again_moe * got.experts,
-        persistent_dense=layers * (keep.attention + keep.moe_dense) + first * keep_embed + last * keep_head,
-        persistent_expert=layers * keep.experts)
+        forward_dense=(moe_layers * (got.attention + got.moe_dense) + dense_layers * (got_d.attention + got_d.moe_dense)
+                       + embed_got + head_got),
+        forward_expert=moe_layers * got.experts,
+        backward_dense=((again_attention - dense_attention) * got.attention + (again_moe - dense_moe) * got.moe_dense
+                        + embed_again * embed_got + head_again * head_got + dense_attention * got_d.attention
+                        + dense_moe * got_d.moe_dense),
+        backward_expert=(again_moe - dense_moe) * got.experts,
+        persistent_dense=(moe_layers * (keep.attention + keep.moe_dense)
+                          + dense_layers * (keep_d.attention + keep_d.moe_dense) + first * keep_embed
+                          + last * keep_head),
+        persistent_expert=moe_layers * keep.experts)
 
 
 def data_parallel_traffic(model, b, *, layers, first, last, tp, ep, dp, zero, ckpt=False, autoep=False,
-                          zero3: Zero3Settings = Zero3Settings()) -> DataParallelTraffic:
-    """The data-parallel collectives of one rank of a stage with `layers` decoder layers (docstring)."""
+                          zero3: Zero3Settings = Zero3Settings(), dense_layers=0) -> DataParallelTraffic:
+    """The data-parallel collectives of one rank of a stage with `layers` decoder layers, `dense_layers` of them dense
+    FFN layers (docstring): the stage's own parameters (`stage_params`)."""
     m = dims(model)
-    dense, expert = rank_params(m, layers=layers, first=first, last=last, tp=tp, ep=ep)
+    dense, expert = stage_params(m, layers=layers, first=first, last=last, tp=tp, ep=ep, dense_layers=dense_layers)
     once = b * (ring(dp) * dense + ring(dp / ep) * expert)  # one reduce-scatter (or all-gather) of every parameter
     zero = np.asarray(zero)
     gradient_per_step = np.where(zero <= 1, 2.0 * once, np.where(zero == 2, once, 0.0))
     gradient_per_micro_batch = np.where(zero >= 2, once, 0.0)
     if not np.any(zero == 3):
         return DataParallelTraffic(gradient_per_step, gradient_per_micro_batch, 0.0, 0.0)
-    g = zero3_gathers(m, layers=layers, first=first, last=last, tp=tp, ep=ep, ckpt=ckpt, autoep=autoep, zero3=zero3)
+    g = zero3_gathers(m, layers=layers, first=first, last=last, tp=tp, ep=ep, ckpt=ckpt, autoep=autoep, zero3=zero3,
+                      dense_layers=dense_layers)
     rd, rx = ring(dp), ring(dp / ep)
     gathers = b * (rd * (g.forward_dense + g.backward_dense) + rx * (g.forward_expert + g.backward_expert))
     persistent = b * (rd * g.persistent_dense + rx * g.persistent_expert)
