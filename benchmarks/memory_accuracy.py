@@ -8,9 +8,11 @@ benchmarks/results/memory_accuracy.json.
 
 What is measured:
 - activations: the bytes autograd saves for backward in one forward of the real `MoEForCausalLM` (fp32 and bf16,
-  CPU), seen through `torch.autograd.graph.saved_tensors_hooks`, each storage counted once, parameters left out;
-  compared with `activations.model_saved`. The AutoEP cases convert the blocks with DeepSpeed's own AutoEP at
-  ep = 1 in this process (`convert_to_autoep`).
+  CPU), seen through `torch.autograd.graph.saved_tensors_hooks`, each storage counted once and only while it is
+  still alive when the forward returns, parameters left out; compared with `activations.model_saved`. The cases
+  cover Mixtral's block and the families' (shared experts and their gate, dense layers, sigmoid and group-limited
+  routing, q/k norms, biases, clip_qkv, partial rotary). The AutoEP cases convert the blocks with DeepSpeed's own
+  AutoEP at ep = 1 in this process (`convert_to_autoep`).
 - model states: the tensors live DeepSpeed engines hold on CPU ranks (fp32), built by the training code's own
   `build_engine` and stepped by its own step function: the module's parameters and gradients and everything the
   optimizer object reaches (`engine_state_bytes`), recorded as each gradient lands, after each backward, and around
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import re
 import subprocess
@@ -69,7 +72,8 @@ RESULTS = ROOT / "benchmarks/results/memory_accuracy.json"
 
 
 def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one training forward (parameters excluded)."""
+    """Bytes of the distinct storages autograd saves for backward in one training forward and still holds when the
+    forward returns (parameters excluded)."""
     return saved_tensor_bytes_and_output(model, input_ids)[0]
 
 
@@ -85,28 +89,46 @@ def parameter_storages(model: torch.nn.Module) -> set[int]:
     return out
 
 
-def saved_tensor_bytes_and_output(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[int, Any]:
-    """`saved_tensor_bytes` and the forward's output (its `expert_counts_LE` among others). A tensor on a parameter's
-    storage is left out as the parameters are when it is saved (ZeRO-3 gathers them during the forward)."""
-    zero3 = any(hasattr(p, "ds_tensor") for p in model.parameters())
-    param_storages = parameter_storages(model)
-    seen: dict[int, int] = {}
+class SavedStorages:
+    """A `saved_tensors_hooks` pack hook that records each storage autograd saves, once, leaving out `skip`'s (the
+    parameters' storages; `skip` is called again for a storage not in it where `refresh`, as ZeRO-3 gathers
+    parameters during the forward). `nbytes` counts the storages still alive: a branch of the graph that the loss
+    never reaches frees what it saved within the forward (group-limited routing's choice of groups and experts: only
+    the indices leave it), and a freed storage's address can be handed to a later saved tensor, which a count by
+    address alone would then miss."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal param_storages
+    def __init__(self, skip, refresh: bool = False):
+        self.skip, self.refresh = skip, refresh
+        self.excluded = skip()
+        self.seen: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if zero3 and key not in param_storages and key not in seen:
-            param_storages = parameter_storages(model)
-        if key not in param_storages and key not in seen:
-            seen[key] = storage.nbytes()
+        if key in self.seen and not self.seen[key][0].expired():
+            return t  # counted already
+        if self.refresh and key not in self.excluded:
+            self.excluded = self.skip()
+        if key not in self.excluded:
+            self.seen[key] = (StorageWeakRef(storage), storage.nbytes())
         return t
 
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes for ref, nbytes in self.seen.values() if not ref.expired())
+
+
+def saved_tensor_bytes_and_output(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[int, Any]:
+    """`saved_tensor_bytes` and the forward's output (its `expert_counts_LE` among others), counted by
+    `SavedStorages`. A tensor on a parameter's storage is left out as the parameters are when it is saved (ZeRO-3
+    gathers them during the forward)."""
+    zero3 = any(hasattr(p, "ds_tensor") for p in model.parameters())
+    saved = SavedStorages(lambda: parameter_storages(model), refresh=zero3)
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
     assert out.loss.requires_grad  # a training graph (its backward is not run: DeepSpeed owns that on ranks)
-    return sum(seen.values()), out
+    return saved.nbytes, out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +168,40 @@ ACTIVATION_CASES = [
                                                                          "num_local_experts": 8}, 2, 32, skew=True,
                    autoep=True),
 ]
+# the families' blocks (issue 25; `tests/test_families.py` builds the same settings from transformers' configs), each
+# at routed experts narrower than `intermediate_size`:
+# Qwen2-MoE: a shared expert of its own width behind a sigmoid gate, q/k/v biases, softmax top-k not renormalised
+QWEN2_MOE_LIKE = {**SMALL, "hidden_act": "silu", "num_local_experts": 8, "moe_intermediate_size": 16,
+                  "num_shared_experts": 1, "shared_expert_intermediate_size": 40, "shared_expert_gate": True,
+                  "attention_bias": True, "norm_topk_prob": False}
+# GLM-4.5: a dense first layer, a shared expert of the routed width, sigmoid scores with a score bias, group-limited
+# top-k (2 groups, 1 kept) and a routed scaling factor, q/k norm per head, q/k/v biases, half of each head rotated,
+# head_dim != hidden / heads; and DeepSeek-V3's sequence-level balance loss
+GLM_LIKE = {**SMALL, "hidden_act": "silu", "num_hidden_layers": 3, "num_local_experts": 8, "moe_intermediate_size": 16,
+            "dense_layers": [0], "num_shared_experts": 1, "router_scoring": "sigmoid", "router_score_bias": True,
+            "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "qk_norm": "head", "attention_bias": True,
+            "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5},
+            "router_aux_loss_per_sequence": True}
+# Qwen3-MoE: q/k norm per head, head_dim != hidden / heads, a dense last layer (`mlp_only_layers`)
+QWEN3_MOE_LIKE = {**SMALL, "hidden_act": "silu", "num_hidden_layers": 3, "num_local_experts": 8,
+                  "moe_intermediate_size": 24, "head_dim": 16, "qk_norm": "head", "dense_layers": [2]}
+# OLMoE: q/k norm over the whole projection, q/k/v clipped, top-k not renormalised
+OLMOE_LIKE = {**SMALL, "hidden_act": "silu", "num_local_experts": 8, "qk_norm": "projection", "clip_qkv": 0.5,
+              "norm_topk_prob": False}
+ACTIVATION_CASES += [
+    ActivationCase("Qwen2-MoE-like shared expert + gate, qkv bias, top-k unnormalised", QWEN2_MOE_LIKE, 2, 16),
+    ActivationCase("GLM-like dense first, shared, sigmoid groups, partial rotary", GLM_LIKE, 2, 16),
+    ActivationCase("GLM-like dense first ckpt", GLM_LIKE, 2, 16, checkpointing=True),
+    ActivationCase("Qwen3-like head q/k norm, head_dim 16, dense last", QWEN3_MOE_LIKE, 2, 32),
+    ActivationCase("OLMoE-like projection q/k norm, clip_qkv", OLMOE_LIKE, 3, 16),
+    ActivationCase("gelu dense first, shared + gate, o bias, sigmoid, z-loss",
+                   {**SMALL, "num_hidden_layers": 3, "num_local_experts": 8, "moe_intermediate_size": 24,
+                    "dense_layers": [0, 2], "num_shared_experts": 2, "shared_expert_gate": True,
+                    "attention_out_bias": True, "router_scoring": "sigmoid", "router_z_loss_coef": 1e-3}, 2, 16),
+    ActivationCase("Qwen3-like AutoEP", QWEN3_MOE_LIKE, 2, 32, autoep=True),
+    ActivationCase("OLMoE-like AutoEP", OLMOE_LIKE, 3, 16, autoep=True),
+]
 ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -156,10 +212,12 @@ def convert_to_autoep(model: MoEForCausalLM) -> None:
     from deepspeed.module_inject.auto_ep import AutoEP
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 
+    from moe_model.modeling import MoESparseBlock
     from moe_model.parallel.autoep import AutoEPBlock, autoep_section
 
     for layer in model.model.layers:
-        layer.mlp = AutoEPBlock(layer.mlp)
+        if isinstance(layer.mlp, MoESparseBlock):  # a dense FFN layer stays the model's (`parallel.layer`)
+            layer.mlp = AutoEPBlock(layer.mlp)
     converter = AutoEP(model, parse_autoep_config(autoep_section(model.config, 1)))
     converter.replace_moe_layers(converter.ep_parser(), ep_size=1, ep_rank=0)
 
@@ -175,7 +233,8 @@ def build_model(case: ActivationCase, dtype: torch.dtype = torch.float32) -> MoE
     if case.skew:  # the real routing code runs on router logits that favour experts 0..k-1 by a wide margin
         bias_E = torch.zeros(case.model["num_local_experts"], dtype=dtype)
         bias_E[: case.model["num_experts_per_tok"]] = 1e4
-        for layer in model.model.layers:
+        for i in model.config.moe_layers:
+            layer = model.model.layers[i]
             gate = layer.mlp.moe.router.gate if case.autoep else layer.mlp.gate
             gate.register_forward_hook(lambda _module, _inputs, logits_TE: logits_TE + bias_E)
     return model
@@ -300,7 +359,7 @@ STATE_MICRO_BATCH, STATE_SEQ_LEN = 2, 16
 HELD_OUT_MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu",
                       max_position_embeddings=256)
-# the families' blocks (model states only, until the activation model prices them: `shapes.unpriced_settings`):
+# the families' blocks (their activations are also measured in process, `ACTIVATION_CASES`):
 # Qwen2-MoE's gated shared expert and q/k/v biases; GLM's dense first layer, shared expert, q/k norm, score bias
 SHARED_EXPERT_MODEL = {**STATE_MODEL, "moe_intermediate_size": 32, "num_shared_experts": 1,
                        "shared_expert_intermediate_size": 96, "shared_expert_gate": True, "attention_bias": True,
@@ -445,6 +504,9 @@ def alive_for_backward(engine: Any, step: Any, ids: torch.Tensor) -> tuple[int, 
     def backward(*args, **kwargs):
         if not alive:  # the first backward of the step: stop tracking, count what is alive
             tracker.__exit__(None, None, None)
+            # unreachable reference cycles first: storages that only wait for the garbage collector are not held
+            # (left in, they came and went with its timing: +0.3% to +5% on the ep 2 cases from run to run)
+            gc.collect()
             alive.append(tracker.alive_bytes(parameter_storages(engine.module)))
         return original(*args, **kwargs)
     engine.backward = backward
@@ -483,7 +545,7 @@ def measure_states_on_ranks(out_path: Path, cases: Iterable[StateCase]) -> None:
             step([batch() for _ in range(case.micro_steps)])
         result = {**dataclasses.asdict(case), "world": world, "rank": rank, "stage": layout.coords(rank)["pipe"],
                   **peak, "optimizer_class": type(engine.optimizer).__name__, "moe_backend": layout.moe_backend}
-        # bf16 cases, and blocks the activation model does not price yet: model states only
+        # bf16 cases, and a block setting the activation model does not price (`shapes.UNPRICED_SETTINGS`): states only
         activations = case.precision == "fp32" and not unpriced_settings(recipe.moe_config())
         if activations and case.pp == 1 and not case.checkpointing:  # a third real step, as the trainer runs it
             with AutoEPRows() as rows:
@@ -512,22 +574,15 @@ def pipeline_forward_saved_bytes(engine: Any, step: Any, case: StateCase, batch:
     bytes one micro-batch's forward pass saves on this stage (parameters excluded, each storage once)."""
     from deepspeed.runtime.pipe import schedule
 
-    params = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
     largest = 0
     original = type(engine)._INSTRUCTION_MAP[schedule.ForwardPass]
 
     def forward_pass(self, *args, **kwargs):
         nonlocal largest
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen.setdefault(storage.data_ptr(), storage.nbytes())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved = SavedStorages(lambda: parameter_storages(engine.module))
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             result = original(self, *args, **kwargs)
-        largest = max(largest, sum(seen.values()))
+        largest = max(largest, saved.nbytes)
         return result
     # the engine dispatches its schedule through a class-level table: give this engine its own copy
     engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, schedule.ForwardPass: forward_pass}

@@ -1,14 +1,17 @@
 """Activation bytes: the estimate's formulas against what autograd really saves (saved_tensors_hooks) in the real
-model's forward, plus the rules for recomputation, pipeline in-flight micro-batches and routing imbalance."""
+model's forward, Mixtral's block and the families' (shared experts, dense layers, sigmoid and group-limited routing,
+q/k norms, biases, clip_qkv, partial rotary), plus the rules for recomputation, pipeline in-flight micro-batches, each
+stage's own layers and routing imbalance."""
 
 import pytest
 import torch
 
-from benchmarks.memory_accuracy import ACTIVATION_CASES, SMALL, ActivationCase, build_model, measure_activation_case
-from benchmarks.memory_accuracy import saved_tensor_bytes
+from benchmarks.memory_accuracy import (ACTIVATION_CASES, GLM_LIKE, QWEN3_MOE_LIKE, SMALL, ActivationCase,
+                                       build_model, measure_activation_case, saved_tensor_bytes)
 from moe_model import MoEConfig
-from moe_model.estimate.activations import (MicroBatch, autoep_buffer_rows, decoder_layer, dispatch_depth,
-                                            experts_dispatched, recomputed_layer, stage_activations)
+from moe_model.estimate.activations import (MicroBatch, autoep_buffer_rows, decoder_layer, dense_ffn, dispatch_depth,
+                                            experts_dispatched, recomputed_layer, rope_tables, shared_experts,
+                                            stage_activations)
 from moe_model.estimate.estimate import estimate
 from moe_model.recipe import load_recipe
 from tests.conftest import ROOT
@@ -125,3 +128,63 @@ def test_autoep_pads_only_the_rows_it_receives():
     assert (autoep.strategy.moe_backend, legacy.strategy.moe_backend) == ("autoep", "legacy")
     assert 0 < autoep.peak.imbalance_headroom_bytes < legacy.peak.imbalance_headroom_bytes / 4
     assert autoep.peak.activations_bytes < legacy.peak.activations_bytes
+
+
+@pytest.mark.parametrize("family, added", [(GLM_LIKE, 2), (QWEN3_MOE_LIKE, 2)], ids=["moe layer", "dense layer"])
+def test_a_family_layer_saves_its_own_kind(family, added):
+    """The hooks' difference between a family model and the same model less one layer is `decoder_layer` of that
+    layer's kind: GLM-like's third layer is an MoE layer (router, routed and shared experts), Qwen3-like's a dense
+    FFN (`dense_layers` [2])."""
+    fewer = {**family, "num_hidden_layers": added, "dense_layers": [i for i in family["dense_layers"] if i < added]}
+    more = {**family, "num_hidden_layers": added + 1}
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    measured = [saved_tensor_bytes(build_model(ActivationCase("", shape, 2, 24)), ids) for shape in (fewer, more)]
+    cfg = MoEConfig(**more)
+    assert cfg.is_moe_layer(added) == (family is GLM_LIKE)
+    assert measured[1] - measured[0] == decoder_layer(cfg, MicroBatch(2, 24, dtype_bytes=4), layer=added).total
+
+
+def test_each_stage_prices_its_own_layers():
+    """`stage_activations` over a stage's layer indices: a Mixtral-shaped model's numbers are those of the count (every
+    layer an MoE layer), a dense-first model's first stage holds its dense layer, and the layer recomputed under
+    checkpointing is the stage's largest."""
+    mb = MicroBatch(2, 64, dtype_bytes=2)
+    mixtral = MoEConfig(**{**SMALL, "hidden_act": "silu", "num_hidden_layers": 4})
+    for ckpt in (False, True):
+        by_count, by_range = (stage_activations(mixtral, mb, layers=layers, first=True, last=False, pp=2, in_flight=2,
+                                                checkpointing=ckpt, imbalance=3.0) for layers in (2, range(0, 2)))
+        assert by_count == by_range
+    # a wide dense FFN: the dense layer is the largest, so recomputing it sets the checkpointed stage's peak
+    glm = MoEConfig(**{**GLM_LIKE, "num_hidden_layers": 4, "intermediate_size": 256})
+    moe_layer, dense_layer = decoder_layer(glm, mb, layer=1).total, decoder_layer(glm, mb, layer=0).total
+    assert dense_layer > moe_layer
+    stages = [stage_activations(glm, mb, layers=held, first=s == 0, last=s == 1, pp=2, in_flight=1,
+                                checkpointing=False, imbalance=1.0) for s, held in enumerate([range(0, 2), range(2, 4)])]
+    first_layers = stages[0].per_micro_batch["ffn.hidden"], stages[0].per_micro_batch["shared.ffn"]
+    assert first_layers == (dense_ffn(glm, mb).items["ffn.hidden"], shared_experts(glm, mb).items["shared.ffn"])
+    assert "ffn.hidden" not in stages[1].per_micro_batch
+    assert stages[1].per_micro_batch["router.input"] == 2 * stages[0].per_micro_batch["router.input"]
+    assert recomputed_layer(glm, mb, rope_inside=True, layers=range(0, 2)) == dense_layer + rope_tables(glm, mb).total
+    assert recomputed_layer(glm, mb, rope_inside=True, layers=range(2, 4)) == moe_layer + rope_tables(glm, mb).total
+    # the pipeline carry counts the MoE layers only: 2 losses and E loads for each of the 3
+    assert stages[0].per_micro_batch["held.pipe_output_buffer"] == 2 * 128 * glm.hidden_size + 4 * (2 + 3 * 8)
+
+
+def test_group_limited_choice_is_freed_before_the_backward():
+    """What choosing experts by groups saves (each group's two best, the kept groups, the mask) lives on a branch of
+    the graph the loss never reaches: the hooks see it saved, and it is freed by the time the forward returns."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    model = build_model(ActivationCase("", GLM_LIKE, 2, 16))
+    refs = []
+
+    def pack(t):
+        refs.append((StorageWeakRef(t.untyped_storage()), t.dtype, tuple(t.shape)))
+        return t
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+    freed = {(dtype, shape) for ref, dtype, shape in refs if ref.expired()}
+    T, G, E = 32, GLM_LIKE["n_group"], GLM_LIKE["num_local_experts"]
+    assert freed == {(torch.int64, (T, G, 2)), (torch.int64, (T, GLM_LIKE["topk_group"])), (torch.bool, (T, E))}
+    assert out.loss.requires_grad

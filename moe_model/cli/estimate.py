@@ -97,8 +97,7 @@ def print_estimate(result: Estimate, recipe: Recipe) -> None:
     console.print(table)
     if result.unpriced:
         console.print(f"[yellow]not priced yet[/]: {', '.join(result.unpriced)}; the parameters and model states hold "
-                      "them, the activations and step time take every layer as a routed block without them (an "
-                      "approximation)")
+                      "them, the activations and step time leave them out (an approximation)")
     peak = result.peak
     verdict = "[green]fits[/]" if result.fits else "[red]does not fit[/]"
     console.print(f"peak: rank {peak.first_rank} (stage {peak.stage}, at the {peak.peak_at}) "

@@ -183,7 +183,7 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
         states = model_states(params, precision=t.precision, zero_stage=strategy.zero_stage, dp=dp, ep=ep, pp=pp,
                               assumptions=assumptions, zero3=zero3)
         in_flight = min(micro_steps, pp - s)
-        acts = stage_activations(cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=in_flight,
+        acts = stage_activations(cfg, mb, layers=held, first=first, last=last, pp=pp, in_flight=in_flight,
                                  checkpointing=strategy.activation_checkpointing, imbalance=assumptions.imbalance)
         stages.append(stage_estimate(s, dp * tp, layers, in_flight, params, states, acts, assumptions))
     from .perf import performance

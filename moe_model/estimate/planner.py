@@ -36,7 +36,7 @@ from ..units import divisors
 from .activations import MicroBatch, stage_activations
 from .estimate import budget_bytes, estimate, peak_total
 from .memory import PRECISION_BYTES, Assumptions, model_states, stage_ranges, zero3_residency, zero3_settings
-from .perf import shape_of, stage_shape, step_components
+from .perf import shape_of, stage_table, step_components
 from .shapes import dims, layer_table, rank_params
 
 OBJECTIVES = ("latency", "throughput", "cost")
@@ -93,14 +93,16 @@ class FastMemory:
                           assumptions=self.a, zero3=zero3)
         return st.params_bytes + st.grads_bytes + st.optimizer_bytes, st.bucket_bytes, st.step_transient_bytes
 
-    def _acts_line(self, B, tp, ep, backend, layers, first, last, pp_multi, ckpt):
-        """(bytes at one micro-batch in flight, bytes per extra one): every term of `stage_activations` is
-        constant or proportional to the in-flight count, so two evaluations give all of them exactly. `ep`: the
-        legacy layer's buffers depend only on whether ep > 1 (callers pass min(ep, 2)), AutoEP's rows on ep."""
+    def _acts_line(self, B, tp, ep, backend, held, first, last, pp_multi, ckpt):
+        """(bytes at one micro-batch in flight, bytes per extra one) of a stage holding layers `held`: every term of
+        `stage_activations` is constant or proportional to the in-flight count, so two evaluations give all of them
+        exactly. `ep`: the legacy layer's buffers depend only on whether ep > 1 (callers pass min(ep, 2)), AutoEP's
+        rows on ep. The model's own config, not the plain copy: each layer is priced by its kind (few distinct calls,
+        cached)."""
         mb = MicroBatch(B, self.S, self.b, tp=tp, ep=ep, moe_backend=BACKENDS[backend],
                         triton=self.a.autoep_triton_kernels)
         pp = 2 if pp_multi else 1
-        one, two = (stage_activations(self.cfg, mb, layers=layers, first=first, last=last, pp=pp, in_flight=f,
+        one, two = (stage_activations(self.model, mb, layers=held, first=first, last=last, pp=pp, in_flight=f,
                                       checkpointing=ckpt, imbalance=self.a.imbalance) for f in (1, 2))
         return one.backward_peak_bytes, two.backward_peak_bytes - one.backward_peak_bytes
 
@@ -117,7 +119,6 @@ class FastMemory:
             best = np.zeros(len(sel), dtype=np.int64)
             z3 = zero == 3
             for held, first, last, s in self.kinds(pp):
-                layers = len(held)
                 uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp, backend * z3, ckpt * z3], axis=1))
                 svals = np.array([self.states(held, first, last, int(a), int(e), int(z), int(d), pp > 1, bool(k),
                                               bool(c)) for a, e, z, d, k, c in uniq.tolist()],
@@ -125,7 +126,7 @@ class FastMemory:
                 in_flight = np.minimum(m, pp - s)
                 ep_key = np.where(backend == 1, ep, np.minimum(ep, 2))
                 uniq, inv = _unique_rows(np.stack([B, tp, ep_key, backend, ckpt], axis=1))
-                line = np.array([self.acts_line(int(b), int(a), int(e), int(k), layers, first, last, pp > 1, bool(c))
+                line = np.array([self.acts_line(int(b), int(a), int(e), int(k), held, first, last, pp > 1, bool(c))
                                  for b, a, e, k, c in uniq.tolist()], dtype=np.int64).reshape(-1, 2)[inv.reshape(-1)]
                 avals = line[:, 0] + (in_flight - 1) * line[:, 1]
                 _, _, total = peak_total(svals[:, 0], svals[:, 1], svals[:, 2], avals, self.a)
@@ -202,10 +203,7 @@ def evaluate(recipe: Recipe, grid: np.ndarray, assumptions: Assumptions = Assump
     fast = FastMemory(recipe, assumptions)
     peak = fast.peak_bytes_many(grid)
     s = shape_of(recipe, assumptions.imbalance, zero3_settings(assumptions))
-    max_pp = int(grid[:, 1].max()) if len(grid) else 1
-    table = np.zeros((3, max_pp + 1), dtype=np.int64)
-    for pp in range(1, max_pp + 1):
-        table[:, pp] = stage_shape(s.L, pp)
+    table = stage_table(s, int(grid[:, 1].max()) if len(grid) else 1)  # each pp's stage kinds (layers, dense ones)
     tp, pp, ep, dp, zero, B, ckpt = (grid[:, i].astype(np.float64) for i in range(7))
     c = step_components(s, tp, grid[:, 1], ep, dp, zero, B, ckpt, pp_table=table, autoep=grid[:, 7] == 1)
     step = np.asarray(c["step"], dtype=np.float64)
