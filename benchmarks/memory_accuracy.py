@@ -390,6 +390,8 @@ CASE_SETS = {  # name -> (ranks, cases); the launch of each set runs all its cas
                 StateCase(3, 2, ep=2), StateCase(1, 1, ep=2, checkpointing=True)]),
     "pp2": (2, [StateCase(0, 2, pp=2), StateCase(1, 2, pp=2), StateCase(1, 2, pp=2, checkpointing=True)]),
     "pp2-ep2": (4, [StateCase(1, 2, pp=2, ep=2)]),
+    "zero2-families": (2, [StateCase(2, 2, shape="dense-first"), StateCase(2, 2, shape="shared-expert"),
+                           StateCase(2, 2, ep=2, moe_backend="legacy", shape="shared-expert")]),  # TEMP
     "zero3-dp4": (4, [StateCase(3, 1), StateCase(3, 1, ep=2)]),  # experts partitioned over dp/ep = 2
 }
 

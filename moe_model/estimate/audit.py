@@ -121,7 +121,7 @@ def whole_model(recipe: Recipe, est: Estimate, batch: int) -> WholeModel:
     states = model_states(whole, precision=recipe.train.precision, zero_stage=est.zero_stage, dp=1, ep=1, pp=1,
                           assumptions=est.assumptions)
     mb = MicroBatch(batch, recipe.train.seq_len, PRECISION_BYTES[recipe.train.precision])
-    acts = stage_activations(cfg, mb, layers=L, first=True, last=True, pp=1, in_flight=1,
+    acts = stage_activations(cfg, mb, layers=range(L), first=True, last=True, pp=1, in_flight=1,
                              checkpointing=est.strategy.activation_checkpointing, imbalance=1.0)
     return WholeModel(batch=batch, states=states, activations_bytes=acts.activations_bytes)
 
