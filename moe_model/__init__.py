@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .balance_callback import ScoreBiasCallback
 from .configuration import MoEConfig
 from .modeling import MoEForCausalLM, MoEModel
 
@@ -16,4 +17,4 @@ MoEConfig.register_for_auto_class()
 MoEModel.register_for_auto_class("AutoModel")
 MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MoEConfig", "MoEForCausalLM", "MoEModel", "__version__"]
+__all__ = ["MoEConfig", "MoEForCausalLM", "MoEModel", "ScoreBiasCallback", "__version__"]
