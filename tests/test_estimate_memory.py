@@ -8,7 +8,7 @@ import torch
 from benchmarks.memory_accuracy import STATE_MODEL, launch_state_measurement, state_rows
 from moe_model import MoEConfig, MoEForCausalLM
 from moe_model.estimate.memory import (Assumptions, model_states, partition_balanced, stage_layers, stage_ranges,
-                                       zero3_residency)
+                                       zero2_gradient_elements, zero3_residency, zero_flat_groups)
 from moe_model.estimate.params import count_params
 from moe_model.estimate.shapes import rank_params
 
@@ -62,6 +62,31 @@ def test_zero2_model_states_agree_with_deepspeeds_own_formula():
         assert fp32.step_transient_bytes == 0 and fp32.optimizer_bytes == states.optimizer_bytes
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "cpu"])
+def test_zero2_flat_groups_are_the_models_parameters_in_order(kind):
+    """`zero_flat_groups` at ep 1 (one stage): the decay (ndim >= 2) and no-decay groups `train/engine.param_groups`
+    builds, tensor by tensor in the model's own order; the gradient elements of the busiest rank are those of the whole
+    tensors DeepSpeed's own `get_partition_info` puts in each rank's partition (the group padded to 2 * dp)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from moe_model.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    cfg = load_recipe(ROOT / f"recipes/tiny_{kind}.yaml", ["model.num_hidden_layers=5"]).moe_config()
+    with torch.device("meta"):
+        params = list(MoEForCausalLM(cfg).parameters())
+    groups = [[p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]]
+    ours = zero_flat_groups(cfg, layers=range(5), first=True, last=True, tp=1, ep=1, autoep=False)
+    assert ours == [([p.numel() for p in g], False) for g in groups]
+    for dp in (2, 3, 8):
+        held = []
+        for rank in range(dp):
+            sizes = [-(-sum(p.numel() for p in g) // (2 * dp)) * 2 for g in groups]
+            held.append(sum(sum(p.numel() for p in DeepSpeedZeroOptimizer.get_partition_info(None, g, size, rank)[0])
+                            for g, size in zip(groups, sizes)))
+        assert zero2_gradient_elements(ours, dp=dp, ep=1) == max(held) >= sum(p.numel() for p in params) / dp
+
+
 def test_zero3_holds_whole_only_what_deepspeed_keeps_whole():
     """ZeRO-3's parameters: the partition, plus what is held whole beside it only where the partition group has
     more than one rank; with persistence, reuse and prefetch all off nothing is held whole."""
@@ -89,7 +114,8 @@ def test_zero3_holds_whole_only_what_deepspeed_keeps_whole():
 @pytest.mark.parametrize("case_set", ["test-dp1", "test-dp2"])
 def test_model_states_match_live_engines(case_set, tmp_path):
     """fp32 engines built by the training code (ZeRO 0/1/2 on dp 1 and 2, ep 2 on both MoE backends, ZeRO-3 on dp 2
-    and dp 2 x ep 2 AutoEP, a checkpointed pp 2 pipeline) and two bf16 ones on dp 2 (ZeRO-1 legacy ep 2, ZeRO-2;
+    and dp 2 x ep 2 AutoEP, a checkpointed pp 2 pipeline, ZeRO-2 on a dense-first family block, whose whole-tensor
+    gradients outgrow the partition by 22%) and two bf16 ones on dp 2 (ZeRO-1 legacy ep 2, ZeRO-2;
     model states only): params, gradients (largest while backward runs),
     optimizer states (after the step) and reduction buckets within 1%; what the engine's module (the legacy MoE
     layer or AutoEP where ep = 2) and a pipeline stage's forward save, byte for byte; the activations a real step

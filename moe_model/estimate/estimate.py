@@ -30,7 +30,8 @@ from ..recipe import Recipe
 from ..strategy import Strategy
 from ..units import GB
 from .activations import MicroBatch, StageActivations, stage_activations
-from .memory import PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_ranges, zero3_residency
+from .memory import (PRECISION_BYTES, Assumptions, ModelStates, model_states, stage_ranges, zero2_gradient_elements,
+                     zero3_residency, zero_flat_groups)
 from .params import ParamCounts, count_params
 from .shapes import RankParams, rank_params, unpriced_settings
 
@@ -180,8 +181,11 @@ def estimate(recipe: Recipe, world_size: int | None = None, assumptions: Assumpt
         zero3 = (zero3_residency(cfg, layers=layers, first=first, last=last, tp=tp, ep=ep, autoep=autoep,
                                  checkpointing=strategy.activation_checkpointing, assumptions=assumptions)
                  if strategy.zero_stage == 3 else None)
+        zero2 = (zero2_gradient_elements(zero_flat_groups(cfg, layers=held, first=first, last=last, tp=tp, ep=ep,
+                                                          autoep=autoep), dp=dp, ep=ep)
+                 if strategy.zero_stage == 2 else None)
         states = model_states(params, precision=t.precision, zero_stage=strategy.zero_stage, dp=dp, ep=ep, pp=pp,
-                              assumptions=assumptions, zero3=zero3)
+                              assumptions=assumptions, zero3=zero3, zero2_gradients=zero2)
         in_flight = min(micro_steps, pp - s)
         acts = stage_activations(cfg, mb, layers=held, first=first, last=last, pp=pp, in_flight=in_flight,
                                  checkpointing=strategy.activation_checkpointing, imbalance=assumptions.imbalance)

@@ -16,7 +16,8 @@ parameters; "P/N" below means P_dense/N_dense + P_expert/N_expert.
     ZeRO-1, bf16: BF16_Optimizer                2P       2P + 4P (fp32 buffer, full)  4P/N + 8P/N
     ZeRO-1, fp32/fp16: DeepSpeedZeroOptimizer   bP       bP (full until reduced,      4P/N + 8P/N  (also in fp32:
                                                          also with one micro-batch)       the master is a clone)
-    ZeRO-2: DeepSpeedZeroOptimizer              bP       aP/N (+ the bucket, in b)    4P/N + 8P/N
+    ZeRO-2: DeepSpeedZeroOptimizer              bP       aP/N (+ the bucket, in b;    4P/N + 8P/N
+                                                         a = b: whole tensors, below)
     ZeRO-3: DeepSpeedZeroOptimizer_Stage3       bP/N + bW    aP/N (+ the bucket, in b)    4P/N + 8P/N  (a separate
                                                                                           fp32 master in fp32 too)
 
@@ -30,6 +31,11 @@ backward through flat copies of up to `reduce_bucket_size` elements, and steps o
 copy; a bf16 buffer is copied to fp32 at the step, 4P/N). ZeRO-2: the owned partition is one fp32 buffer
 (`_build_compact_grad_partition_buffer`, `partition_size` elements) that the bf16 bucket's reductions are added
 into, and the step flattens it with no copy. ZeRO-3: `grad_partitions_flat_buffer` in `gradient_accumulation_dtype`.
+ZeRO-2 where a = b (fp32, fp16: no compact buffer) holds more than P/N: `copy_grads_in_partition` moves each
+reduced gradient into `grads_in_partition`, sized by the sum of the numels of `params_in_partition` (every group),
+the parameters that overlap this rank's partition, each whole. A tensor across a partition boundary is held whole by
+both ranks: `zero2_gradient_elements` walks DeepSpeed's flat groups tensor by tensor (`zero_flat_groups`) and
+prices the busiest rank of the stage (a stacked expert tensor [E, 2I, D] can outweigh the partition itself).
 DeepSpeed pads each flat group to a multiple of (2 * dp) elements and each parameter to 16 bytes (ZeRO-3: to a
 multiple of N); that padding (a few elements per tensor, < 0.01% measured) is not modelled. AutoEP's experts
 (`AutoEPMoELayer`'s w1, w2, w3) are expert parameters like the legacy layer's: partitioned over dp/ep.
@@ -69,6 +75,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..units import FP32
 from .shapes import RankParams
@@ -192,6 +200,119 @@ def zero3_residency(model, *, layers: int, first: bool, last: bool, tp: int, ep:
                           gathered_expert=float(reuse_expert + scale * ahead_expert))
 
 
+# deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer's default: expert groups are cut into
+# parameter groups of at most this many elements, each flattened and partitioned on its own
+MOE_MAX_GROUP_ELEMENTS = 178_956_971
+
+
+def _mlp_tensors(model, width: int) -> list[int]:
+    """`MoEMLP`'s weights in registration order: gate_proj (silu), up_proj [width, D], down_proj [D, width]."""
+    return [width * model.hidden_size] * (3 if model.hidden_act == "silu" else 2)
+
+
+Tensor = tuple[int, bool, bool]  # (numel, ndim >= 2: weight-decayed, an expert tensor)
+
+
+def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tuple[list[Tensor], list[Tensor]]:
+    """One decoder layer's parameters on a rank in the module's registration order (`modeling.MoEDecoderLayer`;
+    tp: `TensorParallelAttention`'s slices), and those AutoEP's conversion puts in their place. `experts`: "stacked"
+    (`MoEExperts`: [E, 2I, D] or [E, I, D], then [E, D, I]), "legacy" (DeepSpeed's MoE layer: E/ep `ExpertFFN`s
+    of [2I, D] or [I, D] and [D, I]) or "autoep" (the router [E, D] and w1, w2, w3 [E/ep, I, D] of AutoEP's layer,
+    which `deepspeed.initialize` builds after the optimizer's groups were listed: its
+    `_remap_param_groups_after_module_replacement` drops the block's old tensors and appends these to the group)."""
+    D, d = model.hidden_size, model.head_dim
+    q, kv = model.num_attention_heads * d // tp, model.num_key_value_heads * d // tp
+    out = [(D, False, False)]  # input_layernorm
+    for rows in (q, kv, kv):  # q, k, v: weight, bias
+        out += [(rows * D, True, False)] + [(rows, False, False)] * bool(model.attention_bias)
+    out += [(D * q, True, False)] + [(D, False, False)] * bool(model.attention_out_bias)
+    norms = {None: (), "head": (d, d), "projection": (q, kv)}[model.qk_norm]
+    out += [(n, False, False) for n in norms] + [(D, False, False)]  # q/k norms, post_attention_layernorm
+    if not model.is_moe_layer(layer):
+        return out + [(n, True, False) for n in _mlp_tensors(model, model.intermediate_size)], []
+    E, I = model.num_local_experts, model.expert_width
+    gated = model.hidden_act == "silu"
+    if experts == "autoep":  # AutoEP's router and experts: their place is taken after the stage's last tensor
+        return out, [(E * D, True, False)] + [(E // ep * I * D, True, True)] * 3
+    out.append((E * D, True, False))  # the router's weight (a score bias is a buffer)
+    if experts == "legacy":
+        out += [(n, True, True) for _ in range(E // ep) for n in ((2 if gated else 1) * I * D, D * I)]
+    else:
+        out += [((2 if gated else 1) * E * I * D, True, True), (E * D * I, True, True)]
+    if model.shared_width:
+        out += [(n, True, False) for n in _mlp_tensors(model, model.shared_width)]
+        out += [(D, True, False)] * bool(model.shared_expert_gate)  # [1, D]
+    return out, []
+
+
+def zero_flat_groups(model, *, layers: range, first: bool, last: bool, tp: int, ep: int,
+                     autoep: bool) -> list[tuple[list[int], bool]]:
+    """DeepSpeed 0.19's ZeRO-1/2 parameter groups of one rank of a stage, each (its tensors' numels in flat order,
+    whether it is an expert group: partitioned over dp/ep, else over dp). `train/engine.param_groups` builds decay
+    (ndim >= 2) then no-decay, each in `model.parameters()` order (embedding, layers, final norm, LM head; AutoEP's
+    layers' tensors after those, `_layer_tensors`); where the MoE layers are DeepSpeed's (the legacy layer at ep > 1,
+    AutoEP) the expert tensors leave them for expert groups appended after, cut at `MOE_MAX_GROUP_ELEMENTS`
+    (`split_params_into_different_moe_groups_for_optimizer`)."""
+    deepspeed_moe = autoep or ep > 1
+    experts = "autoep" if autoep else "legacy" if ep > 1 else "stacked"
+    tensors = [(model.vocab_size * model.hidden_size, True, False)] if first else []
+    replaced: list[Tensor] = []
+    for layer in layers:
+        kept, new = _layer_tensors(model, layer, tp=tp, ep=ep, experts=experts)
+        tensors += kept
+        replaced += new
+    if last:
+        tensors.append((model.hidden_size, False, False))
+        if not (model.tie_word_embeddings and first):
+            tensors.append((model.vocab_size * model.hidden_size, True, False))
+    tensors += replaced
+    groups: list[tuple[list[int], bool]] = []
+    moe: list[list[int]] = []
+    for decay in (True, False):
+        dense = [n for n, two_d, expert in tensors if two_d == decay and not (expert and deepspeed_moe)]
+        routed = [n for n, two_d, expert in tensors if two_d == decay and expert and deepspeed_moe]
+        if dense:
+            groups.append((dense, False))
+        if routed:
+            chunks, size = [[]], 0
+            for n in routed:
+                if size + n <= MOE_MAX_GROUP_ELEMENTS:
+                    chunks[-1].append(n)
+                    size += n
+                else:
+                    chunks.append([n])
+                    size = n
+            moe += chunks
+    return groups + [(chunk, True) for chunk in moe if chunk]
+
+
+def _held_by_rank(numels: list[int], ranks: int) -> np.ndarray:
+    """Elements of the whole tensors overlapping each rank's partition of one flat group (`get_partition_info`):
+    the group padded to a multiple of 2 * ranks (`nccl_start_alignment_factor`), split evenly."""
+    ends = np.cumsum(np.asarray(numels, dtype=np.int64))
+    starts = ends - np.asarray(numels, dtype=np.int64)
+    size = -(-int(ends[-1]) // (2 * ranks)) * 2
+    lo = np.arange(ranks, dtype=np.int64) * size
+    hi = lo + size
+    first = np.searchsorted(ends, lo, side="right")  # the first tensor ending after the partition's start
+    stop = np.searchsorted(starts, hi, side="left")  # past the last tensor starting before its end
+    held = np.where(stop > first, ends[np.maximum(stop - 1, 0)] - starts[np.minimum(first, len(numels) - 1)], 0)
+    return held
+
+
+def zero2_gradient_elements(groups: list[tuple[list[int], bool]], *, dp: int, ep: int) -> int:
+    """The elements of ZeRO-2's `grads_in_partition` (a = b, module docstring) on the busiest data-parallel rank of a
+    stage: over every group (`zero_flat_groups`), the whole tensors overlapping the rank's partition. Data-parallel
+    rank r is r of the dense groups and r // ep of the expert groups (DeepSpeed's expert-data-parallel groups take
+    every ep-th rank)."""
+    total = np.zeros(dp, dtype=np.int64)
+    rank = np.arange(dp)
+    for numels, expert in groups:
+        ranks = dp // ep if expert else dp
+        total += _held_by_rank(numels, ranks)[rank // ep if expert else rank]
+    return int(total.max())
+
+
 def grad_accum_dtype(precision: str, zero_stage: int) -> str:
     """The dtype gradients are summed in across micro-batches, the one home of the rule `train/ds_config.py` writes
     as `data_types.grad_accum_dtype`: fp32 for bf16 wherever DeepSpeed 0.19.8 takes it (ZeRO 1-3, any pp), else
@@ -228,11 +349,13 @@ def optimizer_kind(precision: str, zero_stage: int, pp: int, grad_accum: str | N
 
 def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int, ep: int, pp: int,
                  assumptions: Assumptions = Assumptions(), zero3: Zero3Residency | None = None,
-                 grad_accum: str | None = None) -> ModelStates:
+                 grad_accum: str | None = None, zero2_gradients: int | None = None) -> ModelStates:
     """Bytes of one rank's model states during a backward pass (the activation peak) and at the optimizer step.
     ZeRO-3: `zero3` is what the rank holds whole beside its partitions (`zero3_residency`); None counts the
     partitions alone (a lower bound). `grad_accum`: the accumulation dtype (default: this project's,
-    `grad_accum_dtype`; the precision itself prices DeepSpeed's default, where ZeRO-1 bf16 is DeepSpeedZeroOptimizer)."""
+    `grad_accum_dtype`; the precision itself prices DeepSpeed's default, where ZeRO-1 bf16 is DeepSpeedZeroOptimizer).
+    `zero2_gradients`: ZeRO-2's gradient elements where a = b, whole tensors (`zero2_gradient_elements`); None counts
+    the partition alone (a lower bound)."""
     if dp % ep:
         raise ValueError(f"ep={ep} must divide dp={dp}")
     b = PRECISION_BYTES[precision]
@@ -264,6 +387,8 @@ def model_states(params: RankParams, *, precision: str, zero_stage: int, dp: int
         step, adam_elements = max(FP32 * partition if a != FP32 else 0, allreduce), partition
     else:
         grads = b * P if zero_stage == 1 else a * partition  # ZeRO-1 keeps full gradients through backward
+        if zero_stage == 2 and a == b and zero2_gradients is not None:  # no compact buffer: whole tensors
+            grads = b * zero2_gradients
         optimizer = 3 * FP32 * partition
         bucket = b * assumptions.reduce_bucket_elements * (2 if assumptions.overlap_comm else 1)
         step = FP32 * partition if a != FP32 else 0

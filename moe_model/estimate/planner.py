@@ -35,7 +35,8 @@ from ..strategy import FIELDS, Strategy, batch_divides
 from ..units import divisors
 from .activations import MicroBatch, stage_activations
 from .estimate import budget_bytes, estimate, peak_total
-from .memory import PRECISION_BYTES, Assumptions, model_states, stage_ranges, zero3_residency, zero3_settings
+from .memory import (PRECISION_BYTES, Assumptions, grad_accum_dtype, model_states, stage_ranges,
+                     zero2_gradient_elements, zero3_residency, zero3_settings, zero_flat_groups)
 from .perf import shape_of, stage_table, step_components
 from .shapes import dims, layer_table, rank_params
 
@@ -84,13 +85,16 @@ class FastMemory:
         return tuple((held, first, last, s) for (_, first, last), (held, s) in seen.items())
 
     def _states(self, held, first, last, tp, ep, zero, dp, pp_multi, autoep, ckpt):
-        """The model states' parts of a stage holding layers `held` (`autoep` and `ckpt` matter at ZeRO-3 only:
-        callers pass False elsewhere)."""
+        """The model states' parts of a stage holding layers `held` (`autoep` matters at ZeRO-2 and 3, `ckpt` at
+        ZeRO-3 only: callers pass False elsewhere)."""
         params = rank_params(self.model, layers=held, first=first, last=last, tp=tp, ep=ep)
         zero3 = (zero3_residency(self.cfg, layers=len(held), first=first, last=last, tp=tp, ep=ep, autoep=autoep,
                                  checkpointing=ckpt, assumptions=self.a) if zero == 3 else None)
+        zero2 = (zero2_gradient_elements(zero_flat_groups(self.model, layers=held, first=first, last=last, tp=tp, ep=ep,
+                                                          autoep=autoep), dp=dp, ep=ep)
+                 if zero == 2 and PRECISION_BYTES[grad_accum_dtype(self.precision, 2)] == self.b else None)
         st = model_states(params, precision=self.precision, zero_stage=zero, dp=dp, ep=ep, pp=2 if pp_multi else 1,
-                          assumptions=self.a, zero3=zero3)
+                          assumptions=self.a, zero3=zero3, zero2_gradients=zero2)
         return st.params_bytes + st.grads_bytes + st.optimizer_bytes, st.bucket_bytes, st.step_transient_bytes
 
     def _acts_line(self, B, tp, ep, backend, held, first, last, pp_multi, ckpt):
@@ -119,7 +123,7 @@ class FastMemory:
             best = np.zeros(len(sel), dtype=np.int64)
             z3 = zero == 3
             for held, first, last, s in self.kinds(pp):
-                uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp, backend * z3, ckpt * z3], axis=1))
+                uniq, inv = _unique_rows(np.stack([tp, ep, zero, dp, backend * (zero >= 2), ckpt * z3], axis=1))
                 svals = np.array([self.states(held, first, last, int(a), int(e), int(z), int(d), pp > 1, bool(k),
                                               bool(c)) for a, e, z, d, k, c in uniq.tolist()],
                                  dtype=np.int64).reshape(-1, 3)[inv.reshape(-1)]
