@@ -201,6 +201,9 @@ ACTIVATION_CASES += [
                     "attention_out_bias": True, "router_scoring": "sigmoid", "router_z_loss_coef": 1e-3}, 2, 16),
     ActivationCase("Qwen3-like AutoEP", QWEN3_MOE_LIKE, 2, 32, autoep=True),
     ActivationCase("OLMoE-like AutoEP", OLMOE_LIKE, 3, 16, autoep=True),
+    ActivationCase("Qwen2-MoE-like AutoEP", QWEN2_MOE_LIKE, 2, 16, autoep=True),
+    ActivationCase("GLM-like AutoEP", GLM_LIKE, 2, 16, autoep=True),
+    ActivationCase("GLM-like AutoEP ckpt", GLM_LIKE, 2, 16, checkpointing=True, autoep=True),
 ]
 ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

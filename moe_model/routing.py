@@ -67,10 +67,24 @@ def route(logits_TE: torch.Tensor, top_k: int, scoring: str = "softmax", norm_to
         weights_TK = scores_TE.gather(1, experts_TK)
         if norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        probs_TE = normalised_scores(scores_TE)
     if routed_scaling_factor != 1.0:
         weights_TK = weights_TK * routed_scaling_factor
     return Routing(probs_TE, weights_TK, experts_TK)
+
+
+def normalised_scores(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Sigmoid scores as a distribution over the experts, each token's over their sum: the aux loss's P under sigmoid
+    scoring (the module docstring)."""
+    return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+
+def probabilities(logits_TE: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """The router's probabilities the aux loss reads, fp32 [T, E]: `route`'s `probs_TE` without the choice (for a
+    router whose routes are chosen elsewhere: DeepSpeed's AutoEP layer)."""
+    if scoring == "softmax":
+        return torch.softmax(logits_TE.float(), dim=-1)
+    return normalised_scores(torch.sigmoid(logits_TE.float()))
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -90,10 +90,6 @@ class Strategy:
             return (f"needs hidden_size and the FFN widths in multiples of 8 (got {model.hidden_size}, "
                     f"{model.intermediate_size} and {expert_width(model)}): torch's grouped GEMM takes rows of "
                     "16-byte multiples in bf16")
-        routing = routing_settings(model)
-        if routing:
-            return (f"is not yet given this model's routed block ({', '.join(routing)}): the project's adapter "
-                    "carries softmax top-k routing without shared experts only")
         return None
 
     def with_backend(self, model: ModelShape) -> Strategy:
@@ -223,15 +219,6 @@ class Strategy:
 def expert_width(model: ModelShape) -> int:
     """One routed expert's FFN width (`MoEConfig.expert_width`, for a recipe's model section too)."""
     return getattr(model, "moe_intermediate_size", None) or model.intermediate_size
-
-
-def routing_settings(model: ModelShape) -> list[str]:
-    """`name value` for each setting of the routed block away from Mixtral's (softmax top-k, no shared expert, no
-    scaling, no groups, no score bias): what only the project's own block and the legacy layer compute."""
-    defaults = {"num_shared_experts": 0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": None,
-                "topk_group": None, "router_score_bias": False}
-    return [f"{name} {getattr(model, name)!r}" for name, default in defaults.items()
-            if getattr(model, name, default) != default]
 
 
 def batch_divides(global_batch, micro_batch_size, dp):

@@ -84,6 +84,11 @@ FAMILY_PARITY = {
     # tp (`tensor_parallel.HeadNorm`), on the legacy layer (AutoEP does not run with tp)
     "qwen3_moe_tp2_dp2_ep2_legacy": ("qwen3_moe", 4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
                                                       "parallel.dp=2")),
+    # GLM-4.5-MoE's block (shared expert, sigmoid group-limited routing, routed scale, a dense first layer) with its
+    # score bias moved every step, on DeepSpeed's legacy layer (the gate holds the bias; `auto` would pick AutoEP,
+    # which the GLM move below runs)
+    "glm4_moe_dp2_ep2_legacy": ("glm4_moe", 2, ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2",
+                                                "parallel.moe_backend=legacy")),
 }
 
 
@@ -117,8 +122,9 @@ GLM_RESUMED = ("parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.dp=2
 @pytest.mark.multirank
 def test_glm_with_its_moving_score_bias_trains_and_resumes_on_other_layouts_as_on_one_rank(tmp_path):
     """GLM-4.5-MoE's whole block (shared expert, sigmoid group-limited routing with a routed scale, a dense first
-    layer, q/k norm, q/k/v biases, partial rotary, the score bias moved every step): PP2xDP2xEP2 on the legacy
-    layer for 4 steps, then resumed as DP2 at ZeRO-3 (the bias from the checkpoint's layout-free pieces), against
+    layer, q/k norm, q/k/v biases, partial rotary, the score bias moved every step): PP2xDP2xEP2 on DeepSpeed's
+    AutoEP (`auto`; the bias a buffer of AutoEP's router, moved by the project) for 4 steps, then resumed as DP2 at
+    ZeRO-3 on the model's own block (the bias from the checkpoint's layout-free pieces), against
     one rank uninterrupted: every step's losses within 1e-4 and the same expert loads, and the exported biases
     (the ZeRO-3 one read through DeepSpeed's universal checkpoint and the module files) equal."""
     from tests.layouts import LAST_STEP, SINGLE_RANK, STEPS
@@ -131,7 +137,8 @@ def test_glm_with_its_moving_score_bias_trains_and_resumes_on_other_layouts_as_o
                          (2, (*GLM_RESUMED, f"train.output_dir={moved}"))):
         result = launch(n, *STEPS, *save, *overrides, recipe=recipe)
         assert result.returncode == 0, failure(result)
-    assert "on another layout (pp 2 -> 1, ep 2 -> 1, ZeRO stage 1 -> 3)" in result.stderr, failure(result)
+    assert ("on another layout (pp 2 -> 1, ep 2 -> 1, moe_backend autoep -> legacy, ZeRO stage 1 -> 3)"
+            in result.stderr), failure(result)
     a_lines, b_lines = read_metrics(one), read_metrics(moved)
     assert [m["step"] for m in a_lines] == [m["step"] for m in b_lines] == list(range(1, LAST_STEP + 1))
     worst = 0.0
@@ -140,7 +147,7 @@ def test_glm_with_its_moving_score_bias_trains_and_resumes_on_other_layouts_as_o
             worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
             assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
         assert a["expert_tokens"] == b["expert_tokens"], a["step"]
-    print(f"glm4_moe PP2xDP2xEP2 legacy -> DP2 ZeRO-3: largest relative difference from one rank over 7 steps {worst:.1e}")
+    print(f"glm4_moe PP2xDP2xEP2 AutoEP -> DP2 ZeRO-3: largest relative difference from one rank over 7 steps {worst:.1e}")
     biases = {}
     for label, run in (("one", one), ("moved", moved)):
         assert moe(["export", str(run), str(tmp_path / f"out_{label}")]) == 0

@@ -83,10 +83,6 @@ BAD_OVERRIDES = [
     (["parallel.moe_backend=autoep", "model.capacity_factor=1.25"], "autoep is dropless and has no capacity"),
     (["parallel.moe_backend=autoep", "model.intermediate_size=100"],
      "autoep needs hidden_size and the FFN widths in multiples of 8 (got 64, 100 and 100)"),
-    (["parallel.moe_backend=autoep", "model.num_shared_experts=1"],
-     "parallel.moe_backend: autoep is not yet given this model's routed block (num_shared_experts 1)"),
-    (["parallel.moe_backend=autoep", "model.router_scoring=sigmoid", "model.n_group=2", "model.topk_group=1"],
-     "(router_scoring 'sigmoid', n_group 2, topk_group 1)"),
     (["parallel.tp=2", "model.qk_norm=projection"],
      "parallel.tp: tp=2 splits the heads, and model.qk_norm projection normalises over all of them"),
     (["parallel.tp=2", "model.attention_out_bias=true"], "model.attention_out_bias would be added on each"),
@@ -179,9 +175,12 @@ def test_auto_never_picks_a_backend_the_model_cannot_run():
     valid (a default never makes a valid recipe invalid)."""
     assert load_recipe(ROOT / "recipes/tiny_cpu.yaml").strategy(4)[0].moe_backend == "autoep"
     for change in ("model.intermediate_size=100", "model.hidden_act=gelu", "model.capacity_factor=1.5",
-                   "parallel.tp=2", "model.num_shared_experts=1", "model.router_scoring=sigmoid"):
+                   "parallel.tp=2"):
         recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", [change, "parallel.pp=1"])  # dp 2
         assert recipe.strategy(2 * recipe.parallel.tp)[0].moe_backend == "legacy", change
+    for change in ("model.num_shared_experts=1", "model.router_scoring=sigmoid"):  # the families' blocks: AutoEP
+        recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", [change, "parallel.pp=1"])
+        assert recipe.strategy(2)[0].moe_backend == "autoep", change
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "tiny_text", "gpu_check", "seed_4b"])

@@ -232,17 +232,19 @@ def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tupl
         return out + [(n, True, False) for n in _mlp_tensors(model, model.intermediate_size)], []
     E, I = model.num_local_experts, model.expert_width
     gated = model.hidden_act == "silu"
-    if experts == "autoep":  # AutoEP's router and experts: their place is taken after the stage's last tensor
-        return out, [(E * D, True, False)] + [(E // ep * I * D, True, True)] * 3
+    shared = []
+    if model.shared_width:
+        shared += [(n, True, False) for n in _mlp_tensors(model, model.shared_width)]
+        shared += [(D, True, False)] * bool(model.shared_expert_gate)  # [1, D]
+    if experts == "autoep":  # AutoEP's router and experts: their place is taken after the stage's last tensor;
+        # the shared experts are the block's own modules, kept where they were
+        return out + shared, [(E * D, True, False)] + [(E // ep * I * D, True, True)] * 3
     out.append((E * D, True, False))  # the router's weight (a score bias is a buffer)
     if experts == "legacy":
         out += [(n, True, True) for _ in range(E // ep) for n in ((2 if gated else 1) * I * D, D * I)]
     else:
         out += [((2 if gated else 1) * E * I * D, True, True), (E * D * I, True, True)]
-    if model.shared_width:
-        out += [(n, True, False) for n in _mlp_tensors(model, model.shared_width)]
-        out += [(D, True, False)] * bool(model.shared_expert_gate)  # [1, D]
-    return out, []
+    return out + shared, []
 
 
 def zero_flat_groups(model, *, layers: range, first: bool, last: bool, tp: int, ep: int,

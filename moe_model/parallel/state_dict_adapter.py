@@ -12,10 +12,11 @@ Mixtral checkpoint names are the same) and the slice this rank holds:
     ...mlp.moe.deepspeed_moe.gate.wg.weight                     ...mlp.gate.weight              all (legacy, ep > 1)
     ...mlp.moe.deepspeed_moe.gate.e_score_correction_bias       ...mlp.gate.e_score_correction_bias  all (legacy)
     ...mlp.moe.deepspeed_moe.experts.deepspeed_experts.<i>.<w>  ...mlp.experts.<w>              expert ep_rank*E/ep + i
-    ...mlp.moe.gate.weight, ...mlp.moe.experts.<w>              ...mlp.gate.weight, experts.<w> AutoEP: this rank's
+    ...mlp.moe.<rest> (gate, experts, shared experts)           ...mlp.<rest>                   AutoEP: this rank's
                                                                                                 experts only (AutoEP
                                                                                                 copies no others)
-    ...mlp.moe.router.gate.weight                               ...mlp.gate.weight              all (AutoEP's layer)
+    ...mlp.moe.router.gate.weight, router.e_score_correction_bias, shared_experts.*, shared_experts_gate.weight
+                                                                ...mlp.<`autoep.block_name`>    all (AutoEP's layer)
     ...mlp.moe.experts.w1 / w3 / w2                             ...experts.gate_up_proj / down_proj  this rank's experts;
                                                                                                 w1 the gate rows, w3 up
 
@@ -50,10 +51,11 @@ import torch
 from torch import nn
 
 from ..formats import HUB_EXPERT_LAYOUTS, hub_names, hub_parts
+from .autoep import block_name
 
 LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
-AUTOEP_BLOCK = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>gate\.weight|experts\.\w+)$")
-AUTOEP_LAYER = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>router\.gate\.weight|experts\.w[123])$")  # converted
+AUTOEP = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>.+)$")  # the AutoEP block, converted by DeepSpeed or not
+AUTOEP_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")  # the converted layer's: this rank's E/ep experts
 TP_ROWS = ("q_proj", "k_proj", "v_proj")
 STATE_BUFFERS = ("e_score_correction_bias",)  # buffers that are model state (saved, resharded, exported)
 LEGACY_GATE = re.compile(r"\.mlp\.moe\.deepspeed_moe\.gate\.(wg\.)?")  # the legacy layer's gate: weight and bias
@@ -129,19 +131,17 @@ def shard_of(local: str, local_shape: torch.Size, global_shapes: dict[str, torch
     if expert:  # the module numbers its experts from 0 on every rank (its checkpoint files by global id)
         stacked = f"{expert['prefix']}.mlp.experts.{expert['name']}"
         return Shard(stacked, (ep_rank * global_shapes[stacked][0] // ep + int(expert["id"]),))
-    layer = AUTOEP_LAYER.match(name) if autoep else None
-    if layer:  # AutoEP's layer, once `deepspeed.initialize` converted the block: this rank's E/ep experts
-        if layer["rest"] == "router.gate.weight":
-            return Shard(f"{layer['prefix']}.mlp.gate.weight")
-        w = layer["rest"][-2:]
-        stacked = f"{layer['prefix']}.mlp.experts.{'down_proj' if w == 'w2' else 'gate_up_proj'}"
-        E, rows = global_shapes[stacked][0], local_shape[1]
-        mine = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
-        return Shard(stacked, (mine,) if w == "w2" else (mine, slice(0, rows) if w == "w1" else slice(rows, 2 * rows)))
-    block = AUTOEP_BLOCK.match(name) if autoep else None
-    if block:
-        name = f"{block['prefix']}.mlp.{block['rest']}"
-        if block["rest"].startswith("experts."):
+    moe = AUTOEP.match(name) if autoep else None
+    if moe:
+        prefix, rest = moe["prefix"], moe["rest"]
+        if rest in AUTOEP_EXPERTS:  # AutoEP's layer, once `deepspeed.initialize` converted the block
+            w = rest[-2:]
+            stacked = f"{prefix}.mlp.experts.{'down_proj' if w == 'w2' else 'gate_up_proj'}"
+            E, rows = global_shapes[stacked][0], local_shape[1]
+            mine = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
+            return Shard(stacked, (mine,) if w == "w2" else (mine, slice(0, rows) if w == "w1" else slice(rows, 2 * rows)))
+        name = f"{prefix}.mlp.{block_name(rest) or rest}"  # the router, score bias, shared experts: whole
+        if rest.startswith("experts."):  # the block before conversion: all E held, this rank's filled
             E = global_shapes[name][0]
             mine = slice(ep_rank * E // ep, (ep_rank + 1) * E // ep)
             return Shard(name, (mine,), fill=mine)
