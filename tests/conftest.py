@@ -65,9 +65,10 @@ def _shared_root(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def _launched_once(tmp_path_factory, key: str, ranks: int, overrides: tuple[str, ...]) -> Path:
-    """Train `overrides` on `ranks` ranks once per session, whichever worker asks first (the others wait on its
-    lock and reuse the folder); returns the run's output folder."""
+def _launched_once(tmp_path_factory, key: str, ranks: int, overrides: tuple[str, ...],
+                   recipe: str = "recipes/tiny_cpu.yaml") -> Path:
+    """Train `recipe` with `overrides` on `ranks` ranks once per session, whichever worker asks first (the others
+    wait on its lock and reuse the folder); returns the run's output folder."""
     from filelock import FileLock
 
     from tests.launch import failure, launch
@@ -78,7 +79,7 @@ def _launched_once(tmp_path_factory, key: str, ranks: int, overrides: tuple[str,
         done = out.parent / f"{key}.done"
         if not done.exists():
             shutil.rmtree(out, ignore_errors=True)  # a failed attempt's folder
-            result = launch(ranks, *overrides, f"train.output_dir={out}")
+            result = launch(ranks, *overrides, f"train.output_dir={out}", recipe=recipe)
             assert result.returncode == 0, failure(result)
             done.touch()
     return out
@@ -119,3 +120,13 @@ def layout_run(tmp_path_factory):
         return _launched_once(tmp_path_factory, name, ranks, (*overrides, *STEPS))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def family_single_rank_run(tmp_path_factory):
+    """The 1-rank run of recipes/tiny_<family>.yaml on tests/layouts.py's schedule (`STEPS`), launched once per
+    session per family: the reference of that family's parity rows. Returns its output folder."""
+    from tests.layouts import SINGLE_RANK, STEPS
+
+    return lambda kind: _launched_once(tmp_path_factory, f"family-{kind}", 1, (*SINGLE_RANK, *STEPS),
+                                       recipe=f"recipes/tiny_{kind}.yaml")
