@@ -69,6 +69,21 @@ class MoEConfig(PretrainedConfig):
         attention_bias: biases on the q, k and v projections; attention_out_bias: on the output projection.
         clip_qkv: clamp q, k and v to [-clip_qkv, clip_qkv] after the projections and norms (OLMoE).
         Partial rotary (GLM): `rope_parameters["partial_rotary_factor"]`, the share of each head that rotates.
+
+    Multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi-K2, Moonlight; transformers' DeepseekV3Config names), on
+    where `kv_lora_rank` is set (`mla`):
+
+        q_lora_rank: None: q = x W_q; else q = W_qb RMSNorm(W_qa x) through this rank.
+        kv_lora_rank: the rank of the compressed keys and values: [c_kv, k_rope] = W_kva x, then
+            [k_nope, v] = W_kvb RMSNorm(c_kv) per head.
+        qk_nope_head_dim, qk_rope_head_dim: a query/key head is qk_nope_head_dim dims without RoPE, then
+            qk_rope_head_dim with it (the key's RoPE part one vector shared by every head); `head_dim` (the RoPE
+            tables' width) is qk_rope_head_dim.
+        v_head_dim: a value head's width.
+        rope_interleave: RoPE over interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout), else by halves.
+        The softmax scale is (qk_nope_head_dim + qk_rope_head_dim)^-0.5, times YaRN's mscale where the rope
+        parameters are YaRN's with an `mscale_all_dim` (transformers' `yarn_apply_mscale`). `attention_bias` puts
+        biases on q_a/kv_a and o (q_b, kv_b and a plain q have none), as transformers does.
     """
 
     model_type = "moe_model"
@@ -114,6 +129,12 @@ class MoEConfig(PretrainedConfig):
         attention_bias: bool = False,
         attention_out_bias: bool = False,
         clip_qkv: float | None = None,
+        q_lora_rank: int | None = None,
+        kv_lora_rank: int | None = None,
+        qk_nope_head_dim: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        v_head_dim: int | None = None,
+        rope_interleave: bool = False,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -157,6 +178,14 @@ class MoEConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
         self.clip_qkv = clip_qkv
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.rope_interleave = rope_interleave
+        if kv_lora_rank is not None and head_dim is None:  # MLA: the RoPE tables span the rotating part of a head
+            self.head_dim = qk_rope_head_dim
         self.use_cache = use_cache
         self._validate_shape()
         super().__init__(
@@ -180,6 +209,11 @@ class MoEConfig(PretrainedConfig):
         if not self.num_shared_experts:
             return 0
         return self.shared_expert_intermediate_size or self.num_shared_experts * self.expert_width
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (the docstring's last section) instead of grouped-query attention."""
+        return self.kv_lora_rank is not None
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
@@ -240,3 +274,22 @@ class MoEConfig(PretrainedConfig):
              "router_bias_update_rate moves the score bias: set router_score_bias true (with router_scoring sigmoid)")
         need(self.qk_norm in (None, "head", "projection"), f"qk_norm must be null, head or projection, got {self.qk_norm!r}")
         need(self.clip_qkv is None or self.clip_qkv > 0, f"clip_qkv must be null or > 0, got {self.clip_qkv!r}")
+        if self.kv_lora_rank is not None:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                value = getattr(self, name)
+                need(isinstance(value, int) and value > 0, f"MLA (kv_lora_rank set) needs {name} a positive integer, "
+                                                           f"got {value!r}")
+            need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+                 f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
+            need(self.head_dim == self.qk_rope_head_dim, f"with MLA head_dim is the RoPE part, qk_rope_head_dim "
+                                                         f"({self.qk_rope_head_dim}); got {self.head_dim}")
+            need(self.num_key_value_heads == self.num_attention_heads,
+                 "MLA expands keys and values per query head: num_key_value_heads must equal num_attention_heads")
+            need(self.qk_norm is None and self.clip_qkv is None and not self.attention_out_bias,
+                 "MLA has its own norms on the compressed q and kv: qk_norm, clip_qkv and attention_out_bias must be "
+                 "off (attention_bias covers q_a, kv_a and o)")
+            need("partial_rotary_factor" not in (self.rope_parameters or {}),
+                 "MLA rotates qk_rope_head_dim of each head: leave partial_rotary_factor out")
+        else:
+            for name in ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                need(getattr(self, name) is None, f"{name} is MLA's: set kv_lora_rank too (or leave {name} out)")

@@ -1,7 +1,7 @@
 """The Hugging Face formats the project writes (`moe export`) and reads (`train.init_from`): its own
 `MoEForCausalLM` (model_type `moe_model`) and transformers' `MixtralForCausalLM` (model_type `mixtral`); and the
 other MoE families as settings of the same blocks (`FAMILIES`, at the end: Qwen3-MoE, Qwen2-MoE, OLMoE,
-GLM-4.5-MoE), read and written through transformers' own classes for them.
+GLM-4.5-MoE, DeepSeek-V3), read and written through transformers' own classes for them.
 
 The parameters are the same set: Mixtral is this model with gated (silu) experts, no capacity and no z-loss. Two
 differences are arithmetic, kept here in one place:
@@ -284,6 +284,37 @@ def _write_glm4(c: MoEConfig) -> dict[str, Any]:
                 first_k_dense_replace=k, use_qk_norm=c.qk_norm == "head", attention_bias=c.attention_bias)
 
 
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
+
+
+def _read_deepseek_v3(hf) -> dict[str, Any]:
+    """DeepSeek-V3 (and Kimi-K2, Moonlight): GLM-4.5's routed block (sigmoid group-limited routing with a score
+    bias, a routed scale, shared experts of the routed width, dense layers first) under multi-head latent attention.
+    transformers' class holds no multi-token-prediction layers (`num_mtp_layers` configures generation only)."""
+    return dict(num_local_experts=hf.n_routed_experts, moe_intermediate_size=hf.moe_intermediate_size,
+                dense_layers=list(range(hf.first_k_dense_replace)), num_shared_experts=hf.n_shared_experts,
+                router_scoring="sigmoid", router_score_bias=True, n_group=hf.n_group, topk_group=hf.topk_group,
+                routed_scaling_factor=hf.routed_scaling_factor, norm_topk_prob=hf.norm_topk_prob,
+                attention_bias=hf.attention_bias, router_aux_loss_coef=0.0,  # its loss is the cross-entropy alone
+                **{name: getattr(hf, name) for name in MLA_FIELDS})
+
+
+def _write_deepseek_v3(c: MoEConfig) -> dict[str, Any]:
+    k = len(c.dense_layers)
+    _need(c.mla, "deepseek_v3", "multi-head latent attention (kv_lora_rank and its widths)")
+    _need(c.dense_layers == list(range(k)), "deepseek_v3", f"dense layers first (first_k_dense_replace), not "
+                                                           f"{c.dense_layers}")
+    _need(c.router_scoring == "sigmoid" and c.router_score_bias, "deepseek_v3", "sigmoid routing with a score bias")
+    _need(c.num_shared_experts > 0 and not c.shared_expert_gate
+          and c.shared_width == c.num_shared_experts * c.expert_width, "deepseek_v3",
+          "shared experts of the routed width, no gate")
+    return dict(n_routed_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
+                n_shared_experts=c.num_shared_experts, n_group=c.n_group or 1, topk_group=c.topk_group or 1,
+                routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+                first_k_dense_replace=k, attention_bias=c.attention_bias, num_mtp_layers=0,
+                **{name: getattr(c, name) for name in MLA_FIELDS})
+
+
 FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM", (
         "head_dim", "num_experts", "moe_intermediate_size", "norm_topk_prob", "attention_bias"), _read_qwen3,
@@ -297,6 +328,10 @@ FAMILIES: dict[str, Family] = {
         "head_dim", "n_routed_experts", "moe_intermediate_size", "n_shared_experts", "n_group", "topk_group",
         "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "use_qk_norm", "attention_bias"),
         _read_glm4, _write_glm4),
+    "deepseek_v3": Family("DeepseekV3Config", "DeepseekV3ForCausalLM", (
+        "n_routed_experts", "moe_intermediate_size", "n_shared_experts", "n_group", "topk_group",
+        "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "attention_bias", "num_mtp_layers",
+        *MLA_FIELDS), _read_deepseek_v3, _write_deepseek_v3),
 }
 FAMILY_FIELDS = {kind: COMMON_FIELDS + family.fields for kind, family in FAMILIES.items()}
 EXPORT_FORMATS = ("native", "mixtral", *FAMILIES, "hub")  # `moe export --format` (hub: the init_from folder's)

@@ -26,7 +26,7 @@ from transformers.processing_utils import Unpack
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -109,6 +109,16 @@ def apply_rope(x_BHSd: torch.Tensor, cos_BSr: torch.Tensor, sin_BSr: torch.Tenso
     return out if rest is None else torch.cat((out, rest), dim=-1)
 
 
+def apply_rope_interleaved(x_BHSr: torch.Tensor, cos_BSr: torch.Tensor, sin_BSr: torch.Tensor) -> torch.Tensor:
+    """RoPE over interleaved pairs (dim 2i pairs with 2i + 1, each pair at frequency i; DeepSeek's layout), the
+    rotated pairs written out by halves (the evens' results, then the odds'), as transformers' DeepSeek-V3 does;
+    the tables are `MoERotaryEmbedding`'s (their two halves repeat the frequencies)."""
+    half = cos_BSr.shape[-1] // 2
+    cos, sin = cos_BSr[..., :half].unsqueeze(1), sin_BSr[..., :half].unsqueeze(1)
+    even, odd = x_BHSr[..., 0::2], x_BHSr[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
 def eager_attention(module: nn.Module, q_BHSd: torch.Tensor, k_BhKd: torch.Tensor, v_BhKd: torch.Tensor,
                     mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """Attention written out (softmax(q k^T * scaling + mask) v), for `attn_implementation="eager"`: the one path
@@ -179,6 +189,62 @@ class MoEAttention(nn.Module):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out_BSHd, weights = attend(self, q_BHSd, k_BHSd, v_BHSd, mask, scaling=self.scaling, dropout=0.0, **kwargs)
         return self.o_proj(out_BSHd.reshape(B, S, -1)), weights
+
+
+class MoEMLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3; `MoEConfig`'s MLA section), over the heads this module holds
+    (all by default). Queries q [B, H, S, n + r] = W_q x, or W_qb RMSNorm(W_qa x) through `q_lora_rank`; the
+    compressed [c_kv, k_rope] = W_kva x ([B, S, kv_lora_rank + r]); per head [k_nope, v] = W_kvb RMSNorm(c_kv);
+    RoPE on the last r dims of q and on the one k_rope every head shares; keys [k_nope, k_rope]. A cache holds the
+    compressed (c_kv after its norm, k_rope after RoPE), as transformers' DeepSeek-V3 does. Same forward contract as
+    `MoEAttention` (n = qk_nope_head_dim, r = qk_rope_head_dim)."""
+
+    is_causal = True
+
+    def __init__(self, config: MoEConfig, layer_idx: int, num_heads: int | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads if num_heads is None else num_heads
+        self.num_key_value_groups = 1  # keys and values are expanded per query head
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        D, H, qk, bias = config.hidden_size, self.num_heads, self.nope + self.rope, config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = MoERMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_rank + self.rope, bias=bias)
+        self.kv_a_layernorm = MoERMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.scaling = yarn_apply_mscale(config.rope_parameters, qk**-0.5)
+        self.rotate = apply_rope_interleaved if config.rope_interleave else apply_rope
+
+    def forward(self, x_BSD, cos_sin, mask=None, cache: Cache | None = None, **kwargs):
+        B, S, _ = x_BSD.shape
+        if hasattr(self, "q_proj"):
+            q_BSF = self.q_proj(x_BSD)
+        else:
+            q_BSF = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_BHSq = q_BSF.view(B, S, -1, self.nope + self.rope).transpose(1, 2)
+        q_nope_BHSn, q_rope_BHSr = torch.split(q_BHSq, [self.nope, self.rope], dim=-1)
+        ckv_BSc, k_rope_BSr = torch.split(self.kv_a_proj_with_mqa(x_BSD), [self.kv_rank, self.rope], dim=-1)
+        ckv_B1Sc = self.kv_a_layernorm(ckv_BSc).view(B, 1, S, self.kv_rank)
+        q_rope_BHSr = self.rotate(q_rope_BHSr, *cos_sin)
+        k_rope_B1Sr = self.rotate(k_rope_BSr.view(B, 1, S, self.rope), *cos_sin)
+        if cache is not None:
+            ckv_B1Sc, k_rope_B1Sr = cache.update(ckv_B1Sc, k_rope_B1Sr, self.layer_idx)
+        K = ckv_B1Sc.shape[2]  # keys: the cached positions too
+        kv_BHKf = self.kv_b_proj(ckv_B1Sc).view(B, K, -1, self.nope + self.v_dim).transpose(1, 2)
+        k_nope_BHKn, v_BHKv = torch.split(kv_BHKf, [self.nope, self.v_dim], dim=-1)
+        k_BHKq = torch.cat((k_nope_BHKn, k_rope_B1Sr.expand(-1, k_nope_BHKn.shape[1], -1, -1)), dim=-1)
+        q_BHSq = torch.cat((q_nope_BHSn, q_rope_BHSr), dim=-1)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out_BSHv, weights = attend(self, q_BHSq, k_BHKq, v_BHKv, mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.o_proj(out_BSHv.reshape(B, S, -1)), weights
 
 
 class MoERouter(nn.Linear):
@@ -365,7 +431,7 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoEConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MoEAttention(config, layer_idx)
+        self.self_attn = MoEMLAttention(config, layer_idx) if config.mla else MoEAttention(config, layer_idx)
         self.post_attention_layernorm = MoERMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoESparseBlock(config) if config.is_moe_layer(layer_idx) else MoEMLP(config, config.intermediate_size)
 

@@ -95,6 +95,13 @@ class ModelSection(Section):
     attention_out_bias: bool = False
     clip_qkv: PositiveFloat | None = None
     partial_rotary_factor: float = Field(1.0, gt=0, le=1)  # the share of each head RoPE rotates (GLM: 0.5)
+    # multi-head latent attention (DeepSeek-V3, MoEConfig's docstring): on where kv_lora_rank is set
+    q_lora_rank: PositiveInt | None = None
+    kv_lora_rank: PositiveInt | None = None
+    qk_nope_head_dim: PositiveInt | None = None
+    qk_rope_head_dim: PositiveInt | None = None
+    v_head_dim: PositiveInt | None = None
+    rope_interleave: bool = False
 
     def to_config(self) -> MoEConfig:
         fields = self.model_dump()

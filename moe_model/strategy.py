@@ -174,6 +174,9 @@ class Strategy:
         if tp > 1 and getattr(model, "qk_norm", None) == "projection":
             return "parallel.tp", (f"tp={tp} splits the heads, and model.qk_norm projection normalises over all of "
                                    "them (OLMoE's); use tp 1 (or qk_norm head)")
+        if tp > 1 and getattr(model, "kv_lora_rank", None) is not None:
+            return "parallel.tp", (f"tp={tp}: multi-head latent attention (model.kv_lora_rank) is not split over "
+                                   "tensor-parallel ranks yet; use tp 1 (pp, ep and dp scale it)")
         if tp > 1 and getattr(model, "attention_out_bias", False):
             return "parallel.tp", (f"tp={tp} sums o_proj's partial outputs over the tp ranks, and "
                                    "model.attention_out_bias would be added on each; use tp 1")

@@ -62,7 +62,7 @@ def test_zero2_model_states_agree_with_deepspeeds_own_formula():
         assert fp32.step_transient_bytes == 0 and fp32.optimizer_bytes == states.optimizer_bytes
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "cpu"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "cpu"])
 def test_zero2_flat_groups_are_the_models_parameters_in_order(kind):
     """`zero_flat_groups` at ep 1 (one stage): the decay (ndim >= 2) and no-decay groups `train/engine.param_groups`
     builds, tensor by tensor in the model's own order; the gradient elements of the busiest rank are those of the whole

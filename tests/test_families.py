@@ -40,6 +40,13 @@ FAMILIES = {  # model_type -> (config class, model class, kwargs)
         n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
         norm_topk_prob=True, use_qk_norm=True, attention_bias=True, head_dim=32, partial_rotary_factor=0.5,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # multi-head latent attention (q through its low rank, interleaved RoPE) under GLM's routed block
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, rope_interleave=True, num_mtp_layers=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 
 
@@ -85,8 +92,8 @@ def test_the_logits_and_the_loss_equal_transformers(family):
     assert (mine.logits - theirs.logits).abs().max() <= 1e-5
     assert abs(mine.lm_loss.item() - theirs.loss.item()) <= 1e-5
     kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
-    assert kinds == ["MoESparseBlock" if "Moe" in type(layer.mlp).__name__ and "MLP" not in type(layer.mlp).__name__
-                     else "MoEMLP" for layer in family.model.layers], kinds
+    assert kinds == ["MoESparseBlock" if hasattr(layer.mlp, "experts") else "MoEMLP"  # their MoE blocks hold experts
+                     for layer in family.model.layers], kinds
 
 
 def test_the_way_back_gives_the_config_and_every_tensor_bit_for_bit(family):
@@ -179,6 +186,32 @@ REAL_SIZE = {
         partial_rotary_factor=0.5, n_group=1, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=131072,
         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                     "partial_rotary_factor": 0.5})),
+    # multi-head latent attention (issue 26): the shape fields of each model's config.json as published
+    "DeepSeek-V3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=163840, num_mtp_layers=0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                         "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0})),
+    "Moonlight-16B-A3B": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+        n_routed_experts=64, routed_scaling_factor=2.446, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=1, topk_group=1, num_experts_per_tok=6,
+        first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=8192, num_mtp_layers=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
+    "Kimi-K2": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=64, num_key_value_heads=64, n_shared_experts=1,
+        n_routed_experts=384, routed_scaling_factor=2.827, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=1, topk_group=1, num_experts_per_tok=8,
+        first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=131072, num_mtp_layers=0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0,
+                         "original_max_position_embeddings": 4096, "beta_fast": 1.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0})),
 }
 # the recipes of recipes/ that state these models at real size
 SHIPPED = {"Qwen3-30B-A3B": "qwen3_30b_a3b", "Qwen3-235B-A22B": "qwen3_235b_a22b",

@@ -52,7 +52,7 @@ def recipe_from(tmp_path, folder, **train):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3"])
 def test_first_loss_is_transformers_and_export_gives_its_tensors_back(tmp_path, kind):
     source = family_folder(kind, tmp_path / "hf")
     run = tmp_path / "run"
@@ -92,6 +92,10 @@ FAMILY_PARITY = {
     # the same on AutoEP under ZeRO-3 (the only MoE backend DeepSpeed takes there; the bias a buffer of its router)
     "glm4_moe_dp2_ep2_zero3_autoep": ("glm4_moe", 2, ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2",
                                                       "parallel.dp=2", "parallel.zero_stage=3")),
+    # DeepSeek-V3's block: multi-head latent attention over GLM's routed block, its bias moved; stage 0 holds the
+    # dense layer and an MoE layer; on the legacy layer (AutoEP runs it from the Hub folder above)
+    "deepseek_v3_pp2_dp2_ep2_legacy": ("deepseek_v3", 4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2",
+                                                          "parallel.dp=2", "parallel.moe_backend=legacy")),
 }
 
 

@@ -213,6 +213,22 @@ def _mlp_tensors(model, width: int) -> list[int]:
 Tensor = tuple[int, bool, bool]  # (numel, ndim >= 2: weight-decayed, an expert tensor)
 
 
+def _mla_tensors(model) -> list[Tensor]:
+    """`modeling.MoEMLAttention`'s parameters in registration order (tp 1: MLA is not split yet), the counts of
+    `shapes.mla_params`."""
+    D, H, bias = model.hidden_size, model.num_attention_heads, model.attention_bias
+    n, r, v, q_rank, kv_rank = (model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim, model.q_lora_rank,
+                                model.kv_lora_rank)
+    if q_rank is None:
+        out = [(H * (n + r) * D, True, False)]
+    else:
+        out = [(q_rank * D, True, False)] + [(q_rank, False, False)] * bias + [(q_rank, False, False),
+                                                                               (H * (n + r) * q_rank, True, False)]
+    out += [((kv_rank + r) * D, True, False)] + [(kv_rank + r, False, False)] * bias
+    out += [(kv_rank, False, False), (H * (n + v) * kv_rank, True, False), (D * H * v, True, False)]
+    return out + [(D, False, False)] * bias
+
+
 def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tuple[list[Tensor], list[Tensor]]:
     """One decoder layer's parameters on a rank in the module's registration order (`modeling.MoEDecoderLayer`;
     tp: `TensorParallelAttention`'s slices), and those AutoEP's conversion puts in their place. `experts`: "stacked"
@@ -223,11 +239,14 @@ def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tupl
     D, d = model.hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d // tp, model.num_key_value_heads * d // tp
     out = [(D, False, False)]  # input_layernorm
-    for rows in (q, kv, kv):  # q, k, v: weight, bias
-        out += [(rows * D, True, False)] + [(rows, False, False)] * bool(model.attention_bias)
-    out += [(D * q, True, False)] + [(D, False, False)] * bool(model.attention_out_bias)
-    norms = {None: (), "head": (d, d), "projection": (q, kv)}[model.qk_norm]
-    out += [(n, False, False) for n in norms] + [(D, False, False)]  # q/k norms, post_attention_layernorm
+    if getattr(model, "mla", False):
+        out += _mla_tensors(model) + [(D, False, False)]  # post_attention_layernorm
+    else:
+        for rows in (q, kv, kv):  # q, k, v: weight, bias
+            out += [(rows * D, True, False)] + [(rows, False, False)] * bool(model.attention_bias)
+        out += [(D * q, True, False)] + [(D, False, False)] * bool(model.attention_out_bias)
+        norms = {None: (), "head": (d, d), "projection": (q, kv)}[model.qk_norm]
+        out += [(n, False, False) for n in norms] + [(D, False, False)]  # q/k norms, post_attention_layernorm
     if not model.is_moe_layer(layer):
         return out + [(n, True, False) for n in _mlp_tensors(model, model.intermediate_size)], []
     E, I = model.num_local_experts, model.expert_width

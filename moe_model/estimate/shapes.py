@@ -116,12 +116,27 @@ class LayerShape(NamedTuple):
         return self.dense + self.experts * self.per_expert
 
 
+def mla_params(config) -> tuple[int, int]:
+    """Multi-head latent attention's parameters (`modeling.MoEMLAttention`), (split by heads, whole on every rank):
+    split: q [H*(n+r), D] (or q_b [H*(n+r), q_lora]), kv_b [H*(n+v), kv_lora], o [D, H*v] (+ D bias); whole: q_a
+    [q_lora, D] and its norm, kv_a [kv_lora + r, D] and its norm (+ the q_a and kv_a biases with attention_bias).
+    n, r, v: qk_nope_head_dim, qk_rope_head_dim, v_head_dim."""
+    D, H, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
+    n, r, v, q_rank, kv_rank = (config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
+                                config.q_lora_rank, config.kv_lora_rank)
+    split = H * (n + r) * (q_rank or D) + H * (n + v) * kv_rank + H * v * D + D * bias
+    whole = (kv_rank + r) * (D + bias) + kv_rank
+    if q_rank:
+        whole += q_rank * (D + bias) + q_rank
+    return split, whole
+
+
 def layer_table(config) -> list[LayerShape]:
     """Every decoder layer of a `MoEConfig` by part, the one home of the per-layer parameter arithmetic of the
     families' blocks (`MoEConfig`'s settings after `initializer_range`), layer by layer:
 
         attention  `attention_params` + Dq + 2*Dkv (`attention_bias`), split over tp; whole on each tp rank:
-                   D (`attention_out_bias`) + 2*d (`qk_norm` head) or Dq + Dkv (projection)
+                   D (`attention_out_bias`) + 2*d (`qk_norm` head) or Dq + Dkv (projection); MLA: `mla_params`
         MoE layer  router D*E, experts E*g*I_e*D (I_e = `expert_width`), shared g*D*I_s (+ D for its gate)
         dense layer  g*D*I (`intermediate_size`), no router
     A Mixtral-shaped config's rows are `layer_dense_params` and `expert_params` (`rank_params` reads those)."""
@@ -129,6 +144,8 @@ def layer_table(config) -> list[LayerShape]:
     d = config.head_dim
     attention = attention_params(m) + (m.Dq + 2 * m.Dkv) * config.attention_bias
     whole = m.D * config.attention_out_bias + {None: 0, "head": 2 * d, "projection": m.Dq + m.Dkv}[config.qk_norm]
+    if getattr(config, "mla", False):
+        attention, whole = mla_params(config)
     per_expert = expert_params(m)
     shared = m.g * m.D * config.shared_width + m.D * bool(config.shared_width and config.shared_expert_gate)
     rows = []
@@ -141,10 +158,10 @@ def layer_table(config) -> list[LayerShape]:
 
 
 # Block settings the model computes that the activation and step-time models do not price (`unpriced_settings`).
-# Empty since every family block of issue 25 is priced: the activations per layer kind to the byte
-# (`activations.decoder_layer`), the step time per stage's MoE and dense layers (`perf.stage_kinds`). A setting the
-# model gains before the estimate prices it (MLA's, issue 26) is named here until then.
-UNPRICED_SETTINGS: tuple[str, ...] = ()
+# Every family block of issue 25 is priced: the activations per layer kind to the byte (`activations.decoder_layer`),
+# the step time per stage's MoE and dense layers (`perf.stage_kinds`). Multi-head latent attention (issue 26) is
+# named here until its activations and step time are priced (its parameters and model states are: `mla_params`).
+UNPRICED_SETTINGS: tuple[str, ...] = ("kv_lora_rank",)  # MLA: its parameters are priced, not its activations/time
 
 
 def unpriced_settings(model: Any) -> list[str]:
