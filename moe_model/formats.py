@@ -157,6 +157,28 @@ def hub_names(name: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+
+MTP_CONFIG_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")  # the Hub's name, transformers 5's
+
+
+def mtp_layers(config_json: dict[str, Any]) -> range:
+    """The multi-token-prediction layers a checkpoint stores after its decoder layers (DeepSeek-V3's
+    `num_nextn_predict_layers: 1` in a 61-layer model: `model.layers.61.*`, with its `enorm`, `hnorm`, `eh_proj`,
+    `shared_head` and a whole decoder block): layer numbers `num_hidden_layers ..` for the count its config.json
+    states, none where it states none. This model trains the main layers only: `train.init_from` leaves these out
+    (one line says so) and an export's config states 0 (`_write_deepseek_v3`)."""
+    count = next((config_json[key] for key in MTP_CONFIG_KEYS if config_json.get(key) is not None), 0)
+    first = config_json.get("num_hidden_layers", 0)
+    return range(first, first + max(int(count), 0))
+
+
+def in_mtp_layer(name: str, layers: range) -> bool:
+    """Whether the checkpoint tensor `name` belongs to one of the multi-token-prediction `layers` (`mtp_layers`)."""
+    prefix, dot, rest = name.partition("model.layers.")
+    number = rest.partition(".")[0]
+    return bool(dot) and not prefix and number.isdigit() and int(number) in layers
+
+
 # ------------------------------------------------------------------------------------------------ the families
 # One table a family: which transformers classes hold it, which of its config fields are MoEConfig's under the same
 # name (`COMMON_FIELDS`, every family) or its own (`fields`, written back verbatim), and two functions for the rest:

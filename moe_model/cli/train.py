@@ -86,7 +86,9 @@ def cmd_train(recipe: Recipe, args: argparse.Namespace) -> int:
     if recipe.train.init_from and not _resumable(recipe):  # what a fresh run's ranks would read, checked here
         from ..train.engine import init_from_source
 
-        init_from_source(recipe)
+        left_out = init_from_source(recipe).left_out_line()  # its multi-token-prediction layers
+        if left_out:
+            print(left_out, file=sys.stderr)
     from ..train.distributed import launch_env
     from ..train.host_memory import cpu_host_refusal
 

@@ -50,7 +50,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..formats import HUB_EXPERT_LAYOUTS, hub_names, hub_parts
+from ..formats import HUB_EXPERT_LAYOUTS, hub_names, hub_parts, in_mtp_layer, mtp_layers
 from .autoep import block_name
 
 LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
@@ -221,6 +221,8 @@ class SafetensorsSource:
                 files = {key: single.name for key in handle.keys()}
         self.folder, self.files, self._open = folder, files, safe_open
         self.handles: dict[str, object] = {}
+        config = folder / "config.json"  # the multi-token-prediction layers its config states (`formats.mtp_layers`)
+        self.mtp_layers = mtp_layers(json.loads(config.read_text())) if config.is_file() else range(0)
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -243,17 +245,34 @@ class SafetensorsSource:
                 return f"{self.folder}: {name} is {tuple(found)}, the model's is {tuple(shape)}"
         return None
 
+    def left_out(self) -> list[str]:
+        """The tensors of the multi-token-prediction layers its config.json states (`formats.mtp_layers`), sorted:
+        this model trains the main layers only, so these are never read nor counted as unexpected."""
+        return sorted(n for n in self.files if in_mtp_layer(n, self.mtp_layers))
+
+    def left_out_line(self) -> str | None:
+        """One line naming the multi-token-prediction layers left out (`left_out`), None where there are none."""
+        names = self.left_out()
+        if not names:
+            return None
+        layers = sorted({int(n.split(".")[2]) for n in names})
+        count = sum(prod(self.shape(n)) for n in names)
+        return (f"moe: init_from: leaving out the checkpoint's {len(layers)} multi-token-prediction "
+                f"layer{'s' if len(layers) > 1 else ''} ({', '.join(f'model.layers.{i}.*' for i in layers)}, "
+                f"{count:,} parameters): this model trains the main layers only")
+
     def unexpected(self, shapes: dict[str, torch.Size]) -> list[str]:
         """The folder's tensors that no parameter of a model of these shapes reads (under its own name or its Hub
         names, `formats.hub_names` and `hub_parts`), sorted; RoPE frequency buffers older transformers saved are not
-        counted (they are recomputed)."""
+        counted (they are recomputed), nor the multi-token-prediction layers its config states (`left_out`)."""
         read = set()
         for name, shape in shapes.items():
             read.update(hub_names(name))
             if hub_parts(name, 0) is not None:
                 read.update(key for layout in range(len(HUB_EXPERT_LAYOUTS)) for e in range(shape[0])
                             for key in hub_parts(name, e, layout))
-        return sorted(n for n in self.files if n not in read and not n.endswith("rotary_emb.inv_freq"))
+        return sorted(n for n in self.files if n not in read and not n.endswith("rotary_emb.inv_freq")
+                      and not in_mtp_layer(n, self.mtp_layers))
 
     def shape(self, name: str) -> torch.Size:
         return torch.Size(self._handle(name).get_slice(name).get_shape())

@@ -159,7 +159,9 @@ def weights_source(recipe: Recipe, resuming: bool = False, pieces: Path | None =
 def init_from_source(recipe: Recipe, shapes=None):
     """`train.init_from`'s folder as a weights source, checked whole from its headers (no weights read): every shard
     its index names present, every parameter there with its shape, and no tensor the model would not read unless
-    `train.init_from_unexpected: ignore`. `moe train` runs it before any rank starts; a `RecipeError` otherwise."""
+    `train.init_from_unexpected: ignore`, save the multi-token-prediction layers its config states, always left out
+    (`formats.mtp_layers`; `moe train` says so in one line, `SafetensorsSource.left_out_line`). `moe train` runs it
+    before any rank starts; a `RecipeError` otherwise."""
     from ..parallel.state_dict_adapter import SafetensorsSource, global_shapes
 
     shapes = shapes if shapes is not None else global_shapes(recipe.moe_config())
