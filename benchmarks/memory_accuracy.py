@@ -189,6 +189,13 @@ QWEN3_MOE_LIKE = {**SMALL, "hidden_act": "silu", "num_hidden_layers": 3, "num_lo
 # OLMoE: q/k norm over the whole projection, q/k/v clipped, top-k not renormalised
 OLMOE_LIKE = {**SMALL, "hidden_act": "silu", "num_local_experts": 8, "qk_norm": "projection", "clip_qkv": 0.5,
               "norm_topk_prob": False}
+# DeepSeek-V3: multi-head latent attention (q through a rank-24 projection, a rank-16 kv latent, heads of 16 + 8
+# dims, values 12 wide: zero-padded to 24 for the fused kernel; interleaved RoPE) over GLM's routed block
+DEEPSEEK_V3_LIKE = {**SMALL, "hidden_act": "silu", "num_hidden_layers": 3, "num_local_experts": 8,
+                    "num_key_value_heads": 4, "moe_intermediate_size": 16, "dense_layers": [0],
+                    "num_shared_experts": 1, "router_scoring": "sigmoid", "router_score_bias": True, "n_group": 2,
+                    "topk_group": 1, "routed_scaling_factor": 2.5, "q_lora_rank": 24, "kv_lora_rank": 16,
+                    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "rope_interleave": True}
 ACTIVATION_CASES += [
     ActivationCase("Qwen2-MoE-like shared expert + gate, qkv bias, top-k unnormalised", QWEN2_MOE_LIKE, 2, 16),
     ActivationCase("GLM-like dense first, shared, sigmoid groups, partial rotary", GLM_LIKE, 2, 16),
@@ -204,6 +211,11 @@ ACTIVATION_CASES += [
     ActivationCase("Qwen2-MoE-like AutoEP", QWEN2_MOE_LIKE, 2, 16, autoep=True),
     ActivationCase("GLM-like AutoEP", GLM_LIKE, 2, 16, autoep=True),
     ActivationCase("GLM-like AutoEP ckpt", GLM_LIKE, 2, 16, checkpointing=True, autoep=True),
+    ActivationCase("DeepSeek-V3-like MLA", DEEPSEEK_V3_LIKE, 2, 16),
+    ActivationCase("MLA plain q, RoPE by halves, v as wide as q", {
+        **DEEPSEEK_V3_LIKE, "q_lora_rank": None, "rope_interleave": False, "v_head_dim": 24}, 2, 24),
+    ActivationCase("DeepSeek-V3-like MLA ckpt", DEEPSEEK_V3_LIKE, 2, 16, checkpointing=True),
+    ActivationCase("DeepSeek-V3-like MLA AutoEP", DEEPSEEK_V3_LIKE, 2, 16, autoep=True),
 ]
 ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

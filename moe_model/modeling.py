@@ -242,9 +242,14 @@ class MoEMLAttention(nn.Module):
         k_nope_BHKn, v_BHKv = torch.split(kv_BHKf, [self.nope, self.v_dim], dim=-1)
         k_BHKq = torch.cat((k_nope_BHKn, k_rope_B1Sr.expand(-1, k_nope_BHKn.shape[1], -1, -1)), dim=-1)
         q_BHSq = torch.cat((q_nope_BHSn, q_rope_BHSr), dim=-1)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        implementation = self.config._attn_implementation
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
+        qk = self.nope + self.rope
+        pad = qk - self.v_dim if implementation not in (None, "eager") else 0
+        if pad > 0:  # the fused kernels (flash; CPU's too) take one width for q, k and v: zeros pad v, sliced off
+            v_BHKv = F.pad(v_BHKv, (0, pad))
         out_BSHv, weights = attend(self, q_BHSq, k_BHKq, v_BHKv, mask, scaling=self.scaling, dropout=0.0, **kwargs)
-        return self.o_proj(out_BSHv.reshape(B, S, -1)), weights
+        return self.o_proj(out_BSHv[..., : self.v_dim].reshape(B, S, -1)), weights
 
 
 class MoERouter(nn.Linear):

@@ -102,11 +102,22 @@ class ModelSection(Section):
     qk_rope_head_dim: PositiveInt | None = None
     v_head_dim: PositiveInt | None = None
     rope_interleave: bool = False
+    # a scaled RoPE (transformers' rope_parameters names: rope_type yarn, factor, original_max_position_embeddings,
+    # beta_fast, beta_slow, mscale, mscale_all_dim; ...); rope_theta and partial_rotary_factor stay their own fields
+    rope_parameters: dict[str, float | int | str] | None = None
+
+    @field_validator("rope_parameters")
+    @classmethod
+    def _rope_theta_once(cls, value):
+        if value and {"rope_theta", "partial_rotary_factor"} & set(value):
+            raise ValueError("rope_theta and partial_rotary_factor are model fields of their own; take them out of "
+                             "rope_parameters")
+        return value
 
     def to_config(self) -> MoEConfig:
         fields = self.model_dump()
         partial = fields.pop("partial_rotary_factor")
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        rope = {"rope_type": "default", **(fields.pop("rope_parameters") or {}), "rope_theta": self.rope_theta}
         return MoEConfig(**fields, rope_parameters=rope if partial == 1.0 else {**rope, "partial_rotary_factor": partial})
 
 

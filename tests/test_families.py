@@ -215,7 +215,8 @@ REAL_SIZE = {
 }
 # the recipes of recipes/ that state these models at real size
 SHIPPED = {"Qwen3-30B-A3B": "qwen3_30b_a3b", "Qwen3-235B-A22B": "qwen3_235b_a22b",
-           "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "OLMoE-1B-7B": "olmoe_1b_7b", "GLM-4.5-Air": "glm4_5_air"}
+           "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "OLMoE-1B-7B": "olmoe_1b_7b", "GLM-4.5-Air": "glm4_5_air",
+           "DeepSeek-V3": "deepseek_v3", "Moonlight-16B-A3B": "moonlight_16b_a3b"}
 
 
 @pytest.mark.parametrize("name", list(REAL_SIZE))

@@ -64,10 +64,23 @@ def test_mla_with_tensor_parallelism_is_refused_in_one_line():
         recipe.check_strategy(recipe.strategy(4)[0].replace(tp=2, pp=1, ep=2, dp=2, moe_backend="auto"))
 
 
-def test_the_estimate_names_what_it_does_not_price_yet(capsys):
-    """MLA's parameters and model states are priced (`shapes.mla_params`; the counts at real size are transformers'
-    numel), its activations and step time not yet: the estimate says so."""
+def test_the_estimate_prices_mla(capsys):
+    """MLA's parameters (`shapes.mla_params`; the counts at real size are transformers' numel), its activations
+    (benchmarks/memory_accuracy.py's MLA cases, to the byte) and its FLOPs (tests/test_perf.py, torch's count) are
+    priced: the estimate names nothing as unpriced."""
     from moe_model.cli import main as moe
 
     assert moe(["estimate", str(ROOT / "recipes/tiny_deepseek_v3.yaml"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["unpriced_block_settings"] == ["kv_lora_rank 16"]
+    assert json.loads(capsys.readouterr().out)["unpriced_block_settings"] == []
+
+
+def test_sdpa_with_values_padded_to_the_query_width_equals_eager():
+    """The fused kernels take one width for q, k and v: `MoEMLAttention` zero-pads v (12 wide here, q 24) and slices
+    the output; the logits equal eager attention's, which runs the widths as they are."""
+    family = family_model("deepseek_v3")
+    eager = ours_from(family)
+    sdpa = ours_from(family)
+    sdpa.config._attn_implementation = "sdpa"
+    ids = batch()
+    with torch.no_grad():
+        assert (eager(input_ids=ids).logits - sdpa(input_ids=ids).logits).abs().max() <= 1e-5

@@ -458,7 +458,8 @@ def test_the_grid_path_equals_the_scalar_path_with_dense_layers(sets):
         assert float(one["step"]) == pytest.approx(float(c["step"][i]), rel=1e-12), rows[i]
 
 
-@pytest.mark.parametrize("path", [TINY_QWEN2, TINY_GLM, str(ROOT / "recipes/tiny_cpu.yaml")])
+@pytest.mark.parametrize("path", [TINY_QWEN2, TINY_GLM, str(ROOT / "recipes/tiny_deepseek_v3.yaml"),
+                                  str(ROOT / "recipes/tiny_cpu.yaml")])
 def test_model_flops_equal_torchs_count_of_the_real_models_forward(path):
     """torch's FlopCounterMode on the model's own forward (eager attention, ep 1, dropless: the experts run exactly
     the T*k routed rows however the router balances them): its matmuls are the model's FLOPs, the attention's two

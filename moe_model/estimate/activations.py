@@ -201,6 +201,34 @@ def attention(cfg: MoEConfig, mb: MicroBatch) -> Terms:
     return terms
 
 
+def mla_attention(cfg: MoEConfig, mb: MicroBatch) -> Terms:
+    """`MoEMLAttention` (module docstring; n, r, v its head widths, q = n + r, c the kv rank, q_r the q rank, H
+    heads), as measured through the hooks: the layer's input b*T*D (q_a or q, and kv_a read it); with a q rank the
+    RMSNorm over q_r and q_b's input b*T*q_r; the kv RMSNorm, whose fp32 input is kv_a's whole output b*T*(c + r)
+    in fp32 (`x.float()` is x, and c of it a view) and a copy 4*T*c otherwise, and kv_b's input b*T*c; SDPA's q,
+    k (new cats, b*T*H*q each), v and output: v zero-padded to q's width for the fused kernels where v < q (new,
+    b*T*H*q each), else v a view of kv_b's output b*T*H*(n + v) and the output b*T*H*v; its log-sum-exp 4*T*H; and
+    o_proj's input, a copy of the output b*T*H*v (laid [B, H, S, v], as the cat laid q). RoPE's products save only
+    its tables (the shared `rope_tables`); the projections' outputs are not saved."""
+    T, b, H = mb.tokens, mb.dtype_bytes, cfg.num_attention_heads // mb.tp
+    n, r, v, c, q_rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
+                          cfg.q_lora_rank)
+    q = n + r
+    terms = Terms().add("attn.input", b * T * cfg.hidden_size)
+    if q_rank:
+        terms.merge(rms_norm(T, q_rank, b), prefix="attn.q_a_").add("attn.q_b_input", b * T * q_rank)
+    kv_norm = rms_norm(T, c, b)
+    if b == FP32:  # the norm's fp32 input is kv_a's output itself, all of it
+        kv_norm.items["norm.input_fp32"] = b * T * (c + r)
+    terms.merge(kv_norm, prefix="attn.kv_a_").add("attn.kv_b_input", b * T * c)
+    terms.add("attn.q_k", 2 * b * T * H * q)
+    if v < q:
+        terms.add("attn.v_padded", b * T * H * q).add("attn.sdpa_out", b * T * H * q)
+    else:
+        terms.add("attn.kv_b_output", b * T * H * (n + v)).add("attn.sdpa_out", b * T * H * v)
+    return terms.add("attn.sdpa_logsumexp", FP32 * T * H).add("attn.o_proj_input", b * T * H * v)
+
+
 def router(cfg: MoEConfig, mb: MicroBatch, autoep: bool = False) -> Terms:
     """The router's saved tensors as `routing.route` scores (module docstring); `autoep`: DeepSpeed's router saves
     the same (softmax only), and the adapter's softmax for the aux loss is one more fp32 [T, E]."""
@@ -333,7 +361,7 @@ def decoder_layer(cfg: MoEConfig, mb: MicroBatch, imbalance: float = 1.0, depth:
     of the model by its kind (`MoEConfig.is_moe_layer`), or an MoE layer where `layer` is None. An MoE layer: its
     router, routed experts (`experts`: `depth`, `rows` as there) and shared experts; a dense layer: its FFN."""
     T, D, b = mb.tokens, cfg.hidden_size, mb.dtype_bytes
-    terms = Terms().merge(rms_norm(T, D, b), times=2).merge(attention(cfg, mb))
+    terms = Terms().merge(rms_norm(T, D, b), times=2).merge(mla_attention(cfg, mb) if cfg.mla else attention(cfg, mb))
     if layer is not None and not cfg.is_moe_layer(layer):
         return terms.merge(dense_ffn(cfg, mb))
     return (terms.merge(router(cfg, mb, autoep=mb.backend(cfg) == "autoep"))

@@ -139,6 +139,7 @@ class Shape:
     clip_qkv: bool = False  # q, k, v clamped
     rows: tuple = ()  # (an MoE layer's, a dense layer's `shapes.LayerShape`), `layer_table`'s; (): from the widths
     attention_small: tuple = ((), ())  # the attention's biases and q/k norms, numel: (split over tp, whole on each)
+    mla: tuple = ()  # multi-head latent attention: (H, q_lora_rank or 0, kv_lora_rank, n, r, v); (): none
 
 
 def shape_of(recipe: Recipe, imbalance: float = 1.0, zero3: Zero3Settings = Zero3Settings()) -> Shape:
@@ -163,7 +164,9 @@ def shape_of(recipe: Recipe, imbalance: float = 1.0, zero3: Zero3Settings = Zero
                  I_dense=cfg.intermediate_size if cfg.dense_layers else 0, I_shared=cfg.shared_width,
                  shared_gate=bool(cfg.shared_width and cfg.shared_expert_gate),
                  dense_layers=tuple(cfg.dense_layers), qk_norm=cfg.qk_norm is not None,
-                 clip_qkv=cfg.clip_qkv is not None, rows=rows, attention_small=small)
+                 clip_qkv=cfg.clip_qkv is not None, rows=rows, attention_small=small,
+                 mla=(cfg.num_attention_heads, cfg.q_lora_rank or 0, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                      cfg.qk_rope_head_dim, cfg.v_head_dim) if cfg.mla else ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,17 +208,38 @@ def _stage_table(num_layers: int, dense_layers: tuple[int, ...], max_pp: int) ->
     return table
 
 
-def layer_forward_flops(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
+def mla_widths(s: Shape, run: bool = True) -> dict[str, int]:
+    """Multi-head latent attention's widths per token (`Shape.mla`), summed over the H heads: `q` the queries and
+    keys (H*(n + r)), `v` the values SDPA runs (H*v, or H*(n + r) where `run` and the fused kernel gets v
+    zero-padded to q's width: `modeling.MoEMLAttention`), `out` o_proj's input (H*v); `proj` the projections'
+    weights (q or q_a + q_b, kv_a, kv_b) and `act` their outputs (and the low-rank ones' inputs)."""
+    H, q_rank, c, n, r, v = s.mla
+    q = n + r
+    q_w = q_rank * (s.D + H * q) if q_rank else s.D * H * q
+    return {"q": H * q, "v": H * (max(v, q) if run else v), "out": H * v,
+            "proj": q_w + s.D * (c + r) + c * H * (n + v),
+            "act": (2 * q_rank if q_rank else 0) + H * q + (c + r) + c + H * (n + v)}
+
+
+def layer_forward_flops(s: Shape, B, tp, ep, autoep=False, dense: bool = False, run: bool = True):
     """Forward FLOPs of one decoder layer on one rank, by op (works on numbers and on numpy arrays alike); `autoep`
     (bool or 0/1 array): the experts run on DeepSpeed's AutoEP layer, else the legacy path (traffic.expert_rows).
-    An MoE layer, or with `dense` a dense FFN layer (no router, experts or shared experts)."""
+    An MoE layer, or with `dense` a dense FFN layer (no router, experts or shared experts). Multi-head latent
+    attention (`mla_widths`): its projections, and SDPA's values at the width that runs (`run`) or is useful."""
     T = B * s.S
     moe = not dense
     R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0] if moe else 0.0
+    if s.mla:  # (tp 1: MLA is not split over tensor-parallel ranks)
+        w = mla_widths(s, run)
+        qkv, o_proj = 2.0 * T * w["proj"], 2.0 * T * w["out"] * s.D
+        sdpa = (2.0 * B * s.S * s.S * (w["q"] + w["v"])) * 0.5
+    else:
+        qkv, o_proj = 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp, 2.0 * T * s.Dq * s.D / tp
+        sdpa = 2 * (2.0 * B * s.S * s.S * s.Dq / tp) * 0.5
     return {
-        "qkv": 2.0 * T * s.D * (s.Dq + 2 * s.Dkv) / tp,
-        "o_proj": 2.0 * T * s.Dq * s.D / tp,
-        "sdpa": 2 * (2.0 * B * s.S * s.S * s.Dq / tp) * 0.5,
+        "qkv": qkv,
+        "o_proj": o_proj,
+        "sdpa": sdpa,
         "router": 2.0 * T * s.D * s.E * moe,
         "experts": 2.0 * R * s.D * s.I * s.g,
         "shared_experts": (2.0 * T * s.D * s.I_shared * s.g + 2.0 * T * s.D * s.shared_gate) * moe,
@@ -247,8 +271,15 @@ def layer_forward_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
         "shared_experts": b * (s.g * s.D * Is + T * s.g * (s.D + Is) + s.shared_gate * (s.D + T * s.D + T)) * bool(Is),
         "dense_ffn": b * (s.g * s.D * Id + T * s.g * (s.D + Id)) * dense,
     }
+    if s.mla:  # its projections read x and write their outputs; SDPA reads q, k, v and writes the output
+        w = mla_widths(s)
+        by.update(qkv=b * (T * s.D + w["proj"] + T * w["act"]), o_proj=b * (T * w["out"] + w["out"] * s.D + T * s.D),
+                  sdpa=b * T * (2.0 * w["q"] + 2.0 * w["v"]))
     times = {name: _roofline(f[name], by[name], s) for name in f}
-    elementwise = 10.0 * b * T * s.D + 2.0 * b * T * (s.Dq + s.Dkv) / tp
+    # RoPE on q and k: MLA's rotating parts (every head's r dims of q, the one shared r of k) and its two RMSNorms
+    rope = (2.0 * b * T * (s.mla[0] + 1) * s.mla[4] + 4.0 * b * T * (s.mla[1] + s.mla[2]) if s.mla
+            else 2.0 * b * T * (s.Dq + s.Dkv) / tp)
+    elementwise = 10.0 * b * T * s.D + rope
     if moe:
         elementwise = elementwise + 8.0 * T * s.E + 4.0 * b * R * s.D + s.g * b * R * s.I
     # the families' element-wise work: q/k norms, the clamp, the shared FFN's activation, its gate and its sum into
@@ -360,9 +391,9 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, auto
 def model_flops_per_step(s: Shape) -> float:
     """Useful FLOPs of a step: 3x the forward of every token (no recompute, no redundant tp work), each layer as it
     is: an MoE layer (router, the routed copies R = S*k, shared experts) or a dense FFN layer."""
-    per_layer = sum(layer_forward_flops(s, 1, 1, 1).values())  # the routed copies only: R = S*k
+    per_layer = sum(layer_forward_flops(s, 1, 1, 1, run=False).values())  # the routed copies only: R = S*k
     dense = len(s.dense_layers)
-    per_dense = float(sum(layer_forward_flops(s, 1, 1, 1, dense=True).values())) if dense else 0.0
+    per_dense = float(sum(layer_forward_flops(s, 1, 1, 1, dense=True, run=False).values())) if dense else 0.0
     forward = (s.L - dense) * float(per_layer) + dense * per_dense + 2.0 * s.S * s.D * s.V
     return 3.0 * s.global_batch * forward
 

@@ -158,10 +158,11 @@ def layer_table(config) -> list[LayerShape]:
 
 
 # Block settings the model computes that the activation and step-time models do not price (`unpriced_settings`).
-# Every family block of issue 25 is priced: the activations per layer kind to the byte (`activations.decoder_layer`),
-# the step time per stage's MoE and dense layers (`perf.stage_kinds`). Multi-head latent attention (issue 26) is
-# named here until its activations and step time are priced (its parameters and model states are: `mla_params`).
-UNPRICED_SETTINGS: tuple[str, ...] = ("kv_lora_rank",)  # MLA: its parameters are priced, not its activations/time
+# Every block setting is priced: the families' blocks per layer kind (`activations.decoder_layer` to the byte, the
+# step time per stage's MoE and dense layers, `perf.stage_kinds`), multi-head latent attention too
+# (`activations.mla_attention`, `perf.mla_widths`, `mla_params`). A setting the model gains before the estimate
+# prices it is named here until then.
+UNPRICED_SETTINGS: tuple[str, ...] = ()
 
 
 def unpriced_settings(model: Any) -> list[str]:
