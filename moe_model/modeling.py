@@ -223,18 +223,23 @@ class MoEMLAttention(nn.Module):
         self.scaling = yarn_apply_mscale(config.rope_parameters, qk**-0.5)
         self.rotate = apply_rope_interleaved if config.rope_interleave else apply_rope
 
+    def to_heads(self, shared: torch.Tensor) -> torch.Tensor:
+        """A tensor every head reads (the latents, the RoPE key) on its way to this module's heads: itself here; a
+        tensor-parallel rank sums its gradient over the ranks' heads (`parallel.tensor_parallel`)."""
+        return shared
+
     def forward(self, x_BSD, cos_sin, mask=None, cache: Cache | None = None, **kwargs):
         B, S, _ = x_BSD.shape
         if hasattr(self, "q_proj"):
-            q_BSF = self.q_proj(x_BSD)
+            q_BSF = self.q_proj(self.to_heads(x_BSD))
         else:
-            q_BSF = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+            q_BSF = self.q_b_proj(self.to_heads(self.q_a_layernorm(self.q_a_proj(x_BSD))))
         q_BHSq = q_BSF.view(B, S, -1, self.nope + self.rope).transpose(1, 2)
         q_nope_BHSn, q_rope_BHSr = torch.split(q_BHSq, [self.nope, self.rope], dim=-1)
         ckv_BSc, k_rope_BSr = torch.split(self.kv_a_proj_with_mqa(x_BSD), [self.kv_rank, self.rope], dim=-1)
-        ckv_B1Sc = self.kv_a_layernorm(ckv_BSc).view(B, 1, S, self.kv_rank)
+        ckv_B1Sc = self.to_heads(self.kv_a_layernorm(ckv_BSc).view(B, 1, S, self.kv_rank))
         q_rope_BHSr = self.rotate(q_rope_BHSr, *cos_sin)
-        k_rope_B1Sr = self.rotate(k_rope_BSr.view(B, 1, S, self.rope), *cos_sin)
+        k_rope_B1Sr = self.to_heads(self.rotate(k_rope_BSr.view(B, 1, S, self.rope), *cos_sin))
         if cache is not None:
             ckv_B1Sc, k_rope_B1Sr = cache.update(ckv_B1Sc, k_rope_B1Sr, self.layer_idx)
         K = ckv_B1Sc.shape[2]  # keys: the cached positions too

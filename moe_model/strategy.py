@@ -174,12 +174,11 @@ class Strategy:
         if tp > 1 and getattr(model, "qk_norm", None) == "projection":
             return "parallel.tp", (f"tp={tp} splits the heads, and model.qk_norm projection normalises over all of "
                                    "them (OLMoE's); use tp 1 (or qk_norm head)")
-        if tp > 1 and getattr(model, "kv_lora_rank", None) is not None:
-            return "parallel.tp", (f"tp={tp}: multi-head latent attention (model.kv_lora_rank) is not split over "
-                                   "tensor-parallel ranks yet; use tp 1 (pp, ep and dp scale it)")
-        if tp > 1 and getattr(model, "attention_out_bias", False):
+        mla_bias = getattr(model, "kv_lora_rank", None) is not None and getattr(model, "attention_bias", False)
+        if tp > 1 and (getattr(model, "attention_out_bias", False) or mla_bias):  # (MLA's attention_bias has one)
+            field = "attention_bias (with MLA, on o_proj too)" if mla_bias else "attention_out_bias"
             return "parallel.tp", (f"tp={tp} sums o_proj's partial outputs over the tp ranks, and "
-                                   "model.attention_out_bias would be added on each; use tp 1")
+                                   f"model.{field} would be added on each; use tp 1")
         if self.zero_stage == 3 and ep > 1 and self.with_backend(model).moe_backend != "autoep":
             why = self.autoep_problem(model) or "is not chosen (moe_backend legacy; use auto or autoep)"
             return "parallel.zero_stage", (f"ZeRO-3 with ep={ep} needs the AutoEP backend (DeepSpeed's legacy MoE "

@@ -96,6 +96,9 @@ FAMILY_PARITY = {
     # dense layer and an MoE layer; on the legacy layer (AutoEP runs it from the Hub folder above)
     "deepseek_v3_pp2_dp2_ep2_legacy": ("deepseek_v3", 4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2",
                                                           "parallel.dp=2", "parallel.moe_backend=legacy")),
+    # MLA's heads over 2 tensor-parallel ranks (q_b, kv_b by rows, o by columns; q_a, kv_a and their norms whole)
+    "deepseek_v3_tp2_dp2_ep2_legacy": ("deepseek_v3", 4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
+                                                          "parallel.dp=2")),
 }
 
 

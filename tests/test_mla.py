@@ -58,9 +58,10 @@ def test_a_config_mla_cannot_run_is_one_line(changes, words):
         MoEConfig(**{**mla, **changes})
 
 
-def test_mla_with_tensor_parallelism_is_refused_in_one_line():
-    recipe = load_recipe(ROOT / "recipes/tiny_deepseek_v3.yaml")
-    with pytest.raises(RecipeError, match="multi-head latent attention .* is not split over tensor-parallel ranks"):
+def test_mla_with_an_o_proj_bias_and_tensor_parallelism_is_refused_in_one_line():
+    """MLA's attention_bias puts a bias on o_proj, which every tp rank would add to its partial sum."""
+    recipe = load_recipe(ROOT / "recipes/tiny_deepseek_v3.yaml", ["model.attention_bias=true"])
+    with pytest.raises(RecipeError, match="model.attention_bias .with MLA, on o_proj too. would be added on each"):
         recipe.check_strategy(recipe.strategy(4)[0].replace(tp=2, pp=1, ep=2, dp=2, moe_backend="auto"))
 
 

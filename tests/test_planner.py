@@ -27,10 +27,11 @@ def as_parallel(row):
 
 
 # the families' blocks: GLM-4.5-Air (a dense first layer, shared experts, sigmoid group-limited routing), Qwen1.5-MoE
-# (a gated shared expert, q/k/v biases), Qwen3-MoE (per-head q/k norm, expert width apart from the FFN's)
+# (a gated shared expert, q/k/v biases), Qwen3-MoE (per-head q/k norm, expert width apart from the FFN's),
+# Moonlight-16B-A3B (multi-head latent attention, split over tp too)
 # (up to 64 GPUs, fewer rows: their grids are large and their full estimates walk 24-48 layers)
 FAMILIES = [(str(ROOT / f"recipes/{name}.yaml"), [], 12, 64)
-            for name in ("glm4_5_air", "qwen1_5_moe_a2_7b", "qwen3_30b_a3b")]
+            for name in ("glm4_5_air", "qwen1_5_moe_a2_7b", "qwen3_30b_a3b", "moonlight_16b_a3b")]
 
 
 @pytest.mark.parametrize("path,overrides,rows,max_gpus", [

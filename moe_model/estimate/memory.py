@@ -213,10 +213,10 @@ def _mlp_tensors(model, width: int) -> list[int]:
 Tensor = tuple[int, bool, bool]  # (numel, ndim >= 2: weight-decayed, an expert tensor)
 
 
-def _mla_tensors(model) -> list[Tensor]:
-    """`modeling.MoEMLAttention`'s parameters in registration order (tp 1: MLA is not split yet), the counts of
-    `shapes.mla_params`."""
-    D, H, bias = model.hidden_size, model.num_attention_heads, model.attention_bias
+def _mla_tensors(model, tp: int) -> list[Tensor]:
+    """`modeling.MoEMLAttention`'s parameters in registration order on one of tp ranks (`TensorParallelMLA`: q or
+    q_b, kv_b and o split by heads), the counts of `shapes.mla_params`."""
+    D, H, bias = model.hidden_size, model.num_attention_heads // tp, model.attention_bias
     n, r, v, q_rank, kv_rank = (model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim, model.q_lora_rank,
                                 model.kv_lora_rank)
     if q_rank is None:
@@ -240,7 +240,7 @@ def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tupl
     q, kv = model.num_attention_heads * d // tp, model.num_key_value_heads * d // tp
     out = [(D, False, False)]  # input_layernorm
     if getattr(model, "mla", False):
-        out += _mla_tensors(model) + [(D, False, False)]  # post_attention_layernorm
+        out += _mla_tensors(model, tp) + [(D, False, False)]  # post_attention_layernorm
     else:
         for rows in (q, kv, kv):  # q, k, v: weight, bias
             out += [(rows * D, True, False)] + [(rows, False, False)] * bool(model.attention_bias)

@@ -208,17 +208,18 @@ def _stage_table(num_layers: int, dense_layers: tuple[int, ...], max_pp: int) ->
     return table
 
 
-def mla_widths(s: Shape, run: bool = True) -> dict[str, int]:
-    """Multi-head latent attention's widths per token (`Shape.mla`), summed over the H heads: `q` the queries and
-    keys (H*(n + r)), `v` the values SDPA runs (H*v, or H*(n + r) where `run` and the fused kernel gets v
+def mla_widths(s: Shape, run: bool = True, tp=1) -> dict:
+    """Multi-head latent attention's widths per token (`Shape.mla`), summed over this rank's H/tp heads: `q` the
+    queries and keys (H*(n + r)), `v` the values SDPA runs (H*v, or H*(n + r) where `run` and the fused kernel gets v
     zero-padded to q's width: `modeling.MoEMLAttention`), `out` o_proj's input (H*v); `proj` the projections'
-    weights (q or q_a + q_b, kv_a, kv_b) and `act` their outputs (and the low-rank ones' inputs)."""
+    weights (q or q_b, and kv_b, split by heads; q_a and kv_a whole on every rank) and `act` their outputs (and the
+    low-rank ones' inputs)."""
     H, q_rank, c, n, r, v = s.mla
-    q = n + r
-    q_w = q_rank * (s.D + H * q) if q_rank else s.D * H * q
-    return {"q": H * q, "v": H * (max(v, q) if run else v), "out": H * v,
-            "proj": q_w + s.D * (c + r) + c * H * (n + v),
-            "act": (2 * q_rank if q_rank else 0) + H * q + (c + r) + c + H * (n + v)}
+    h, q = H / tp, n + r
+    q_w = q_rank * (s.D + h * q) if q_rank else s.D * h * q
+    return {"q": h * q, "v": h * (max(v, q) if run else v), "out": h * v,
+            "proj": q_w + s.D * (c + r) + c * h * (n + v),
+            "act": (2 * q_rank if q_rank else 0) + h * q + (c + r) + c + h * (n + v)}
 
 
 def layer_forward_flops(s: Shape, B, tp, ep, autoep=False, dense: bool = False, run: bool = True):
@@ -229,8 +230,8 @@ def layer_forward_flops(s: Shape, B, tp, ep, autoep=False, dense: bool = False, 
     T = B * s.S
     moe = not dense
     R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0] if moe else 0.0
-    if s.mla:  # (tp 1: MLA is not split over tensor-parallel ranks)
-        w = mla_widths(s, run)
+    if s.mla:
+        w = mla_widths(s, run, tp)
         qkv, o_proj = 2.0 * T * w["proj"], 2.0 * T * w["out"] * s.D
         sdpa = (2.0 * B * s.S * s.S * (w["q"] + w["v"])) * 0.5
     else:
@@ -272,12 +273,12 @@ def layer_forward_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
         "dense_ffn": b * (s.g * s.D * Id + T * s.g * (s.D + Id)) * dense,
     }
     if s.mla:  # its projections read x and write their outputs; SDPA reads q, k, v and writes the output
-        w = mla_widths(s)
+        w = mla_widths(s, tp=tp)
         by.update(qkv=b * (T * s.D + w["proj"] + T * w["act"]), o_proj=b * (T * w["out"] + w["out"] * s.D + T * s.D),
                   sdpa=b * T * (2.0 * w["q"] + 2.0 * w["v"]))
     times = {name: _roofline(f[name], by[name], s) for name in f}
     # RoPE on q and k: MLA's rotating parts (every head's r dims of q, the one shared r of k) and its two RMSNorms
-    rope = (2.0 * b * T * (s.mla[0] + 1) * s.mla[4] + 4.0 * b * T * (s.mla[1] + s.mla[2]) if s.mla
+    rope = (2.0 * b * T * (s.mla[0] / tp + 1) * s.mla[4] + 4.0 * b * T * (s.mla[1] + s.mla[2]) if s.mla
             else 2.0 * b * T * (s.Dq + s.Dkv) / tp)
     elementwise = 10.0 * b * T * s.D + rope
     if moe:

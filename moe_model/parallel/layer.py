@@ -12,9 +12,11 @@ def parallelize_layer(layer: MoEDecoderLayer, groups: RankGroups) -> MoEDecoderL
     FFN layer (`MoEConfig.dense_layers`) keeps its FFN, replicated like attention's norms."""
     layout = groups.layout
     if layout.tp > 1:
-        from .tensor_parallel import TensorParallelAttention
+        from ..modeling import MoEMLAttention
+        from .tensor_parallel import TensorParallelAttention, TensorParallelMLA
 
-        layer.self_attn = TensorParallelAttention(layer.self_attn, groups.coords["model"], layout.tp, groups.tp_group)
+        split = TensorParallelMLA if isinstance(layer.self_attn, MoEMLAttention) else TensorParallelAttention
+        layer.self_attn = split(layer.self_attn, groups.coords["model"], layout.tp, groups.tp_group)
     if not isinstance(layer.mlp, MoESparseBlock):
         return layer
     if layout.moe_backend == "autoep":

@@ -56,7 +56,7 @@ from .autoep import block_name
 LEGACY_EXPERT = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<id>\d+)\.(?P<name>\w+)$")
 AUTOEP = re.compile(r"(?P<prefix>.*)\.mlp\.moe\.(?P<rest>.+)$")  # the AutoEP block, converted by DeepSpeed or not
 AUTOEP_EXPERTS = ("experts.w1", "experts.w2", "experts.w3")  # the converted layer's: this rank's E/ep experts
-TP_ROWS = ("q_proj", "k_proj", "v_proj")
+TP_ROWS = ("q_proj", "k_proj", "v_proj", "q_b_proj", "kv_b_proj")  # (the last two: MLA's heads)
 STATE_BUFFERS = ("e_score_correction_bias",)  # buffers that are model state (saved, resharded, exported)
 LEGACY_GATE = re.compile(r"\.mlp\.moe\.deepspeed_moe\.gate\.(wg\.)?")  # the legacy layer's gate: weight and bias
 

@@ -6,8 +6,11 @@ its partial outputs are summed over the group. Two autograd functions place the 
 forward and is the identity backward. Parameters outside attention are replicated over tp; their gradients are equal
 on every tp rank because the all-reduces above make every rank's upstream gradient the full one.
 
-The attention itself is the model's `MoEAttention` built with this rank's heads: one forward of attention in the
-codebase. f and g are hand-written because torch's `ColwiseParallel`/`RowwiseParallel` shard DTensors over a
+The attention itself is the model's `MoEAttention` (or `MoEMLAttention`) built with this rank's heads: one forward
+of each attention in the codebase. Multi-head latent attention splits its heads the same way (q or q_b, kv_b by
+rows, o by columns); its low-rank down-projections (q_a, kv_a) and their norms stay whole on every rank, and `f`
+sits after them, on each latent (and the shared RoPE key) where it enters the heads, so that their gradients are
+summed over the ranks' heads and the replicated weights stay equal. f and g are hand-written because torch's `ColwiseParallel`/`RowwiseParallel` shard DTensors over a
 DeviceMesh, while DeepSpeed's pipeline grid hands out plain process groups.
 """
 
@@ -17,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..modeling import MoEAttention, MoERMSNorm
+from ..modeling import MoEAttention, MoEMLAttention, MoERMSNorm
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -101,4 +104,39 @@ class TensorParallelAttention(MoEAttention):
         if cache is not None:
             raise ValueError("tensor-parallel attention is for training: no KV cache")
         partial_BSD, weights = super().forward(copy_to_tp(x_BSD, self.group), cos_sin, mask, **kwargs)
+        return reduce_from_tp(partial_BSD, self.group), weights
+
+
+class TensorParallelMLA(MoEMLAttention):
+    """`MoEMLAttention` holding this rank's heads (module docstring), training only: q (or q_b) and kv_b hold their
+    heads' output rows, o its columns; q_a, kv_a and their norms whole. The same module names (state dicts map by
+    name)."""
+
+    def __init__(self, dense: MoEMLAttention, tp_rank: int, tp: int, group):
+        super().__init__(dense.config, dense.layer_idx, dense.num_heads // tp)
+        self.group = group
+        H, q, kv = self.num_heads, self.nope + self.rope, self.nope + self.v_dim
+        split = {"q_proj": H * q, "q_b_proj": H * q, "kv_b_proj": H * kv}
+        with torch.no_grad():
+            for name, module in self.named_children():
+                source = getattr(dense, name)
+                if name in split:
+                    rows = split[name]
+                    module.weight.copy_(source.weight[tp_rank * rows:(tp_rank + 1) * rows])
+                elif name == "o_proj":  # (no bias: an o bias with tp is refused, `Strategy.layout_problem`)
+                    cols = H * self.v_dim
+                    module.weight.copy_(source.weight[:, tp_rank * cols:(tp_rank + 1) * cols])
+                else:  # q_a, kv_a and their norms: whole
+                    module.load_state_dict(source.state_dict())
+        for name in (*split, "o_proj"):
+            if hasattr(self, name):
+                mark_tensor_parallel(getattr(self, name).weight)
+
+    def to_heads(self, shared: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp(shared, self.group)
+
+    def forward(self, x_BSD, cos_sin, mask=None, cache=None, **kwargs):
+        if cache is not None:
+            raise ValueError("tensor-parallel attention is for training: no KV cache")
+        partial_BSD, weights = super().forward(x_BSD, cos_sin, mask, **kwargs)
         return reduce_from_tp(partial_BSD, self.group), weights
