@@ -10,8 +10,10 @@ The attention itself is the model's `MoEAttention` (or `MoEMLAttention`) built w
 of each attention in the codebase. Multi-head latent attention splits its heads the same way (q or q_b, kv_b by
 rows, o by columns); its low-rank down-projections (q_a, kv_a) and their norms stay whole on every rank, and `f`
 sits after them, on each latent (and the shared RoPE key) where it enters the heads, so that their gradients are
-summed over the ranks' heads and the replicated weights stay equal. f and g are hand-written because torch's `ColwiseParallel`/`RowwiseParallel` shard DTensors over a
-DeviceMesh, while DeepSpeed's pipeline grid hands out plain process groups.
+summed over the ranks' heads and the replicated weights stay equal.
+
+f and g are hand-written because torch's `ColwiseParallel`/`RowwiseParallel` shard DTensors over a DeviceMesh,
+while DeepSpeed's pipeline grid hands out plain process groups.
 """
 
 from __future__ import annotations
