@@ -92,11 +92,7 @@ FAMILY_PARITY = {
     # the same on AutoEP under ZeRO-3 (the only MoE backend DeepSpeed takes there; the bias a buffer of its router)
     "glm4_moe_dp2_ep2_zero3_autoep": ("glm4_moe", 2, ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2",
                                                       "parallel.dp=2", "parallel.zero_stage=3")),
-    # DeepSeek-V3's block: multi-head latent attention over GLM's routed block, its bias moved; stage 0 holds the
-    # dense layer and an MoE layer; on the legacy layer (AutoEP runs it from the Hub folder above)
-    "deepseek_v3_pp2_dp2_ep2_legacy": ("deepseek_v3", 4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2",
-                                                          "parallel.dp=2", "parallel.moe_backend=legacy")),
-    # MLA's heads over 2 tensor-parallel ranks (q_b, kv_b by rows, o by columns; q_a, kv_a and their norms whole)
+    # DeepSeek-V3's block (multi-head latent attention over GLM's routed block, its bias moved): MLA's heads over 2 tensor-parallel ranks (q_b, kv_b by rows, o by columns; q_a, kv_a and their norms whole)
     "deepseek_v3_tp2_dp2_ep2_legacy": ("deepseek_v3", 4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
                                                           "parallel.dp=2")),
 }
@@ -166,3 +162,32 @@ def test_glm_with_its_moving_score_bias_trains_and_resumes_on_other_layouts_as_o
         assert bias.abs().max() > 0, name  # moved: 7 steps of +-0.01
     first, last = a_lines[0]["expert_load_max_over_mean"], a_lines[-1]["expert_load_max_over_mean"]
     print(f"glm4_moe one rank: busiest expert's load over the mean {first:.3f} at step 1, {last:.3f} at step 7")
+
+
+@pytest.mark.multirank
+def test_deepseek_v3_moves_layout_and_backend_mid_run_as_on_one_rank(tmp_path, family_single_rank_run):
+    """DeepSeek-V3's block (MLA over a dense first layer, shared expert, sigmoid group-limited routing, its score bias
+    moved every step): PP2xDP2xEP2 on the legacy layer (stage 0 holds the dense layer and an MoE layer) for 4 steps,
+    resumed on DP2xEP2 at ZeRO-3 on AutoEP, against the session's one-rank run: every step within 1e-4, the same
+    expert loads."""
+    from tests.layouts import LAST_STEP, STEPS
+
+    recipe, run = "recipes/tiny_deepseek_v3.yaml", tmp_path / "moved"
+    layouts = ((4, ("parallel.tp=1", "parallel.pp=2", "parallel.ep=2", "parallel.dp=2", "parallel.moe_backend=legacy",
+                    "train.stop_at=4")),
+               (2, ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2", "parallel.dp=2", "parallel.zero_stage=3")))
+    for n, overrides in layouts:
+        result = launch(n, *STEPS, "train.save_last=true", *overrides, f"train.output_dir={run}", recipe=recipe)
+        assert result.returncode == 0, failure(result)
+    assert "on another layout (pp 2 -> 1, moe_backend legacy -> autoep, ZeRO stage 1 -> 3)" in result.stderr, \
+        failure(result)
+    one, moved = read_metrics(family_single_rank_run("deepseek_v3")), read_metrics(run)
+    assert [m["step"] for m in moved] == list(range(1, LAST_STEP + 1))
+    worst = 0.0
+    for a, b in zip(one, moved):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
+        assert a["expert_tokens"] == b["expert_tokens"], a["step"]
+    print(f"deepseek_v3 PP2xDP2xEP2 legacy -> DP2xEP2 ZeRO-3 AutoEP: largest relative difference from one rank over "
+          f"7 steps {worst:.1e}")
