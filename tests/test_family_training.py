@@ -51,6 +51,20 @@ def recipe_from(tmp_path, folder, **train):
     return path
 
 
+def held_to_one_rank(one: list[dict], many: list[dict], keys=("loss", "lm_loss", "grad_norm"),
+                     loads: str = "expert_tokens") -> float:
+    """Every logged step of `many` within 1e-4 of `one`'s on `keys`, with the same expert loads (`loads`); returns
+    the largest relative difference."""
+    assert [m["step"] for m in many] == [m["step"] for m in one]
+    worst = 0.0
+    for a, b in zip(one, many):
+        for key in keys:
+            worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
+        assert a[loads] == b[loads], a["step"]
+    return worst
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3"])
 def test_first_loss_is_transformers_and_export_gives_its_tensors_back(tmp_path, kind):
@@ -92,7 +106,8 @@ FAMILY_PARITY = {
     # the same on AutoEP under ZeRO-3 (the only MoE backend DeepSpeed takes there; the bias a buffer of its router)
     "glm4_moe_dp2_ep2_zero3_autoep": ("glm4_moe", 2, ("parallel.tp=1", "parallel.pp=1", "parallel.ep=2",
                                                       "parallel.dp=2", "parallel.zero_stage=3")),
-    # DeepSeek-V3's block (multi-head latent attention over GLM's routed block, its bias moved): MLA's heads over 2 tensor-parallel ranks (q_b, kv_b by rows, o by columns; q_a, kv_a and their norms whole)
+    # DeepSeek-V3's block (multi-head latent attention over GLM's routed block, its bias moved): MLA's heads over 2
+    # tensor-parallel ranks (q_b, kv_b by rows, o by columns; q_a, kv_a and their norms whole)
     "deepseek_v3_tp2_dp2_ep2_legacy": ("deepseek_v3", 4, ("parallel.tp=2", "parallel.pp=1", "parallel.ep=2",
                                                           "parallel.dp=2")),
 }
@@ -108,12 +123,8 @@ def test_a_family_block_trains_on_a_parallel_layout_as_on_one_rank(tmp_path, fam
     assert result.returncode == 0, failure(result)
     one, many = read_metrics(family_single_rank_run(kind)), read_metrics(tmp_path / "many")
     assert len(one) == len(many) == 7
-    worst = 0.0
-    for a, b in zip(one, many):
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
-            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (name, a["step"], key, a[key], b[key])
-        assert a["expert_load_max_over_mean_per_layer"] == b["expert_load_max_over_mean_per_layer"]
+    worst = held_to_one_rank(one, many, ("loss", "lm_loss", "aux_loss", "grad_norm"),
+                             "expert_load_max_over_mean_per_layer")
     print(f"{name}: largest relative difference from one rank over 7 steps {worst:.1e}")
     assert many[-1]["loss"] < many[0]["loss"]
 
@@ -143,13 +154,8 @@ def test_glm_with_its_moving_score_bias_trains_and_resumes_on_other_layouts_as_o
     assert ("on another layout (pp 2 -> 1, ep 2 -> 1, moe_backend autoep -> legacy, ZeRO stage 1 -> 3)"
             in result.stderr), failure(result)
     a_lines, b_lines = read_metrics(one), read_metrics(moved)
-    assert [m["step"] for m in a_lines] == [m["step"] for m in b_lines] == list(range(1, LAST_STEP + 1))
-    worst = 0.0
-    for a, b in zip(a_lines, b_lines):
-        for key in ("loss", "lm_loss", "grad_norm"):
-            worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
-            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
-        assert a["expert_tokens"] == b["expert_tokens"], a["step"]
+    assert [m["step"] for m in a_lines] == list(range(1, LAST_STEP + 1))
+    worst = held_to_one_rank(a_lines, b_lines)
     print(f"glm4_moe PP2xDP2xEP2 AutoEP -> DP2 ZeRO-3: largest relative difference from one rank over 7 steps {worst:.1e}")
     biases = {}
     for label, run in (("one", one), ("moved", moved)):
@@ -183,11 +189,6 @@ def test_deepseek_v3_moves_layout_and_backend_mid_run_as_on_one_rank(tmp_path, f
         failure(result)
     one, moved = read_metrics(family_single_rank_run("deepseek_v3")), read_metrics(run)
     assert [m["step"] for m in moved] == list(range(1, LAST_STEP + 1))
-    worst = 0.0
-    for a, b in zip(one, moved):
-        for key in ("loss", "lm_loss", "grad_norm"):
-            worst = max(worst, abs(a[key] - b[key]) / max(abs(a[key]), 1e-12))
-            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (a["step"], key, a[key], b[key])
-        assert a["expert_tokens"] == b["expert_tokens"], a["step"]
+    worst = held_to_one_rank(one, moved)
     print(f"deepseek_v3 PP2xDP2xEP2 legacy -> DP2xEP2 ZeRO-3 AutoEP: largest relative difference from one rank over "
           f"7 steps {worst:.1e}")
