@@ -157,7 +157,6 @@ def hub_names(name: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-
 MTP_CONFIG_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")  # the Hub's name, transformers 5's
 
 
@@ -284,56 +283,53 @@ def _write_olmoe(c: MoEConfig) -> dict[str, Any]:
                 attention_bias=c.attention_bias, router_aux_loss_coef=_their_aux(c))
 
 
-def _read_glm4(hf) -> dict[str, Any]:
-    return dict(head_dim=_head_dim(hf), num_local_experts=hf.n_routed_experts, moe_intermediate_size=hf.moe_intermediate_size,
+def _read_sigmoid_block(hf) -> dict[str, Any]:
+    """GLM-4.5's and DeepSeek-V3's routed block: sigmoid scores with a score bias, group-limited top-k, a routed
+    scale, shared experts of the routed width, the first k layers dense; their loss is the cross-entropy alone."""
+    return dict(num_local_experts=hf.n_routed_experts, moe_intermediate_size=hf.moe_intermediate_size,
                 dense_layers=list(range(hf.first_k_dense_replace)), num_shared_experts=hf.n_shared_experts,
                 router_scoring="sigmoid", router_score_bias=True, n_group=hf.n_group, topk_group=hf.topk_group,
                 routed_scaling_factor=hf.routed_scaling_factor, norm_topk_prob=hf.norm_topk_prob,
-                qk_norm="head" if hf.use_qk_norm else None, attention_bias=hf.attention_bias,
-                router_aux_loss_coef=0.0)  # GLM's loss is the cross-entropy alone
+                attention_bias=hf.attention_bias, router_aux_loss_coef=0.0)
+
+
+def _write_sigmoid_block(c: MoEConfig, kind: str) -> dict[str, Any]:
+    """`_read_sigmoid_block`'s way back for family `kind` (ValueError: a block it cannot hold)."""
+    k = len(c.dense_layers)
+    _need(c.dense_layers == list(range(k)), kind, f"dense layers first (first_k_dense_replace), not {c.dense_layers}")
+    _need(c.router_scoring == "sigmoid" and c.router_score_bias, kind, "sigmoid routing with a score bias")
+    _need(not c.shared_expert_gate and c.shared_width == c.num_shared_experts * c.expert_width, kind,
+          "shared experts of the routed width, no gate")
+    return dict(n_routed_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
+                n_shared_experts=c.num_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
+                routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+                first_k_dense_replace=k, attention_bias=c.attention_bias)
+
+
+def _read_glm4(hf) -> dict[str, Any]:
+    return dict(_read_sigmoid_block(hf), head_dim=_head_dim(hf), qk_norm="head" if hf.use_qk_norm else None)
 
 
 def _write_glm4(c: MoEConfig) -> dict[str, Any]:
-    k = len(c.dense_layers)
-    _need(c.dense_layers == list(range(k)), "glm4_moe", f"dense layers first (first_k_dense_replace), not {c.dense_layers}")
-    _need(c.router_scoring == "sigmoid" and c.router_score_bias, "glm4_moe", "sigmoid routing with a score bias")
-    _need(not c.shared_expert_gate and c.shared_width == c.num_shared_experts * c.expert_width, "glm4_moe",
-          "shared experts of the routed width, no gate")
+    block = _write_sigmoid_block(c, "glm4_moe")
     _need(c.qk_norm in (None, "head") and not c.attention_out_bias, "glm4_moe", "q/k norm per head, no o_proj bias")
-    return dict(head_dim=c.head_dim, n_routed_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
-                n_shared_experts=c.num_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
-                routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
-                first_k_dense_replace=k, use_qk_norm=c.qk_norm == "head", attention_bias=c.attention_bias)
+    return dict(block, head_dim=c.head_dim, use_qk_norm=c.qk_norm == "head")
 
 
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
 
 
 def _read_deepseek_v3(hf) -> dict[str, Any]:
-    """DeepSeek-V3 (and Kimi-K2, Moonlight): GLM-4.5's routed block (sigmoid group-limited routing with a score
-    bias, a routed scale, shared experts of the routed width, dense layers first) under multi-head latent attention.
+    """DeepSeek-V3 (and Kimi-K2, Moonlight): GLM-4.5's routed block under multi-head latent attention.
     transformers' class holds no multi-token-prediction layers (`num_mtp_layers` configures generation only)."""
-    return dict(num_local_experts=hf.n_routed_experts, moe_intermediate_size=hf.moe_intermediate_size,
-                dense_layers=list(range(hf.first_k_dense_replace)), num_shared_experts=hf.n_shared_experts,
-                router_scoring="sigmoid", router_score_bias=True, n_group=hf.n_group, topk_group=hf.topk_group,
-                routed_scaling_factor=hf.routed_scaling_factor, norm_topk_prob=hf.norm_topk_prob,
-                attention_bias=hf.attention_bias, router_aux_loss_coef=0.0,  # its loss is the cross-entropy alone
-                **{name: getattr(hf, name) for name in MLA_FIELDS})
+    return dict(_read_sigmoid_block(hf), **{name: getattr(hf, name) for name in MLA_FIELDS})
 
 
 def _write_deepseek_v3(c: MoEConfig) -> dict[str, Any]:
-    k = len(c.dense_layers)
     _need(c.mla, "deepseek_v3", "multi-head latent attention (kv_lora_rank and its widths)")
-    _need(c.dense_layers == list(range(k)), "deepseek_v3", f"dense layers first (first_k_dense_replace), not "
-                                                           f"{c.dense_layers}")
-    _need(c.router_scoring == "sigmoid" and c.router_score_bias, "deepseek_v3", "sigmoid routing with a score bias")
-    _need(c.num_shared_experts > 0 and not c.shared_expert_gate
-          and c.shared_width == c.num_shared_experts * c.expert_width, "deepseek_v3",
-          "shared experts of the routed width, no gate")
-    return dict(n_routed_experts=c.num_local_experts, moe_intermediate_size=c.expert_width,
-                n_shared_experts=c.num_shared_experts, n_group=c.n_group or 1, topk_group=c.topk_group or 1,
-                routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
-                first_k_dense_replace=k, attention_bias=c.attention_bias, num_mtp_layers=0,
+    block = _write_sigmoid_block(c, "deepseek_v3")
+    _need(c.num_shared_experts > 0, "deepseek_v3", "shared experts of the routed width, no gate")
+    return dict(block, n_group=c.n_group or 1, topk_group=c.topk_group or 1, num_mtp_layers=0,
                 **{name: getattr(c, name) for name in MLA_FIELDS})
 
 

@@ -208,8 +208,8 @@ class MoEMLAttention(nn.Module):
         self.num_heads = config.num_attention_heads if num_heads is None else num_heads
         self.num_key_value_groups = 1  # keys and values are expanded per query head
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-        self.kv_rank = config.kv_lora_rank
-        D, H, qk, bias = config.hidden_size, self.num_heads, self.nope + self.rope, config.attention_bias
+        self.kv_rank, self.qk_dim = config.kv_lora_rank, self.nope + self.rope
+        D, H, qk, bias = config.hidden_size, self.num_heads, self.qk_dim, config.attention_bias
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * qk, bias=False)
         else:
@@ -234,7 +234,7 @@ class MoEMLAttention(nn.Module):
             q_BSF = self.q_proj(self.to_heads(x_BSD))
         else:
             q_BSF = self.q_b_proj(self.to_heads(self.q_a_layernorm(self.q_a_proj(x_BSD))))
-        q_BHSq = q_BSF.view(B, S, -1, self.nope + self.rope).transpose(1, 2)
+        q_BHSq = q_BSF.view(B, S, -1, self.qk_dim).transpose(1, 2)
         q_nope_BHSn, q_rope_BHSr = torch.split(q_BHSq, [self.nope, self.rope], dim=-1)
         ckv_BSc, k_rope_BSr = torch.split(self.kv_a_proj_with_mqa(x_BSD), [self.kv_rank, self.rope], dim=-1)
         ckv_B1Sc = self.to_heads(self.kv_a_layernorm(ckv_BSc).view(B, 1, S, self.kv_rank))
@@ -249,8 +249,7 @@ class MoEMLAttention(nn.Module):
         q_BHSq = torch.cat((q_nope_BHSn, q_rope_BHSr), dim=-1)
         implementation = self.config._attn_implementation
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
-        qk = self.nope + self.rope
-        pad = qk - self.v_dim if implementation not in (None, "eager") else 0
+        pad = self.qk_dim - self.v_dim if implementation not in (None, "eager") else 0
         if pad > 0:  # the fused kernels (flash; CPU's too) take one width for q, k and v: zeros pad v, sliced off
             v_BHKv = F.pad(v_BHKv, (0, pad))
         out_BSHv, weights = attend(self, q_BHSq, k_BHKq, v_BHKv, mask, scaling=self.scaling, dropout=0.0, **kwargs)

@@ -79,7 +79,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..units import FP32
-from .shapes import RankParams
+from .shapes import RankParams, mla_tensors
 from .traffic import Zero3Settings, zero3_gathers
 
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -213,22 +213,6 @@ def _mlp_tensors(model, width: int) -> list[int]:
 Tensor = tuple[int, bool, bool]  # (numel, ndim >= 2: weight-decayed, an expert tensor)
 
 
-def _mla_tensors(model, tp: int) -> list[Tensor]:
-    """`modeling.MoEMLAttention`'s parameters in registration order on one of tp ranks (`TensorParallelMLA`: q or
-    q_b, kv_b and o split by heads), the counts of `shapes.mla_params`."""
-    D, H, bias = model.hidden_size, model.num_attention_heads // tp, model.attention_bias
-    n, r, v, q_rank, kv_rank = (model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim, model.q_lora_rank,
-                                model.kv_lora_rank)
-    if q_rank is None:
-        out = [(H * (n + r) * D, True, False)]
-    else:
-        out = [(q_rank * D, True, False)] + [(q_rank, False, False)] * bias + [(q_rank, False, False),
-                                                                               (H * (n + r) * q_rank, True, False)]
-    out += [((kv_rank + r) * D, True, False)] + [(kv_rank + r, False, False)] * bias
-    out += [(kv_rank, False, False), (H * (n + v) * kv_rank, True, False), (D * H * v, True, False)]
-    return out + [(D, False, False)] * bias
-
-
 def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tuple[list[Tensor], list[Tensor]]:
     """One decoder layer's parameters on a rank in the module's registration order (`modeling.MoEDecoderLayer`;
     tp: `TensorParallelAttention`'s slices), and those AutoEP's conversion puts in their place. `experts`: "stacked"
@@ -240,7 +224,8 @@ def _layer_tensors(model, layer: int, *, tp: int, ep: int, experts: str) -> tupl
     q, kv = model.num_attention_heads * d // tp, model.num_key_value_heads * d // tp
     out = [(D, False, False)]  # input_layernorm
     if getattr(model, "mla", False):
-        out += _mla_tensors(model, tp) + [(D, False, False)]  # post_attention_layernorm
+        # `shapes.mla_tensors` (no expert tensor), then post_attention_layernorm
+        out += [(n, matrix, False) for n, matrix, _ in mla_tensors(model, tp)] + [(D, False, False)]
     else:
         for rows in (q, kv, kv):  # q, k, v: weight, bias
             out += [(rows * D, True, False)] + [(rows, False, False)] * bool(model.attention_bias)

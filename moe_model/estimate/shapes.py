@@ -116,19 +116,29 @@ class LayerShape(NamedTuple):
         return self.dense + self.experts * self.per_expert
 
 
-def mla_params(config) -> tuple[int, int]:
-    """Multi-head latent attention's parameters (`modeling.MoEMLAttention`), (split by heads, whole on every rank):
-    split: q [H*(n+r), D] (or q_b [H*(n+r), q_lora]), kv_b [H*(n+v), kv_lora], o [D, H*v] (+ D bias); whole: q_a
-    [q_lora, D] and its norm, kv_a [kv_lora + r, D] and its norm (+ the q_a and kv_a biases with attention_bias).
-    n, r, v: qk_nope_head_dim, qk_rope_head_dim, v_head_dim."""
-    D, H, bias = config.hidden_size, config.num_attention_heads, config.attention_bias
+def mla_tensors(config, tp: int = 1) -> list[tuple[int, bool, bool]]:
+    """Multi-head latent attention's parameters (`modeling.MoEMLAttention`) in registration order on one of tp ranks
+    (`TensorParallelMLA`), each (numel, a matrix, split by heads): q [H*(n+r), D], or q_a [q_lora, D] (+ bias), its
+    norm and q_b [H*(n+r), q_lora]; kv_a [kv_lora + r, D] (+ bias), its norm, kv_b [H*(n+v), kv_lora]; o [D, H*v]
+    (+ bias, counted with the split part: tp with it is refused). n, r, v: qk_nope_head_dim, qk_rope_head_dim,
+    v_head_dim; biases with `attention_bias`."""
+    D, H, bias = config.hidden_size, config.num_attention_heads // tp, config.attention_bias
     n, r, v, q_rank, kv_rank = (config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
                                 config.q_lora_rank, config.kv_lora_rank)
-    split = H * (n + r) * (q_rank or D) + H * (n + v) * kv_rank + H * v * D + D * bias
-    whole = (kv_rank + r) * (D + bias) + kv_rank
-    if q_rank:
-        whole += q_rank * (D + bias) + q_rank
-    return split, whole
+    if q_rank is None:
+        out = [(H * (n + r) * D, True, True)]
+    else:
+        out = [(q_rank * D, True, False)] + [(q_rank, False, False)] * bias
+        out += [(q_rank, False, False), (H * (n + r) * q_rank, True, True)]
+    out += [((kv_rank + r) * D, True, False)] + [(kv_rank + r, False, False)] * bias
+    out += [(kv_rank, False, False), (H * (n + v) * kv_rank, True, True), (D * H * v, True, True)]
+    return out + [(D, False, True)] * bias
+
+
+def mla_params(config) -> tuple[int, int]:
+    """Multi-head latent attention's parameters (`mla_tensors`), (split by heads, whole on every rank)."""
+    tensors = mla_tensors(config)
+    return sum(n for n, _, split in tensors if split), sum(n for n, _, split in tensors if not split)
 
 
 def layer_table(config) -> list[LayerShape]:

@@ -117,7 +117,7 @@ class TensorParallelMLA(MoEMLAttention):
     def __init__(self, dense: MoEMLAttention, tp_rank: int, tp: int, group):
         super().__init__(dense.config, dense.layer_idx, dense.num_heads // tp)
         self.group = group
-        H, q, kv = self.num_heads, self.nope + self.rope, self.nope + self.v_dim
+        H, q, kv = self.num_heads, self.qk_dim, self.nope + self.v_dim
         split = {"q_proj": H * q, "q_b_proj": H * q, "kv_b_proj": H * kv}
         with torch.no_grad():
             for name, module in self.named_children():
