@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from moe_model.launch import rank_program_parser  # noqa: E402
 from moe_model.parallel import Layout  # noqa: E402
 from moe_model.recipe import load_recipe  # noqa: E402
-from moe_model.train.distributed import init_distributed  # noqa: E402
+from moe_model.train.distributed import close_distributed, init_distributed  # noqa: E402
 from moe_model.train.engine import build_engine  # noqa: E402
 
 
@@ -44,6 +44,7 @@ def main() -> int:
     weight_diff = max((a - b).abs().max().item() for a, b in zip(runs[False][1], runs[True][1]))
     Path(args.out).write_text(json.dumps({"losses_skipped": runs[False][0], "losses_allreduce": runs[True][0],
                                           "max_weight_diff": weight_diff}))
+    close_distributed()  # a gloo group left to the interpreter's exit can abort it (std::terminate, exit -6)
     return 0
 
 

@@ -19,7 +19,7 @@ from moe_model.parallel import Layout
 from moe_model.parallel.state_dict_adapter import seeded_model
 from moe_model.recipe import load_recipe
 from moe_model.strategy import Strategy
-from moe_model.train.distributed import init_distributed
+from moe_model.train.distributed import close_distributed, init_distributed
 from moe_model.train.engine import build_engine
 
 
@@ -57,6 +57,7 @@ def main() -> int:
     report["new_tensor_attributes"] = sorted(tensor_attributes(engine.module) - before)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
+    close_distributed()  # a gloo group left to the interpreter's exit can abort it (std::terminate, exit -6)
     return 0
 
 

@@ -19,7 +19,7 @@ from moe_model.parallel.state_dict_adapter import seeded_model
 from moe_model.recipe import load_recipe
 from moe_model.strategy import Strategy
 from moe_model.train.engine import build_engine
-from moe_model.train.distributed import init_distributed
+from moe_model.train.distributed import close_distributed, init_distributed
 
 
 def main() -> int:
@@ -61,6 +61,7 @@ def main() -> int:
         result["gather_shim_max_abs_diff"] = check_gather_shim(layout)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
+    close_distributed()  # a gloo group left to the interpreter's exit can abort it (std::terminate, exit -6)
     return 0
 
 

@@ -20,7 +20,7 @@ from moe_model.parallel import Layout
 from moe_model.recipe import load_recipe
 from moe_model.strategy import Strategy
 from moe_model.train import engine as engine_module
-from moe_model.train.distributed import init_distributed
+from moe_model.train.distributed import close_distributed, init_distributed
 
 
 def main() -> int:
@@ -80,6 +80,7 @@ def main() -> int:
         Path(args.out, "zero3.json").write_text(json.dumps({**counts, **persistent, "modules": kinds,
                                                             "zero_stage": engine.zero_optimization_stage()}))
     dist.barrier()
+    close_distributed()  # a gloo group left to the interpreter's exit can abort it (std::terminate, exit -6)
     return 0
 
 
