@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 from pydantic_core import PydanticCustomError
 
 from .configuration import MoEConfig
+from .devices import GPU_CLASSES, class_defaults
 from .errors import UserError
 from .strategy import Strategy
 
@@ -186,8 +187,13 @@ class DataSection(Section):
 
 
 class HardwareSection(Section):
-    """Per-GPU figures. The seed gives compute and HBM; the interconnect is an assumption (see README)."""
+    """Per-GPU figures. The seed gives compute and HBM; the interconnect is an assumption (see README).
 
+    `gpu` names a device class (`devices.GPU_CLASSES`: h100_sxm, h200_sxm, h800_sxm, a100_sxm) whose datasheet and
+    GEMM-shape figures fill every field the recipe leaves out; a field the recipe states wins. Without it the shape
+    figures are `devices.FLAT`: every GEMM at `mfu`, no per-kernel cost, as recipes meant before they existed."""
+
+    gpu: Literal[tuple(GPU_CLASSES)] | None = None  # type: ignore[valid-type]
     gpu_memory_gb: PositiveFloat = 64.0
     peak_tflops: PositiveFloat = 400.0
     mfu: float = Field(0.6, gt=0, le=1)
@@ -199,6 +205,21 @@ class HardwareSection(Section):
     # time per step that does not grow with the model: op dispatch, DeepSpeed's engine and pipeline instructions,
     # collective latencies. 0 = not modelled (negligible next to a GPU-sized step); `moe calibrate` measures it
     step_overhead_ms: float = Field(0.0, ge=0)
+    # GEMM time by shape (`estimate.kernels`): tiles running at once (0: no wave quantisation), a large GEMM's output
+    # tile (rows, columns), the K depth at which a tile reaches half its rate, one kernel's fixed cost, and the fused
+    # attention's fraction of the peak over forward and backward (None: `mfu`)
+    sm_count: int = Field(0, ge=0)
+    gemm_tile: tuple[PositiveInt, PositiveInt] = (1, 1)
+    gemm_k_half: float = Field(0.0, ge=0)
+    kernel_launch_us: float = Field(0.0, ge=0)
+    attention_efficiency: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_figures(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("gpu") in GPU_CLASSES:
+            return {**class_defaults(data["gpu"]), **data}
+        return data
 
 
 class WandbSection(Section):

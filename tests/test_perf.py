@@ -86,10 +86,11 @@ def test_compute_bound_step_is_flops_over_peak_times_mfu(ckpt):
              parallel={"tp": 1, "pp": 1, "ep": 1, "dp": 1, "micro_batch_size": 2, "activation_checkpointing": ckpt,
                        "zero_stage": 1})
     ref = macs_by_hand(6, "gelu")
-    layer = 2 * (ref["proj"] + ref["router"] + ref["experts"]) + 2 * ref["sdpa"] * 6 / 7
+    layer = 2 * (ref["proj"] + ref["router"] + ref["experts"])
+    sdpa = 2 * ref["sdpa"] * 6 / 7  # its backward recomputes the scores: 2.5x the forward, not 2x
     head = 2 * 6 * 8 * 32
     seqs = 4  # global batch, one rank: 2 micro-batches of 2
-    flops = seqs * (2 * layer * (3 + ckpt) + 3 * head)
+    flops = seqs * (2 * layer * (3 + ckpt) + 2 * sdpa * (1 + ckpt + 2.5) + 3 * head)
     assert performance(r).step_time_s == pytest.approx(flops / (100e12 * 0.5), rel=1e-6)
 
 
@@ -392,9 +393,9 @@ def test_a_stage_holding_a_dense_layer_is_faster_and_sends_no_all_to_all_for_it(
     all_moe = dataclasses.replace(dense_first, dense_layers=())
     a, b = (step_components(s, 1, 2, 2, 2, 1, 1, False) for s in (dense_first, all_moe))
     assert float(a["first_t"]) < float(b["first_t"]) and float(a["last_t"]) == float(b["last_t"])
-    per_moe = float(a["layer_t"]) * 3 + float(a["tp_comm"]) + float(a["ep_comm"])
-    per_dense = sum(float(v) for v in a["dense_layer_times"].values()) * 3 + float(a["tp_comm_dense"])
-    assert float(a["first_t"]) == pytest.approx(per_moe + per_dense + 3 * float(a["emb_t"]) + float(a["p2p"]),
+    per_moe = float(a["layer_t"]) + float(a["tp_comm"]) + float(a["ep_comm"])
+    per_dense = sum(float(v) for v in a["dense_layer_times"].values()) + float(a["tp_comm_dense"])
+    assert float(a["first_t"]) == pytest.approx(per_moe + per_dense + float(a["emb_t"]) + float(a["p2p"]),
                                                 rel=1e-12)
     assert float(a["dense_layer_times"]["router"]) == float(a["dense_layer_times"]["experts"]) == 0.0
     assert float(a["ep_comm"]) > 0 and per_dense < per_moe

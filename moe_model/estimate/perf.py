@@ -96,9 +96,9 @@ import numpy as np
 
 from ..recipe import Recipe, RecipeError
 from ..strategy import Strategy
-from ..units import FP32
 from .memory import PRECISION_BYTES, stage_layers, stage_ranges
 from .shapes import layer_table
+from .kernels import NO_KERNELS, KernelCounts, counted_kernels, gemm_backward_seconds, gemm_seconds
 from .traffic import NO_LAYER, Zero3Settings, data_parallel_traffic, expert_rows, stage_params
 
 
@@ -140,6 +140,13 @@ class Shape:
     rows: tuple = ()  # (an MoE layer's, a dense layer's `shapes.LayerShape`), `layer_table`'s; (): from the widths
     attention_small: tuple = ((), ())  # the attention's biases and q/k norms, numel: (split over tp, whole on each)
     mla: tuple = ()  # multi-head latent attention: (H, q_lora_rank or 0, kv_lora_rank, n, r, v); (): none
+    # GEMM time by shape and per-kernel cost (`kernels.py`, `hardware.*`; the defaults: the one-efficiency roofline)
+    sm_count: int = 0
+    gemm_tile: tuple = (1, 1)
+    gemm_k_half: float = 0.0
+    launch_s: float = 0.0
+    attention_efficiency: float = 0.0  # fraction of the peak the fused attention reaches; 0: compute_flops
+    kernels: KernelCounts = NO_KERNELS  # the kernels other than GEMMs a layer launches (counted when launch_s > 0)
 
 
 def shape_of(recipe: Recipe, imbalance: float = 1.0, zero3: Zero3Settings = Zero3Settings()) -> Shape:
@@ -166,7 +173,10 @@ def shape_of(recipe: Recipe, imbalance: float = 1.0, zero3: Zero3Settings = Zero
                  dense_layers=tuple(cfg.dense_layers), qk_norm=cfg.qk_norm is not None,
                  clip_qkv=cfg.clip_qkv is not None, rows=rows, attention_small=small,
                  mla=(cfg.num_attention_heads, cfg.q_lora_rank or 0, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                      cfg.qk_rope_head_dim, cfg.v_head_dim) if cfg.mla else ())
+                      cfg.qk_rope_head_dim, cfg.v_head_dim) if cfg.mla else (),
+                 sm_count=hw.sm_count, gemm_tile=tuple(hw.gemm_tile), gemm_k_half=hw.gemm_k_half,
+                 launch_s=hw.kernel_launch_us * 1e-6, attention_efficiency=hw.attention_efficiency or 0.0,
+                 kernels=counted_kernels(cfg) if hw.kernel_launch_us else NO_KERNELS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,35 +258,68 @@ def layer_forward_flops(s: Shape, B, tp, ep, autoep=False, dense: bool = False, 
     }
 
 
-def _roofline(flops, nbytes, s: Shape):
-    return np.maximum(flops / s.compute_flops, nbytes / s.hbm_bytes_s)
+def layer_gemms(s: Shape, B, tp, ep, autoep=False, dense: bool = False) -> dict:
+    """The GEMMs of one decoder layer's forward on one rank, by op: lists of (M, N, K, groups, grouped) for
+    `kernels.gemm_seconds` ([M, K] x [K, N], `groups` of them, one grouped kernel or one per group). As the model
+    runs them: q, k, v and o separate (or MLA's low-rank pairs), the experts' gate and up fused into one [D, 2I]
+    product per expert then down, grouped (`torch._grouped_mm`) on the model's own block and AutoEP, one kernel per
+    expert in DeepSpeed's expert modules (legacy, ep > 1); each local expert at the rank's mean rows R / (E / e)."""
+    T = B * s.S
+    if s.mla:
+        H, q_rank, c, n, r, v = s.mla
+        h = H / tp
+        q = [(T, q_rank, s.D, 1, True), (T, h * (n + r), q_rank, 1, True)] if q_rank else [(T, h * (n + r), s.D, 1, True)]
+        qkv = q + [(T, c + r, s.D, 1, True), (T, h * (n + v), c, 1, True)]
+        o_proj = [(T, s.D, h * v, 1, True)]
+    else:
+        qkv = [(T, s.Dq / tp, s.D, 1, True), (T, s.Dkv / tp, s.D, 1, True), (T, s.Dkv / tp, s.D, 1, True)]
+        o_proj = [(T, s.D, s.Dq / tp, 1, True)]
+
+    def ffn(rows, width, groups=1, grouped=True):  # gate (gated FFNs) and up, then down
+        return [(rows, (s.g - 1) * width, s.D, groups, grouped), (rows, s.D, width, groups, grouped)]
+
+    ops = {"qkv": qkv, "o_proj": o_proj, "router": [], "experts": [], "shared_experts": [], "dense_ffn": []}
+    if dense:
+        ops["dense_ffn"] = ffn(T, s.I_dense)
+        return ops
+    local = s.E / ep
+    R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0]
+    legacy_loop = np.logical_and(np.logical_not(autoep), ep > 1)
+    ops["router"] = [(T, s.E, s.D, 1, True)]
+    ops["experts"] = ffn(R / local, s.I, local, np.logical_not(legacy_loop))
+    if s.I_shared:
+        ops["shared_experts"] = ffn(T, s.I_shared) + ([(T, 1, s.D, 1, True)] if s.shared_gate else [])
+    return ops
 
 
-def layer_forward_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
-    """Forward seconds of one decoder layer on one rank, by op class (roofline per op): an MoE layer, or with
-    `dense` a dense FFN layer."""
+def _attention_rate(s: Shape) -> float:
+    return s.peak_flops * s.attention_efficiency if s.attention_efficiency else s.compute_flops
+
+
+def layer_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False) -> tuple[dict, dict]:
+    """(forward, backward) seconds of one decoder layer on one rank, by op class: an MoE layer, or with `dense` a
+    dense FFN layer. GEMMs by shape (`layer_gemms`, `kernels.gemm_seconds`; backward the two transposed products),
+    SDPA at the fused attention's rate (`hardware.attention_efficiency`; backward 2x), element-wise work by bytes plus
+    one kernel cost per counted kernel (`kernels.counted_kernels`; backward 2x the bytes)."""
     T = B * s.S
     moe = not dense
     R = expert_rows(s, T, tp, ep, s.imbalance, autoep)[0] if moe else 0.0
-    f = layer_forward_flops(s, B, tp, ep, autoep, dense)
     b = s.b
+    forward, backward = {}, {}
+    for name, gemms in layer_gemms(s, B, tp, ep, autoep, dense).items():
+        forward[name] = sum((gemm_seconds(s, *g) for g in gemms), 0.0)
+        backward[name] = sum((gemm_backward_seconds(s, *g) for g in gemms), 0.0)
+    sdpa_flops = layer_forward_flops(s, B, tp, ep, autoep, dense)["sdpa"]
+    sdpa_bytes = b * T * (2.0 * s.Dq + 2 * s.Dkv) / tp  # SDPA (fused): read q, k, v, write the output
+    if s.mla:
+        w = mla_widths(s, tp=tp)
+        sdpa_bytes = b * T * (2.0 * w["q"] + 2.0 * w["v"])
+    # the fused kernel's backward recomputes the scores: five S x S products to the forward's two, 2.5x its FLOPs
+    # (Dao 2023, FlashAttention-2, which counts its backward's speed so)
+    forward["sdpa"] = np.maximum(sdpa_flops / _attention_rate(s), sdpa_bytes / s.hbm_bytes_s) + s.launch_s
+    backward["sdpa"] = np.maximum(2.5 * sdpa_flops / _attention_rate(s), 2.0 * sdpa_bytes / s.hbm_bytes_s) + s.launch_s
     qkv_w = s.Dq + 2 * s.Dkv
     Is, Id = s.I_shared * moe, s.I_dense * dense
-    by = {
-        "qkv": b * (T * s.D + s.D * qkv_w / tp + T * qkv_w / tp),
-        "o_proj": b * (T * s.Dq / tp + s.Dq * s.D / tp + T * s.D),
-        "sdpa": b * T * (2.0 * s.Dq + 2 * s.Dkv) / tp,
-        "router": (b * (T * s.D + s.D * s.E) + FP32 * T * s.E) * moe,
-        "experts": b * ((s.E / ep) * s.g * s.D * s.I + R * s.g * (s.D + s.I)) * moe,
-        # replicated over tp: every tp rank runs all T tokens through them
-        "shared_experts": b * (s.g * s.D * Is + T * s.g * (s.D + Is) + s.shared_gate * (s.D + T * s.D + T)) * bool(Is),
-        "dense_ffn": b * (s.g * s.D * Id + T * s.g * (s.D + Id)) * dense,
-    }
-    if s.mla:  # its projections read x and write their outputs; SDPA reads q, k, v and writes the output
-        w = mla_widths(s, tp=tp)
-        by.update(qkv=b * (T * s.D + w["proj"] + T * w["act"]), o_proj=b * (T * w["out"] + w["out"] * s.D + T * s.D),
-                  sdpa=b * T * (2.0 * w["q"] + 2.0 * w["v"]))
-    times = {name: _roofline(f[name], by[name], s) for name in f}
     # RoPE on q and k: MLA's rotating parts (every head's r dims of q, the one shared r of k) and its two RMSNorms
     rope = (2.0 * b * T * (s.mla[0] / tp + 1) * s.mla[4] + 4.0 * b * T * (s.mla[1] + s.mla[2]) if s.mla
             else 2.0 * b * T * (s.Dq + s.Dkv) / tp)
@@ -287,18 +330,31 @@ def layer_forward_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False):
     # the routed output, a dense FFN's activation
     extra = (2.0 * b * T * (s.Dq + s.Dkv) / tp * s.qk_norm + 2.0 * b * T * qkv_w / tp * s.clip_qkv
              + s.g * b * T * (Is + Id) + (3.0 + 2.0 * s.shared_gate) * b * T * s.D * bool(Is))
-    times["elementwise"] = (elementwise + extra) / s.hbm_bytes_s
-    return times
+    kernels_fwd, kernels_bwd = s.kernels.dense if dense else s.kernels.moe
+    forward["elementwise"] = (elementwise + extra) / s.hbm_bytes_s + kernels_fwd * s.launch_s
+    backward["elementwise"] = 2.0 * (elementwise + extra) / s.hbm_bytes_s + kernels_bwd * s.launch_s
+    return forward, backward
 
 
-def head_forward_time(s: Shape, B):
+def layer_pass_times(s: Shape, B, tp, ep, autoep=False, dense: bool = False, ckpt=False) -> dict:
+    """Seconds per micro-batch of one decoder layer by op class: forward (twice with activation checkpointing: the
+    recompute) and backward."""
+    forward, backward = layer_times(s, B, tp, ep, autoep, dense)
+    again = 1.0 + np.asarray(ckpt, dtype=float)
+    return {name: forward[name] * again + backward[name] for name in forward}
+
+
+def head_time(s: Shape, B):
+    """Forward + backward seconds of the LM head (its GEMM by shape, the fp32 log-softmax/loss 12*T*V bytes each
+    way) and of the rest of the model's kernels (`KernelCounts.edges`)."""
     T = B * s.S
-    matmul = _roofline(2.0 * T * s.D * s.V, s.b * (T * s.D + s.D * s.V + T * s.V), s)
-    return matmul + 12.0 * T * s.V / s.hbm_bytes_s
+    gemm = gemm_seconds(s, T, s.V, s.D) + gemm_backward_seconds(s, T, s.V, s.D)
+    return gemm + 3.0 * 12.0 * T * s.V / s.hbm_bytes_s + sum(s.kernels.edges) * s.launch_s
 
 
-def embedding_forward_time(s: Shape, B):
-    return 2.0 * s.b * B * s.S * s.D / s.hbm_bytes_s
+def embedding_time(s: Shape, B):
+    """Forward + backward seconds of the embedding (a gather of T*D, its gradient's scatter 2x)."""
+    return 3.0 * 2.0 * s.b * B * s.S * s.D / s.hbm_bytes_s
 
 
 def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False, autoep: bool = False,
@@ -306,11 +362,9 @@ def stage_compute_time(s: Shape, B, tp, ep, layers: int, ckpt: bool = False, aut
     """Forward + backward (+ recompute) of `layers` decoder layers (`dense_layers` of them dense FFN layers), the
     embedding and the LM head on one rank, one micro-batch, no communication: the work `moe calibrate` times on this
     machine."""
-    passes = 3.0 + float(ckpt)
-    dense = (dense_layers * passes * sum(layer_forward_times(s, B, tp, ep, autoep, dense=True).values())
-             if dense_layers else 0.0)
-    return ((layers - dense_layers) * passes * sum(layer_forward_times(s, B, tp, ep, autoep).values()) + dense
-            + 3.0 * (head_forward_time(s, B) + embedding_forward_time(s, B)))
+    dense = (dense_layers * sum(layer_pass_times(s, B, tp, ep, autoep, True, ckpt).values()) if dense_layers else 0.0)
+    return ((layers - dense_layers) * sum(layer_pass_times(s, B, tp, ep, autoep, False, ckpt).values()) + dense
+            + head_time(s, B) + embedding_time(s, B))
 
 
 def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, autoep=False):
@@ -324,10 +378,9 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, auto
     kinds = [(kinds[2 * j], kinds[2 * j + 1]) for j in range(len(kinds) // 2)]  # (layers, dense layers) per kind
     T = B * s.S
     m = s.global_batch / (B * dp)
-    passes = 3.0 + ckpt  # forward + backward (2x) + recompute
-    lt = layer_forward_times(s, B, tp, ep, autoep)
+    lt = layer_pass_times(s, B, tp, ep, autoep, False, ckpt)  # forward (+ recompute) + backward, by op
     layer_t = sum(lt.values())
-    head_t, emb_t = head_forward_time(s, B), embedding_forward_time(s, B)
+    head_t, emb_t = head_time(s, B), embedding_time(s, B)
     # communication per layer per micro-batch
     act = s.b * T * s.D
     tp_comm = (4.0 + 2 * ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
@@ -338,20 +391,19 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, auto
                                                              a2a * (ep - q) / ep / s.inter_bytes_s), 0.0)
     p2p_bw = np.where(tp * dp * pp <= s.gpus_per_node, s.intra_bytes_s, s.inter_bytes_s)
     p2p = np.where(pp > 1, 2.0 * act / p2p_bw, 0.0)
-    per_layer = layer_t * passes + tp_comm + ep_comm
+    per_layer = layer_t + tp_comm + ep_comm
     # a dense FFN layer: no router, experts or all-to-all; only the attention's two tp all-reduces (one forward, one
     # backward, + the recomputed forward's)
     if s.dense_layers:
-        dense_lt = layer_forward_times(s, B, tp, ep, autoep, dense=True)
+        dense_lt = layer_pass_times(s, B, tp, ep, autoep, True, ckpt)
         tp_comm_dense = (2.0 + ckpt) * 2.0 * (tp - 1) / tp * act / s.intra_bytes_s
-        per_dense = sum(dense_lt.values()) * passes + tp_comm_dense
+        per_dense = sum(dense_lt.values()) + tp_comm_dense
     else:
         dense_lt, tp_comm_dense, per_dense = dict.fromkeys(lt, 0.0), 0.0, 0.0
     layers_t = [(n - d) * per_layer + d * per_dense for n, d in kinds]  # each stage kind's decoder layers
     single = pp == 1
-    head_all = head_t * 3.0 + emb_t * 3.0
-    first_t = np.where(single, layers_t[0] + head_all, layers_t[0] + emb_t * 3.0 + p2p)
-    last_t = np.where(single, 0.0, layers_t[1] + head_t * 3.0 + p2p)
+    first_t = np.where(single, layers_t[0] + head_t + emb_t, layers_t[0] + emb_t + p2p)
+    last_t = np.where(single, 0.0, layers_t[1] + head_t + p2p)
     mid_t = 0.0
     for (n, _), t in zip(kinds[2:], layers_t[2:]):
         mid_t = np.maximum(mid_t, np.where(n > 0, t + p2p, 0.0))
@@ -384,7 +436,7 @@ def step_components(s: Shape, tp, pp, ep, dp, zero, B, ckpt, pp_table=None, auto
     return {"step": step, "pipeline": pipeline, "stage_t": stage_t, "m": m, "layer_t": layer_t,
             "layer_times": lt, "tp_comm": tp_comm, "ep_comm": ep_comm, "p2p": p2p, "head_t": head_t,
             "emb_t": emb_t, "dp_reduce": dp_reduce, "zero3_gather": zero3_gather, "optimizer": optimizer,
-            "passes": passes, "dense_layer_times": dense_lt, "tp_comm_dense": tp_comm_dense,
+            "dense_layer_times": dense_lt, "tp_comm_dense": tp_comm_dense,
             "first_t": first_t, "last_t": last_t, "mid_t": mid_t, "slow_layers": slow_layers,
             "slow_dense_layers": slow_dense}
 
@@ -455,15 +507,14 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
     step = float(c["step"])
     gpus = tp * pp * dp
     m = float(c["m"])
-    passes = float(c["passes"])
     # the stage whose decoder layers take longest: its MoE layers' and dense layers' terms
     slow_dense = float(c["slow_dense_layers"])
     slow_moe = float(c["slow_layers"]) - slow_dense
     dense_lt = c["dense_layer_times"]
     priced = {"shared_experts": s.I_shared, "dense_ffn": s.dense_layers}  # terms shown only where the model has them
-    per_mb = {f"compute.{name}": float(v) * passes * slow_moe + float(dense_lt[name]) * passes * slow_dense
+    per_mb = {f"compute.{name}": float(v) * slow_moe + float(dense_lt[name]) * slow_dense
               for name, v in c["layer_times"].items() if priced.get(name, True)}
-    per_mb["compute.lm_head_and_embedding"] = float(c["head_t"] + c["emb_t"]) * 3.0
+    per_mb["compute.lm_head_and_embedding"] = float(c["head_t"] + c["emb_t"])
     per_mb["comm.tp_all_reduce"] = float(c["tp_comm"]) * slow_moe + float(c["tp_comm_dense"]) * slow_dense
     per_mb["comm.ep_all_to_all"] = float(c["ep_comm"]) * slow_moe
     per_mb["comm.pp_p2p"] = float(c["p2p"])
