@@ -33,6 +33,7 @@ from moe_model.recipe import load_recipe, recipe_from_dict  # noqa: E402
 from moe_model.strategy import Strategy  # noqa: E402
 
 ONE_RANK = ("parallel.pp=1", "parallel.ep=1", "parallel.dp=null", "parallel.zero_stage=0")
+FINE_GRAINED = ("model.num_local_experts=32", "model.num_experts_per_tok=8", "model.moe_intermediate_size=32")
 CASES = {
     "tiny-cpu-1rank": ("recipes/tiny_cpu.yaml", ONE_RANK),
     "tiny-cpu-4ranks": ("recipes/tiny_cpu.yaml", ()),  # pp2 x dp2, experts over ep2, ZeRO-1: make smoke's layout
@@ -42,6 +43,11 @@ CASES = {
     "tiny-cpu-2ranks-autoep": ("recipes/tiny_cpu.yaml", ("parallel.pp=1", "parallel.moe_backend=autoep")),
     "tiny-cpu-2ranks-autoep-zero3": ("recipes/tiny_cpu.yaml", ("parallel.pp=1", "parallel.moe_backend=autoep",
                                                                "parallel.zero_stage=3")),
+    # fine-grained experts (issue 27): 32 experts of width 32, top-8, the same active FFN width as tiny_cpu's 8 of 128,
+    # top-2, so four times the routed rows in GEMMs a quarter as wide
+    "tiny-fine-grained-1rank": ("recipes/tiny_cpu.yaml", ONE_RANK + FINE_GRAINED),
+    "tiny-fine-grained-2ranks-autoep": ("recipes/tiny_cpu.yaml", ("parallel.pp=1", "parallel.moe_backend=autoep")
+                                        + FINE_GRAINED),
 }
 RESULTS = ROOT / "benchmarks/results/step_time_accuracy.json"
 

@@ -7,7 +7,7 @@ import pytest
 
 from moe_model.cli import main
 from moe_model.calibrate.machine import fit_mfu, measure_link_gbps, measure_work, shrunken
-from moe_model.calibrate.work_probe import rank_model_recipe, stage_layers_timed
+from moe_model.calibrate.work_probe import rank_model_recipe, shrunken_widths, stage_layers_timed
 from moe_model.estimate.params import count_params
 from moe_model.estimate.perf import layer_forward_flops, performance, shape_of, stage_compute_time
 from moe_model.recipe import load_recipe, recipe_from_dict
@@ -58,11 +58,14 @@ def test_fit_mfu_prices_the_recipes_backend():
     """The fit inverts the time of the backend the recipe runs: AutoEP's routed rows, not the legacy buffers."""
     recipe = load_recipe(TINY_CPU, ["parallel.pp=1", "parallel.ep=2", "parallel.dp=2"])
     p = recipe.parallel
-    s = dataclasses.replace(shape_of(recipe, 3.0), compute_flops=1e11 * 0.3, hbm_bytes_s=2e10)
-    args = (s, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe), False)
-    autoep, legacy = float(stage_compute_time(*args, True)), float(stage_compute_time(*args, False))
-    assert autoep < legacy
-    assert fit_mfu(recipe, 1e11, 2e10, autoep, imbalance=3.0) == pytest.approx(0.3, rel=1e-6)
+    full, small = (dataclasses.replace(shape_of(r, 3.0), compute_flops=1e11 * 0.3, hbm_bytes_s=2e10)
+                   for r in (recipe, shrunken_widths(recipe)))
+    grown = {backend: float(stage_compute_time(full, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe),
+                                               False, backend))
+             - float(stage_compute_time(small, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe), False,
+                                        backend)) for backend in (True, False)}
+    assert grown[True] < grown[False]  # AutoEP's routed rows, the legacy layer's capacity-deep buffers
+    assert fit_mfu(recipe, 1e11, 2e10, grown[True], imbalance=3.0) == pytest.approx(0.3, rel=1e-6)
 
 
 @pytest.mark.multirank
@@ -78,8 +81,10 @@ def test_rank_work_through_deepspeeds_moe_layer_on_two_ranks(backend, layer):
 def test_fit_mfu_inverts_the_stage_time_and_stops_at_the_peak():
     recipe = load_recipe(TINY_CPU)
     p = recipe.parallel
-    s = dataclasses.replace(shape_of(recipe), compute_flops=1e11 * 0.3, hbm_bytes_s=2e10)
-    measured = float(stage_compute_time(s, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe)))
+    full, small = (dataclasses.replace(shape_of(r), compute_flops=1e11 * 0.3, hbm_bytes_s=2e10)
+                   for r in (recipe, shrunken_widths(recipe)))
+    measured = (float(stage_compute_time(full, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe)))
+                - float(stage_compute_time(small, p.micro_batch_size, p.tp, p.ep, stage_layers_timed(recipe))))
     assert fit_mfu(recipe, 1e11, 2e10, measured) == pytest.approx(0.3, rel=1e-6)
     assert fit_mfu(recipe, 1e11, 2e10, measured / 1e3) == 1.0
 

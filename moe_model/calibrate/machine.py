@@ -15,6 +15,9 @@ as `train.distributed.share_cpu_cores` sets them):
   measured bandwidth) equals the difference. On small shapes it absorbs what the roofline leaves out (SDPA and
   element-wise kernels far from their peak, DeepSpeed's dispatch and combine);
 - links, `hardware.intra_node_gbps` (2 ranks or more): `measure_link_gbps`, the recipe's own messages between ranks;
+- the GEMM table (`gemm_probe`): the recipe's own GEMMs and Mixtral-like and fine-grained expert GEMMs, grouped and
+  looped, timed, and the shape figures fitted to them (`hardware.sm_count`, `gemm_tile`, `gemm_k_half`) with one
+  kernel's measured cost (`hardware.kernel_launch_us`); the efficiency and the fixed cost below are fitted with them;
 - the fixed cost of a step, `hardware.step_overhead_ms`: the recipe trained through the deepspeed launcher on its own
   layout (ranks, tp/pp/ep/dp, ZeRO stage, micro-batches, layers, experts, top-k, sequence) with every width shrunk to
   almost nothing (head_dim 2, expert FFN 8*tp; the vocabulary and data kept), 40 steps: the median step time (first
@@ -41,6 +44,7 @@ from ..errors import LaunchError
 from ..estimate.perf import shape_of, stage_compute_time
 from ..launch import deepspeed_command, rank_env
 from ..recipe import Recipe, RecipeError, recipe_from_dict
+from .gemm_probe import measure_gemm_table, shape_overrides
 from .predict import predict_step_s
 from .refit import measured_step_time
 from .timing import median_seconds
@@ -96,18 +100,21 @@ def check_local_ranks(recipe: Recipe) -> int:
 
 def fit_mfu(recipe: Recipe, peak_flops: float, hbm_bytes_s: float, measured_s: float, imbalance: float = 1.0) -> float:
     """The compute efficiency at which the model's time for one rank's stage (`perf.stage_compute_time`, routing
-    skewed by `imbalance`) equals the measured `measured_s`; 1 if even the peak rate is slower than measured."""
+    skewed by `imbalance`) less its time at shrunken widths (`work_probe.shrunken_widths`: what the per-kernel costs
+    and the work of nothing come to, in both) equals the measured growth `measured_s` (full less shrunken); 1 if
+    even the peak rate is slower than measured."""
     from ..strategy import Strategy
 
     p = recipe.parallel
-    base = dataclasses.replace(shape_of(recipe, imbalance), hbm_bytes_s=hbm_bytes_s)
+    full = dataclasses.replace(shape_of(recipe, imbalance), hbm_bytes_s=hbm_bytes_s)
+    small = dataclasses.replace(shape_of(shrunken_widths(recipe), imbalance), hbm_bytes_s=hbm_bytes_s)
     layers = stage_layers_timed(recipe)
     autoep = Strategy.from_recipe(recipe)[0].moe_backend == "autoep"
 
     def model_s(mfu: float) -> float:
-        s = dataclasses.replace(base, compute_flops=peak_flops * mfu)
-        return float(stage_compute_time(s, p.micro_batch_size, p.tp, p.ep, layers, p.activation_checkpointing,
-                                        autoep))
+        return sum(sign * float(stage_compute_time(dataclasses.replace(s, compute_flops=peak_flops * mfu),
+                                                   p.micro_batch_size, p.tp, p.ep, layers, p.activation_checkpointing,
+                                                   autoep)) for sign, s in ((1, full), (-1, small)))
 
     if model_s(1.0) >= measured_s:
         return 1.0
@@ -227,7 +234,12 @@ def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
         log(f"timing products and copies with {threads} thread(s)")
         peak = measure_matmul_tflops()
         tbps = measure_bandwidth_tbps()
-    out = {"ranks": ranks, "threads_per_rank": threads, "matmul_tflops_fp32": peak, "memory_bandwidth_tbps": tbps}
+        log("timing the GEMM table (the recipe's GEMMs, Mixtral-like and fine-grained experts, grouped and looped)")
+        gemms = measure_gemm_table(recipe, threads, tbps * 1e12)
+    out = {"ranks": ranks, "threads_per_rank": threads, "matmul_tflops_fp32": peak, "memory_bandwidth_tbps": tbps,
+           "gemm_table": gemms}
+    # every later fit and prediction prices GEMMs with the fitted shape figures
+    recipe = recipe_from_dict(recipe.model_dump(), shape_overrides(gemms))
     if ranks > 1:
         log(f"timing the recipe's messages between {ranks} ranks")
         out["links"] = measure_link_gbps(recipe)
@@ -245,7 +257,8 @@ def measure_machine(recipe: Recipe, overhead: bool = True, log=None) -> dict:
         out.update(measure_step_overhead_s(recipe, peak * mfu * 1e12, tbps * 1e12, work["routing_imbalance"]))
     out["overrides"] = [f"hardware.peak_tflops={peak:.6g}", f"hardware.mfu={mfu:.4g}",
                         f"hardware.hbm_bandwidth_tbps={tbps:.6g}", "hardware.bandwidth_utilization=1",
-                        f"hardware.step_overhead_ms={out.get('step_overhead_s', 0.0) * 1e3:.4g}"]
+                        f"hardware.step_overhead_ms={out.get('step_overhead_s', 0.0) * 1e3:.4g}",
+                        *shape_overrides(gemms)]
     if "links" in out:
         out["overrides"].append(f"hardware.intra_node_gbps={out['links']['intra_node_gbps']:.4g}")
     return out

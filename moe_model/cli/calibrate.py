@@ -46,6 +46,7 @@ def cmd_calibrate(recipe: Recipe, args: argparse.Namespace) -> int:
               f"{out['memory_bandwidth_tbps'] * 1e3:.1f} GB/s; one rank's forward + backward "
               f"{out['rank_forward_backward_s'] * 1e3:.2f} ms ({out['shrunken_forward_backward_s'] * 1e3:.2f} ms of it "
               f"at shrunken widths): mfu {out['mfu']:.3f}")
+        print_gemm_table(out["gemm_table"])
         if "step_overhead_s" in out:
             print(f"fixed cost of a step on this layout: {out['step_overhead_s'] * 1e3:.1f} ms (shrunken model: "
                   f"{out['shrunken_step_time_s'] * 1e3:.1f} ms measured, {out['shrunken_arithmetic_s'] * 1e3:.2f} ms "
@@ -54,3 +55,18 @@ def cmd_calibrate(recipe: Recipe, args: argparse.Namespace) -> int:
           + (f" (moe estimate: --imbalance {imbalance:.3g}, the routing skew seen)" if recipe.parallel.ep > 1 else ""))
     print(f"{recipe.name} with these figures: predicted {out['predicted_step_time_s']:.4g} s per step")
     return 0
+
+
+def print_gemm_table(gemms: dict) -> None:
+    """The measured GEMM table beside the one-efficiency roofline and the fitted GEMM-by-shape time."""
+    tm, tn = gemms["gemm_tile"]
+    print(f"GEMM table (fp32, median): fitted {gemms['sm_count']} units, tile {tm} x {tn}, K at half rate "
+          f"{gemms['gemm_k_half']:g}, rate {gemms['gemm_rate_flops'] / 1e9:.1f} GFLOP/s, one kernel "
+          f"{gemms['kernel_launch_us']:.2f} us measured; rms log error {gemms['rms_log_error']:.3f} by shape, "
+          f"{gemms['one_efficiency_rms_log_error']:.3f} at one efficiency (its best rate, "
+          f"{gemms['one_efficiency_rate_flops'] / 1e9:.1f} GFLOP/s)")
+    print(f"  {'GEMM':<44}{'M':>7}{'N':>6}{'K':>6}{'groups':>7}{'measured us':>13}{'GFLOP/s':>9}"
+          f"{'one eff. us':>13}{'by shape us':>13}")
+    for r in gemms["rows"]:
+        print(f"  {r['gemm'][:43]:<44}{r['M']:>7.0f}{r['N']:>6}{r['K']:>6}{r['groups']:>7}{r['measured_s'] * 1e6:>13.1f}"
+              f"{r['measured_gflops']:>9.1f}{r['one_efficiency_s'] * 1e6:>13.1f}{r['by_shape_s'] * 1e6:>13.1f}")
