@@ -25,6 +25,10 @@ estimate against `torch.cuda.max_memory_allocated` (`MEMORY_BOUND`) and `max_mem
 estimate's allocator share. Speed: the recipe's model against transformers' Mixtral, same weights, same batch, both
 cast whole to bf16 (scripts/gpu_check_parts.py speed): both losses (`MIXTRAL_LOSS`), our step time at most
 `MIXTRAL_SLOWDOWN` x Mixtral's.
+GEMMs: moe_model.calibrate.gemm_probe on the device (bf16 on a GPU): the recipe's GEMMs and Mixtral-8x7B's and
+Qwen3-30B-A3B's expert GEMMs at 4096 tokens, grouped and looped, timed; the shape figures fitted to them must explain
+the table better than one efficiency (rms log error), and are written as a `hardware:` section
+(benchmarks/results/gpu_gemm.yaml) to pass to `moe plan`/`moe estimate` as overrides.
 Stage 2, only where 2 or more GPUs exist: the same training rows on every local GPU with ep = N on both backends
 and a pipeline (pp 2, legacy).
 
@@ -619,6 +623,43 @@ def speed_rows(bench: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# part 4: the GEMM table on this device, the shape figures fitted to it (moe_model/calibrate/gemm_probe.py)
+
+
+def gemm_part(plan: Plan, clock: Clock) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    out = plan.work / "gemm.json"
+    command = [sys.executable, "-m", "moe_model.calibrate.gemm_probe", "--recipe", str(plan.recipe), "--device",
+               plan.device, "--out", str(out)]
+    outcome = run_part(command, plan.work / "gemm.log", clock.limit(plan.launch_s))
+    if not outcome.ok:
+        return [failure_row("gemm", "", outcome)], {}
+    table = json.loads(out.read_text())
+    kept = out.with_suffix(".yaml")
+    if plan.device == "cuda":  # the card's figures, as a `hardware:` section a recipe can take as its base
+        kept = RESULTS.with_name("gpu_gemm.yaml")
+        shutil.copyfile(out.with_suffix(".yaml"), kept)
+    return gemm_rows(table, kept), table
+
+
+def gemm_rows(table: dict[str, Any], kept: Path) -> list[dict[str, Any]]:
+    tm, tn = table["gemm_tile"]
+    by_shape, flat = table["rms_log_error"], table["one_efficiency_rms_log_error"]
+    slowest = min(table["rows"], key=lambda r: r["measured_gflops"])
+    return [
+        row("gemm", "", f"GEMM table: {len(table['rows'])} shapes ({table['dtype']}): the recipe's, Mixtral-like and "
+            "fine-grained experts grouped and looped", f"{slowest['gemm']}: {slowest['measured_gflops']:.0f} GFLOP/s "
+            f"(slowest); {max(r['measured_gflops'] for r in table['rows']):.0f} (fastest)"),
+        row("gemm", "", "fitted: units, tile, K at half rate, rate; one kernel (measured)",
+            f"{table['sm_count']}, {tm} x {tn}, {table['gemm_k_half']:g}, {table['gemm_rate_flops'] / 1e12:.3g} "
+            f"TFLOP/s; {table['kernel_launch_us']:.2f} us"),
+        row("gemm", "", "rms log error of the time by shape < the one-efficiency roofline's (at its best rate)",
+            f"{by_shape:.3f} < {flat:.3f}", check(by_shape < flat), by_shape=by_shape, one_efficiency=flat),
+        row("gemm", "", "recipe overrides written (hardware: sm_count, gemm_tile, gemm_k_half, kernel_launch_us)",
+            shown(kept)),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -728,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # each: (plan, clock) -> (rows, details)
-PARTS = {"train1": train1_part, "train2": train2_part, "memory": memory_part, "speed": speed_part}
+PARTS = {"train1": train1_part, "train2": train2_part, "memory": memory_part, "speed": speed_part, "gemm": gemm_part}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -204,6 +204,10 @@ def test_the_cpu_dry_run_is_green_and_each_fault_gives_a_red_row(tmp_path, monke
     speed = {r["figure"].split(",")[0]: r for r in rows if r["part"] == "speed"}
     assert speed["LM loss"]["loss_difference"] < 1e-5 and speed["LM loss"]["status"] == "ok"
     assert report["speed"]["times_s"]["ours"] > 0 and report["speed"]["losses"]["ours"] > 0
+    gemm = [r for r in rows if r["part"] == "gemm"]
+    assert len(gemm) == 4 and all(r["status"] == "ok" for r in gemm)
+    assert report["gemm"]["rms_log_error"] < report["gemm"]["one_efficiency_rms_log_error"]
+    assert "hardware.gemm_tile" in " ".join(report["gemm"]["overrides"]) and (work / "gemm.yaml").is_file()
 
     # the faults, in this process, each in what its row reads (no more launches: CI time): every targeted row red
     monkeypatch.setenv("GPU_CHECK_FAULTS", ",".join(module.FAULTS))

@@ -26,11 +26,17 @@ from ..estimate.perf import layer_gemms, shape_of
 from ..recipe import Recipe
 from .timing import median_seconds
 
-TILES = (1, 2, 4, 8, 16, 32, 64, 128)
-K_HALVES = (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+K_HALVES = (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 
-# (label, hidden D, expert width I, experts E, top-k, tokens T): the catalogue's MoE layers at CPU size
-LAYERS = (("Mixtral-like", 512, 1792, 8, 2, 512), ("fine-grained", 512, 128, 64, 8, 512))
+# (label, hidden D, expert width I, experts on the rank E, top-k, tokens T per rank): the catalogue's MoE layers.
+# CPU: at this machine's size; GPU: the real layers at 4096 tokens (Qwen3-30B-A3B on one GPU: 128 experts of 256
+# rows; over ep 8: 16 local experts of 2048 rows)
+LAYERS = {
+    "cpu": (("Mixtral-like", 512, 1792, 8, 2, 512), ("fine-grained", 512, 128, 64, 8, 512)),
+    "cuda": (("Mixtral-8x7B", 4096, 14336, 8, 2, 4096), ("Qwen3-30B-A3B", 2048, 768, 128, 8, 4096),
+             ("Qwen3-30B-A3B ep8", 2048, 768, 16, 8, 4096)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +49,12 @@ class Gemm:
     grouped: bool = True
 
 
-def catalogue() -> list[Gemm]:
-    """The scaled Mixtral-like and fine-grained experts (gate+up, down, and down's weight gradient whose depth is an
-    expert's rows), grouped and looped, and a dense projection of the same tokens."""
+def catalogue(device: str = "cpu") -> list[Gemm]:
+    """The Mixtral-like and fine-grained experts (gate+up, down, and down's weight gradient whose depth is an
+    expert's rows), grouped and looped, and a dense projection of the same tokens (`LAYERS` of the device)."""
     rows = []
-    for label, D, I, E, k, T in LAYERS:
-        r = T * k // E
+    for label, D, I, E, k, T in LAYERS[device]:
+        r = T * k // E  # rows per local expert (balanced: ep ranks' T tokens over E x ep experts)
         for grouped in (True, False):
             how = "grouped" if grouped else "loop"
             rows += [Gemm(f"{label} experts gate+up ({how})", r, 2 * I, D, E, grouped),
@@ -77,40 +83,63 @@ def recipe_gemms(recipe: Recipe) -> list[Gemm]:
     return out
 
 
-def time_gemm(g: Gemm, repeats: int = 5) -> float:
-    """Median seconds of `g` in fp32 on this machine: one `torch._grouped_mm` over its groups, or a loop of mm."""
+def _timer(device: str):
+    """`median_seconds` that waits for the device's queue after each call (CUDA runs kernels asynchronously)."""
     import torch
 
+    if device != "cuda":
+        return median_seconds
+
+    def timed(fn, repeats, warmup=1):
+        def synced():
+            fn()
+            torch.cuda.synchronize()
+        return median_seconds(synced, repeats, warmup)
+    return timed
+
+
+def time_gemm(g: Gemm, repeats: int = 5, device: str = "cpu", dtype=None) -> float:
+    """Median seconds of `g` on `device` in `dtype` (fp32 by default): one `torch._grouped_mm` over its groups (on
+    a CPU aten's per-expert loop), or a Python loop of `torch.mm` (DeepSpeed's expert modules)."""
+    import torch
+
+    dtype = dtype or torch.float32
     M = max(1, int(round(g.M)))
-    x = torch.randn(g.groups * M, g.K)
-    w = torch.randn(g.groups, g.K, g.N)
+    x = torch.randn(g.groups * M, g.K, device=device, dtype=dtype)
+    w = torch.randn(g.groups, g.N, g.K, device=device, dtype=dtype).transpose(-2, -1)  # [E, K, N], column-major
+    timer = _timer(device)
     if g.groups == 1:
-        return median_seconds(lambda: torch.mm(x, w[0]), repeats)
+        return timer(lambda: torch.mm(x, w[0]), repeats)
     if g.grouped:
-        offs = torch.arange(M, g.groups * M + 1, M, dtype=torch.int32)
-        return median_seconds(lambda: torch._grouped_mm(x, w, offs=offs), repeats)
+        offs = torch.arange(M, g.groups * M + 1, M, dtype=torch.int32, device=device)
+        return timer(lambda: torch._grouped_mm(x, w, offs=offs), repeats)
     chunks = x.split(M)
-    return median_seconds(lambda: [torch.mm(c, w[e]) for e, c in enumerate(chunks)], repeats)
+    return timer(lambda: [torch.mm(c, w[e]) for e, c in enumerate(chunks)], repeats)
 
 
-def measure_kernel_s(repeats: int = 200) -> float:
-    """One small kernel's wall time: a 16-element add (dispatch, output allocation, the work of nothing)."""
+def measure_kernel_s(device: str = "cpu", count: int = 200) -> float:
+    """One small kernel's cost: `count` 16-element adds issued back to back (dispatch, output allocation, launch),
+    the median over 5 timings, per add."""
     import torch
 
-    a, b = torch.ones(16), torch.ones(16)
-    return median_seconds(lambda: torch.add(a, b), repeats, warmup=20)
+    a, b = torch.ones(16, device=device), torch.ones(16, device=device)
+
+    def many():
+        for _ in range(count):
+            torch.add(a, b)
+    return _timer(device)(many, 5, warmup=2) / count
 
 
 def fit_shape_figures(recipe: Recipe, table: list[Gemm], measured: list[float], threads: int, hbm_bytes_s: float,
-                      kernel_s: float) -> dict:
+                      kernel_s: float, b: int = 4) -> dict:
     """The tile, K depth and rate minimising the squared log error of `kernels.gemm_seconds` over `table`, with
     `sm_count` = `threads`, the measured bandwidth and kernel cost."""
-    base = dataclasses.replace(shape_of(recipe), b=4, hbm_bytes_s=hbm_bytes_s, sm_count=threads, launch_s=kernel_s)
+    base = dataclasses.replace(shape_of(recipe), b=b, hbm_bytes_s=hbm_bytes_s, sm_count=threads, launch_s=kernel_s)
     t = np.asarray(measured)
     M, N, K = (np.array([getattr(g, f) for g in table], dtype=float) for f in "MNK")
     groups = np.array([g.groups for g in table], dtype=float)
     grouped = np.array([g.grouped for g in table])
-    rates = np.logspace(8, 13, 500)[:, None]  # FLOP/s, one row per candidate
+    rates = np.logspace(8, 16, 800)[:, None]  # FLOP/s, one row per candidate
     best = None
     for tm, tn, kh in itertools.product(TILES, TILES, K_HALVES):
         s = dataclasses.replace(base, gemm_tile=(tm, tn), gemm_k_half=kh, compute_flops=rates)
@@ -125,26 +154,31 @@ def fit_shape_figures(recipe: Recipe, table: list[Gemm], measured: list[float], 
             "predicted_s": [float(v) for v in predicted]}
 
 
-def flat_seconds(g: Gemm, rate: float, hbm_bytes_s: float) -> float:
+def flat_seconds(g: Gemm, rate: float, hbm_bytes_s: float, b: int = 4) -> float:
     """The one-efficiency roofline's time for `g` at `rate` (what the model said before the shape terms)."""
     flops = 2.0 * g.M * g.N * g.K * g.groups
-    return max(flops / rate, 4.0 * g.groups * (g.M * g.K + g.K * g.N + g.M * g.N) / hbm_bytes_s)
+    return max(flops / rate, b * g.groups * (g.M * g.K + g.K * g.N + g.M * g.N) / hbm_bytes_s)
 
 
-def measure_gemm_table(recipe: Recipe, threads: int, hbm_bytes_s: float) -> dict:
+def measure_gemm_table(recipe: Recipe, threads: int, hbm_bytes_s: float, device: str = "cpu", dtype=None) -> dict:
     """The GEMM table of this machine for `recipe` (module docstring), the fitted shape figures, and beside them the
-    one-efficiency roofline at its own best rate (the model before the shape terms)."""
-    table = recipe_gemms(recipe) + catalogue()
-    measured = [time_gemm(g) for g in table]
-    kernel_s = measure_kernel_s()
-    fit = fit_shape_figures(recipe, table, measured, threads, hbm_bytes_s, kernel_s)
+    one-efficiency roofline at its own best rate (the model before the shape terms). On CUDA `threads` is the SM
+    count and `dtype` bf16."""
+    import torch
+
+    dtype = dtype or torch.float32
+    b = torch.finfo(dtype).bits // 8
+    table = recipe_gemms(recipe) + catalogue(device)
+    measured = [time_gemm(g, device=device, dtype=dtype) for g in table]
+    kernel_s = measure_kernel_s(device)
+    fit = fit_shape_figures(recipe, table, measured, threads, hbm_bytes_s, kernel_s, b)
     # the one-efficiency roofline at its own best rate over the same table (the model before the shape terms)
-    rates = np.logspace(8, 13, 500)
-    flat = np.array([[flat_seconds(g, rate, hbm_bytes_s) for g in table] for rate in rates])
+    rates = np.logspace(8, 16, 800)
+    flat = np.array([[flat_seconds(g, rate, hbm_bytes_s, b) for g in table] for rate in rates])
     flat_errors = np.sum(np.log(flat / np.asarray(measured)) ** 2, axis=1)
     i = int(np.argmin(flat_errors))
     fit.update(one_efficiency_rms_log_error=float(np.sqrt(flat_errors[i] / len(table))),
-               one_efficiency_rate_flops=float(rates[i]))
+               one_efficiency_rate_flops=float(rates[i]), device=device, dtype=str(dtype).removeprefix("torch."))
     rows = [{"gemm": g.label, "M": g.M, "N": g.N, "K": g.K, "groups": g.groups, "grouped": g.grouped,
              "measured_s": m, "measured_gflops": 2.0 * g.M * g.N * g.K * g.groups / m / 1e9,
              "one_efficiency_s": o, "by_shape_s": p}
@@ -157,3 +191,51 @@ def shape_overrides(fit: dict) -> list[str]:
     tm, tn = fit["gemm_tile"]
     return [f"hardware.sm_count={fit['sm_count']}", f"hardware.gemm_tile=[{tm}, {tn}]",
             f"hardware.gemm_k_half={fit['gemm_k_half']:g}", f"hardware.kernel_launch_us={fit['kernel_launch_us']:.3g}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m moe_model.calibrate.gemm_probe --recipe R --device cuda --out F.json` (make gpu-check's gemm part):
+    the table on this device (bf16 on CUDA, fp32 on a CPU), its fit, and the `hardware:` overrides it gives, written
+    to F.json and beside it F.yaml (a recipe's `base:` or `--set` lines)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from ..recipe import load_recipe
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    if args.device == "cuda":
+        units, dtype = torch.cuda.get_device_properties(0).multi_processor_count, torch.bfloat16
+        a = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        copy = torch.empty_like(a)
+        hbm_bytes_s = 2 * a.numel() / _timer("cuda")(lambda: copy.copy_(a), 5)
+    else:
+        units, dtype = torch.get_num_threads(), torch.float32
+        from .machine import measure_bandwidth_tbps
+        hbm_bytes_s = measure_bandwidth_tbps() * 1e12
+    table = measure_gemm_table(recipe, units, hbm_bytes_s, args.device, dtype)
+    table["hbm_bytes_s"] = hbm_bytes_s
+    table["overrides"] = shape_overrides(table)
+    args.out.write_text(json.dumps(table, indent=2) + "\n")
+    tm, tn = table["gemm_tile"]
+    args.out.with_suffix(".yaml").write_text(
+        f"# the GEMM-shape figures moe_model.calibrate.gemm_probe measured on {args.device} ({table['dtype']}), "
+        f"rms log error {table['rms_log_error']:.3f} (one efficiency: {table['one_efficiency_rms_log_error']:.3f})\n"
+        + yaml.safe_dump({"hardware": {"sm_count": table["sm_count"], "gemm_tile": [tm, tn],
+                                       "gemm_k_half": table["gemm_k_half"],
+                                       "kernel_launch_us": round(table["kernel_launch_us"], 3)}}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

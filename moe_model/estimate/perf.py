@@ -2,11 +2,14 @@
 
 Sources: the FLOP counts follow Narayanan et al. 2021 (Megatron-LM, "Efficient Large-Scale Language Model Training
 on GPU Clusters", appendix: 2 FLOPs per multiply-add, backward = 2x forward, full recompute = one more forward) with
-the causal halving of the attention scores as in Megatron's `num_floating_point_operations`; the time of an op is the
-roofline `max(FLOPs / (peak * mfu), bytes / (hbm_bandwidth * utilisation))` (Williams et al. 2009, as used by
-SimuMax and Calculon); ring collectives move `2 (N-1)/N` of the buffer per rank for all-reduce and `(N-1)/N` for
-reduce-scatter or all-gather (Patarasuk & Yuan 2009); the 1F1B pipeline takes `(m + pp - 1)` slots of the slowest
-stage, a bubble of `(pp - 1) / (m + pp - 1)` (Narayanan et al. 2021). See /work/shared/REFERENCES.md.
+the causal halving of the attention scores as in Megatron's `num_floating_point_operations`; a GEMM's time is
+`kernels.gemm_seconds`: the roofline `max(FLOPs / (peak * mfu), bytes / (hbm_bandwidth * utilisation))` (Williams
+et al. 2009, as used by SimuMax and Calculon) with its rate cut by the GEMM's tile and wave quantisation and its K
+depth, plus one kernel's fixed cost (`hardware.gpu`'s figures, devices.py; without a named card every GEMM runs at
+`mfu` and kernels cost nothing, the plain roofline); ring collectives move `2 (N-1)/N` of the buffer per rank for
+all-reduce and `(N-1)/N` for reduce-scatter or all-gather (Patarasuk & Yuan 2009); the 1F1B pipeline takes
+`(m + pp - 1)` slots of the slowest stage, a bubble of `(pp - 1) / (m + pp - 1)` (Narayanan et al. 2021). See
+/work/shared/REFERENCES.md.
 
 Symbols: B micro-batch, S sequence, T = B*S tokens of a micro-batch, D hidden, Dq = Hq*d, Dkv = Hkv*d, E experts,
 k top-k, I a routed expert's FFN width (`MoEConfig.expert_width`), I_s the shared experts' one FFN (`shared_width`,
@@ -31,16 +34,23 @@ of the forward pass):
     dense FFN (dense layer)  2*T*D*I_d*g on every tp rank (replicated); a dense layer has no router, experts, shared
                           experts, all-to-all or dispatch
     LM head (last stage)  2*T*D*V (not vocabulary-parallel: each tp rank computes all of it)
-Bytes of a matmul [M, K] x [K, N]: b*(M*K + K*N + M*N) (an FFN of width W: b*(g*D*W + T*g*(D + W)); the shared
-gate b*(D + T*D + T)); SDPA (fused): read q, k, v and write the output.
+Every GEMM above is priced by its own shape (`layer_gemms`: q, k, v, o; gate+up then down of each FFN; each local
+expert's slice at the rank's mean rows R / (E/e), one grouped kernel on the model's block and AutoEP, one kernel per
+expert in DeepSpeed's expert modules), bytes of [M, K] x [K, N] b*(M*K + K*N + M*N); its backward the two transposed
+products (dX: M x K of depth N; dW: K x N of depth M: an expert's weight gradient is as deep as its few rows). SDPA
+(fused): read q, k, v and write the output, at `hardware.attention_efficiency` of the peak (FlashAttention's; None:
+`mfu`), its backward 2.5x the forward's FLOPs (the scores recomputed: five S x S products to the forward's two).
 Memory-bound element-wise work per layer (bytes only): two RMSNorms and two residual adds (10*b*T*D), RoPE on q and
 k (2*b*T*(Dq + Dkv)/t); an MoE layer's router softmax/top-k (8*T*E, sigmoid and groups alike), dispatch gather and
 combine scatter (4*b*R*D), the expert activation (g*b*R*I); the shared FFN's activation (g*b*T*I_s), its sum into the
 routed output (3*b*T*D) and gate scaling (2*b*T*D); a dense layer's FFN activation (g*b*T*I_d); q/k norms
 (`qk_norm`, 2*b*T*(Dq + Dkv)/t), the q, k, v clamp (`clip_qkv`, 2*b*T*(Dq + 2*Dkv)/t); per micro-batch the embedding
 (2*b*T*D) and the fp32 log-softmax/loss (12*T*V). Biases (`attention_bias`, `attention_out_bias`) are parameters
-(gradients, optimizer, ZeRO-3 gathers), not roofline terms (one row beside a projection's weight).
-Backward = 2x the forward's FLOPs and bytes; activation checkpointing adds one forward of every decoder layer.
+(gradients, optimizer, ZeRO-3 gathers), not roofline terms (one row beside a projection's weight). Every kernel that
+is not a GEMM (norms, RoPE, routing's softmax/top-k/sort, the permutation's gathers and scatters, the grouped GEMM's
+offsets) costs at least one kernel's fixed cost: the counts per layer, forward and backward, are counted by running
+the model's own code (`kernels.counted_kernels`) and added times `hardware.kernel_launch_us` to the bytes' time.
+Element-wise backward = 2x the forward's bytes; activation checkpointing adds one forward of every decoder layer.
 
 Communication (per micro-batch unless said), `link(span)`: the links a group uses, by the rank layout
 rank = (pipe*dp + data)*tp + model with `gpus_per_node` consecutive ranks per node:
