@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 
 CORPUS := data/python_docs.jsonl
 
-.PHONY: install test test-fast smoke plan bench bench-gpu gpu-check step-time configs lint clean
+.PHONY: install test test-fast smoke plan bench bench-gpu gpu-check step-time published-runs configs lint clean
 
 install: $(STAMP)
 
@@ -81,6 +81,10 @@ gpu-check: $(STAMP)
 # the performance model against measured CPU runs of the tiny recipe, 1 and 4 ranks (moe calibrate, then training)
 step-time: $(STAMP)
 	$(CPU_RANKS) $(BIN)/python benchmarks/step_time_accuracy.py
+
+# published GPU measurements beside the model's predictions for DeepSpeed (sources in benchmarks/published_runs_data.py)
+published-runs: $(STAMP)
+	$(BIN)/python benchmarks/published_runs.py
 
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/moe_speed.py --device cuda --peak-tflops $(PEAK_TFLOPS)

@@ -47,3 +47,8 @@ GPU_CLASSES: dict[str, dict[str, Any]] = {
 def class_defaults(name: str | None) -> dict[str, Any]:
     """The figures `hardware.gpu: name` fills in (None: the shape terms off, `FLAT`)."""
     return dict(FLAT) if name is None else {**FLAT, **GPU_CLASSES[name]}
+
+
+def flat_overrides() -> list[str]:
+    """`--set` lines that turn the GEMM-shape figures off (`FLAT`): the one-efficiency roofline, for comparisons."""
+    return [f"hardware.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in FLAT.items() if v is not None]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from moe_model.calibrate.gemm_probe import catalogue, fit_shape_figures
+from moe_model.calibrate.gemm_probe import catalogue, fit_shape_figures, recipe_gemms
 from moe_model.devices import GPU_CLASSES
 from moe_model.estimate import kernels
 from moe_model.estimate.kernels import counted_kernels, gemm_backward_seconds, gemm_seconds
@@ -44,13 +44,13 @@ def test_one_row_past_a_full_wave_costs_a_whole_wave():
 
 
 def test_a_grouped_kernel_pools_its_experts_tiles_and_a_loop_launches_each():
-    """4 experts of one 8 x 8 tile on 4 SMs: grouped, one wave and one launch; looped, four waves of one busy SM
-    and four launches."""
+    """4 experts of one 8 x 8 tile on 4 SMs: grouped, one wave (each SM one tile) and one launch; looped, four
+    kernels of one wave each with three SMs idle, and four launches: four times the compute."""
     s = device(sm_count=4, gemm_tile=(8, 8), launch_s=1e-5)
     K = 1 << 20
-    one_tile = 2.0 * 8 * 8 * K / 1e12
-    assert float(gemm_seconds(s, 8, 8, K, groups=4, grouped=True)) == pytest.approx(1e-5 + one_tile, rel=1e-12)
-    assert float(gemm_seconds(s, 8, 8, K, groups=4, grouped=False)) == pytest.approx(4 * (1e-5 + one_tile), rel=1e-12)
+    wave = 4 * 2.0 * 8 * 8 * K / 1e12  # four tiles' FLOPs at the whole chip's rate: one tile per SM at a quarter each
+    assert float(gemm_seconds(s, 8, 8, K, groups=4, grouped=True)) == pytest.approx(1e-5 + wave, rel=1e-12)
+    assert float(gemm_seconds(s, 8, 8, K, groups=4, grouped=False)) == pytest.approx(4 * (1e-5 + wave), rel=1e-12)
 
 
 def test_a_shallow_product_runs_at_half_rate_at_k_half():
@@ -117,17 +117,21 @@ def test_by_shape_fine_grained_experts_lose_more_of_the_rate_than_mixtrals():
     assert 1.0 < loss["mixtral"] < loss["qwen3"]
 
 
-def test_the_gemm_fit_recovers_the_figures_that_made_the_table():
-    """Times made by `gemm_seconds` with known figures (tile 16 x 32, K at half rate 32, 50 GFLOP/s, 2 units, 3 us
-    per kernel) over the calibration catalogue: the fit finds them again."""
+def test_the_gemm_fit_recovers_the_times_that_made_the_table():
+    """Times made by `gemm_seconds` with known figures (tile 64 x 128, K at half rate 32, 50 GFLOP/s, 2 units, 3 us
+    per kernel) over the recipe's GEMMs and the calibration catalogue: the fit gives them back (the K depth and the
+    rate; a tile the table cannot tell from another is any that times the table the same)."""
     recipe = load_recipe(TINY_CPU)
-    table = catalogue()
+    table = recipe_gemms(recipe) + catalogue()
     truth = dataclasses.replace(shape_of(recipe), b=4, compute_flops=5e10, hbm_bytes_s=2e10, sm_count=2,
-                                gemm_tile=(16, 32), gemm_k_half=32.0, launch_s=3e-6)
+                                gemm_tile=(64, 128), gemm_k_half=32.0, launch_s=3e-6)
     measured = [float(gemm_seconds(truth, g.M, g.N, g.K, g.groups, g.grouped)) for g in table]
     fit = fit_shape_figures(recipe, table, measured, threads=2, hbm_bytes_s=2e10, kernel_s=3e-6)
-    assert fit["gemm_tile"] == [16, 32] and fit["gemm_k_half"] == 32.0
-    assert fit["gemm_rate_flops"] == pytest.approx(5e10, rel=0.03) and fit["rms_log_error"] < 0.02
+    assert fit["gemm_k_half"] == 32.0 and fit["gemm_rate_flops"] == pytest.approx(5e10, rel=0.03)
+    assert fit["rms_log_error"] < 0.02
+    refit = dataclasses.replace(truth, gemm_tile=tuple(fit["gemm_tile"]), compute_flops=fit["gemm_rate_flops"])
+    for g, t in zip(table, measured):
+        assert float(gemm_seconds(refit, g.M, g.N, g.K, g.groups, g.grouped)) == pytest.approx(t, rel=0.03)
 
 
 def test_no_expressible_published_run_is_predicted_faster_than_it_was_measured():

@@ -24,7 +24,7 @@ import numpy as np
 from ..estimate.kernels import gemm_seconds
 from ..estimate.perf import layer_gemms, shape_of
 from ..recipe import Recipe
-from .timing import median_seconds
+from .timing import measure_bandwidth_tbps, synced_median_seconds
 
 TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 K_HALVES = (0.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
@@ -83,21 +83,6 @@ def recipe_gemms(recipe: Recipe) -> list[Gemm]:
     return out
 
 
-def _timer(device: str):
-    """`median_seconds` that waits for the device's queue after each call (CUDA runs kernels asynchronously)."""
-    import torch
-
-    if device != "cuda":
-        return median_seconds
-
-    def timed(fn, repeats, warmup=1):
-        def synced():
-            fn()
-            torch.cuda.synchronize()
-        return median_seconds(synced, repeats, warmup)
-    return timed
-
-
 def time_gemm(g: Gemm, repeats: int = 5, device: str = "cpu", dtype=None) -> float:
     """Median seconds of `g` on `device` in `dtype` (fp32 by default): one `torch._grouped_mm` over its groups (on
     a CPU aten's per-expert loop), or a Python loop of `torch.mm` (DeepSpeed's expert modules)."""
@@ -107,7 +92,7 @@ def time_gemm(g: Gemm, repeats: int = 5, device: str = "cpu", dtype=None) -> flo
     M = max(1, int(round(g.M)))
     x = torch.randn(g.groups * M, g.K, device=device, dtype=dtype)
     w = torch.randn(g.groups, g.N, g.K, device=device, dtype=dtype).transpose(-2, -1)  # [E, K, N], column-major
-    timer = _timer(device)
+    timer = synced_median_seconds(device)
     if g.groups == 1:
         return timer(lambda: torch.mm(x, w[0]), repeats)
     if g.grouped:
@@ -127,7 +112,7 @@ def measure_kernel_s(device: str = "cpu", count: int = 200) -> float:
     def many():
         for _ in range(count):
             torch.add(a, b)
-    return _timer(device)(many, 5, warmup=2) / count
+    return synced_median_seconds(device)(many, 5, warmup=2) / count
 
 
 def fit_shape_figures(recipe: Recipe, table: list[Gemm], measured: list[float], threads: int, hbm_bytes_s: float,
@@ -214,13 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe)
     if args.device == "cuda":
         units, dtype = torch.cuda.get_device_properties(0).multi_processor_count, torch.bfloat16
-        a = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-        copy = torch.empty_like(a)
-        hbm_bytes_s = 2 * a.numel() / _timer("cuda")(lambda: copy.copy_(a), 5)
     else:
         units, dtype = torch.get_num_threads(), torch.float32
-        from .machine import measure_bandwidth_tbps
-        hbm_bytes_s = measure_bandwidth_tbps() * 1e12
+    hbm_bytes_s = measure_bandwidth_tbps(512 if args.device == "cuda" else 128, device=args.device) * 1e12
     table = measure_gemm_table(recipe, units, hbm_bytes_s, args.device, dtype)
     table["hbm_bytes_s"] = hbm_bytes_s
     table["overrides"] = shape_overrides(table)

@@ -47,7 +47,7 @@ from ..recipe import Recipe, RecipeError, recipe_from_dict
 from .gemm_probe import measure_gemm_table, shape_overrides
 from .predict import predict_step_s
 from .refit import measured_step_time
-from .timing import median_seconds
+from .timing import measure_bandwidth_tbps, median_seconds
 from .work_probe import rank_model_recipe, shrunken_widths, stage_layers_timed, time_work
 
 
@@ -71,12 +71,6 @@ def measure_matmul_tflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeats) / 1e12
 
 
-def measure_bandwidth_tbps(megabytes: int = 128, repeats: int = 5) -> float:
-    import torch
-
-    a = torch.ones(megabytes * 2**20 // 4)
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / median_seconds(lambda: b.copy_(a), repeats) / 1e12
 
 
 MAX_LOCAL_RANKS = 8  # CPU ranks of a small model this kind of machine holds at once

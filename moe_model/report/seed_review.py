@@ -17,6 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..devices import flat_overrides
 from ..errors import UserError
 from ..estimate.audit import audit_report
 from ..estimate.estimate import estimate
@@ -176,6 +177,7 @@ def build(plan_path: str, model_path: str) -> str:
          "it; a vocabulary-parallel head would be the next speed-up." if largest.endswith("lm_head_and_embedding")
          else "."))
     w("")
+    shape_figures_moved(seed, seed_plan, model_path, plan_path, est, w)
     w("### Latency versus GPUs (Pareto front)")
     w("")
     w(STRATEGY_HEADER)
@@ -204,6 +206,7 @@ def build(plan_path: str, model_path: str) -> str:
                  ("intra-node bandwidth halved", [f"hardware.intra_node_gbps={hw.intra_node_gbps / 2}"], assumed),
                  ("4 GPUs per node", ["hardware.gpus_per_node=4"], assumed),
                  ("MFU 40% instead of the seed's 60%", ["hardware.mfu=0.4"], assumed),
+                 ("every GEMM at the MFU, no kernel cost (no GEMM-shape figures)", flat_overrides(), assumed),
                  ("routing balanced (busiest expert at the mean load)", [], dataclasses.replace(assumed, imbalance=1.0))]
     for label, overrides, assumptions in scenarios:
         variant = load_recipe(model_path, overrides)
@@ -218,6 +221,39 @@ def build(plan_path: str, model_path: str) -> str:
     w("The model is uncalibrated (spec-sheet figures; REFERENCES.md quotes 10-20% error for such models); the "
       "ranking between neighbouring strategies within ~20% of each other is not significant.")
     return "\n".join(out) + "\n"
+
+
+def shape_figures_moved(seed, seed_plan, model_path: str, plan_path: str, est, w) -> None:
+    """The review's step times with every GEMM at one efficiency and no kernel cost (`devices.flat_overrides`: the
+    model before GEMMs were priced by shape) beside the figures above."""
+    flat_seed, flat_plan = load_recipe(model_path, flat_overrides()), load_recipe(plan_path, flat_overrides())
+    hw = seed.hardware
+    w("### How the GEMM-shape figures moved these figures")
+    w("")
+    w(f"Every GEMM above is priced by its shape (`moe_model/estimate/kernels.py`): {hw.sm_count} SMs running "
+      f"{hw.gemm_tile[0]} x {hw.gemm_tile[1]} output tiles (a partly filled wave of tiles costs a whole one), half "
+      f"the rate at a K depth of {hw.gemm_k_half:g} (an expert's weight gradient is as deep as its rows), "
+      f"{hw.kernel_launch_us:g} us per kernel, GEMM or not (each layer's other kernels counted from the model's own "
+      "code). The seed names no card, so these are assumed (`recipes/seed_4b.yaml`). Before, every GEMM ran at the "
+      f"seed's {hw.mfu:.0%} of the peak and a kernel cost nothing:")
+    w("")
+    w("| figure | one efficiency: strategy, GPUs, step s | by shape: strategy, GPUs, step s | by shape / one "
+      "efficiency |")
+    w("|---|---|---|---:|")
+    layout = {"tp": est.tp, "pp": est.pp, "ep": est.ep, "dp": est.dp, "zero_stage": est.zero_stage,
+              "micro_batch_size": seed_plan.parallel.micro_batch_size,
+              "activation_checkpointing": seed_plan.parallel.activation_checkpointing}
+    rows = [("the seed's plan (if it fitted)", full_candidate(flat_plan, layout), full_candidate(seed_plan, layout)),
+            ("recommended (latency, no GPU limit)", plan(flat_seed).candidates[0], plan(seed).candidates[0]),
+            (f"best on <= {est.gpus} GPUs", plan(flat_seed, max_gpus=est.gpus).candidates[0],
+             plan(seed, max_gpus=est.gpus).candidates[0]),
+            ("fewest GPU-seconds per step", plan(flat_seed, objective="cost").candidates[0],
+             plan(seed, objective="cost").candidates[0])]
+    for label, before, after in rows:
+        w(f"| {label} | {describe(before['parallel'])}, {before['gpus']}, {before['step_time_s']:.3f} | "
+          f"{describe(after['parallel'])}, {after['gpus']}, {after['step_time_s']:.3f} | "
+          f"{after['step_time_s'] / before['step_time_s']:.2f} |")
+    w("")
 
 
 def gated_width(model) -> int:
