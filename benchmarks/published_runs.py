@@ -45,7 +45,7 @@ CARDS = {"h100_sxm": "h100_sxm", "h800": "h800_sxm", "h200_sxm": "h200_sxm", "a1
 def recipe_of(run: PublishedRun, mfu: float, by_shape: bool):
     hardware = {"gpu": CARDS[run.gpu], "mfu": mfu, "gpu_memory_gb": 1e6}  # time only: memory is not the question
     if not by_shape:
-        hardware.update({k: v for k, v in FLAT.items() if v is not None})
+        hardware.update(FLAT)
     return recipe_from_dict({
         "name": run.name,
         "model": run.model,

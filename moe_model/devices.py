@@ -51,4 +51,4 @@ def class_defaults(name: str | None) -> dict[str, Any]:
 
 def flat_overrides() -> list[str]:
     """`--set` lines that turn the GEMM-shape figures off (`FLAT`): the one-efficiency roofline, for comparisons."""
-    return [f"hardware.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in FLAT.items() if v is not None]
+    return [f"hardware.{k}={'null' if v is None else list(v) if isinstance(v, tuple) else v}" for k, v in FLAT.items()]
