@@ -104,7 +104,11 @@ def print_estimate(result: Estimate, recipe: Recipe) -> None:
                   f"{_gb(peak.total_bytes)} GB of {_gb(result.budget_bytes)} GB: {verdict}")
     perf = result.performance
     if perf is not None:
+        hw = recipe.hardware
+        gemms = (f"GEMMs by shape ({hw.gpu or 'stated figures'}: {hw.sm_count} SMs, {hw.gemm_tile[0]}x{hw.gemm_tile[1]} "
+                 f"tiles, {hw.kernel_launch_us:g} us a kernel)" if hw.sm_count or hw.kernel_launch_us
+                 else "every GEMM at hardware.mfu (no hardware.gpu)")
         console.print(f"predicted step {perf.step_time_s:.3f} s, {perf.throughput_seq_per_s:.1f} sequences/s "
                       f"({perf.throughput_tokens_per_s:,.0f} tokens/s), MFU {perf.mfu:.1%}, pipeline bubble "
-                      f"{perf.bubble_fraction:.0%} (performance model: roofline, no overlap, interconnect ASSUMED "
-                      f"{recipe.hardware.intra_node_gbps:g}/{recipe.hardware.inter_node_gbps:g} GB/s intra/inter)")
+                      f"{perf.bubble_fraction:.0%} (performance model: roofline, {gemms}, no overlap, interconnect "
+                      f"ASSUMED {hw.intra_node_gbps:g}/{hw.inter_node_gbps:g} GB/s intra/inter)")

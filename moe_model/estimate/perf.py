@@ -541,6 +541,9 @@ def performance(recipe: Recipe, world_size: int | None = None, *, strategy: Stra
         bubble_fraction=(pp - 1) / (m + pp - 1), breakdown=breakdown, per_micro_batch=per_mb,
         assumptions={"peak_tflops": hw.peak_tflops, "mfu_on_matmuls": hw.mfu,
                      "hbm_bandwidth_tbps": hw.hbm_bandwidth_tbps, "bandwidth_utilization": hw.bandwidth_utilization,
+                     "gpu (device class)": hw.gpu, "gemm_shape (sm_count, tile, K at half rate, kernel us)":
+                         [hw.sm_count, list(hw.gemm_tile), hw.gemm_k_half, hw.kernel_launch_us],
+                     "attention_efficiency (None: mfu)": hw.attention_efficiency,
                      "gpus_per_node (ASSUMED)": hw.gpus_per_node, "intra_node_gbps (ASSUMED)": hw.intra_node_gbps,
                      "inter_node_gbps (ASSUMED)": hw.inter_node_gbps, "step_overhead_ms": hw.step_overhead_ms,
                      "overlap": "none: TP/EP collectives, pipeline sends and the gradient reduction are exposed",
