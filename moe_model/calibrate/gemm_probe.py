@@ -90,8 +90,11 @@ def time_gemm(g: Gemm, repeats: int = 5, device: str = "cpu", dtype=None) -> flo
 
     dtype = dtype or torch.float32
     M = max(1, int(round(g.M)))
-    x = torch.randn(g.groups * M, g.K, device=device, dtype=dtype)
-    w = torch.randn(g.groups, g.N, g.K, device=device, dtype=dtype).transpose(-2, -1)  # [E, K, N], column-major
+    # CUDA's grouped kernel needs 16-byte rows (bf16: widths a multiple of 8; `grouped_ffn.grouped_mm_refusal`):
+    # a mean row count used as a depth is rounded up to one
+    K, N = (-(-int(v) // 8) * 8 if device == "cuda" else max(1, int(v)) for v in (g.K, g.N))
+    x = torch.randn(g.groups * M, K, device=device, dtype=dtype)
+    w = torch.randn(g.groups, N, K, device=device, dtype=dtype).transpose(-2, -1)  # [E, K, N], column-major
     timer = synced_median_seconds(device)
     if g.groups == 1:
         return timer(lambda: torch.mm(x, w[0]), repeats)
