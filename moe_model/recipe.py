@@ -17,7 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 from pydantic_core import PydanticCustomError
 
 from .configuration import MoEConfig
-from .devices import GPU_CLASSES, class_defaults
+from .devices import FLAT, GPU_CLASSES, class_defaults
 from .errors import UserError
 from .strategy import Strategy
 
@@ -208,11 +208,11 @@ class HardwareSection(Section):
     # GEMM time by shape (`estimate.kernels`): tiles running at once (0: no wave quantisation), a large GEMM's output
     # tile (rows, columns), the K depth at which a tile reaches half its rate, one kernel's fixed cost, and the fused
     # attention's fraction of the peak over forward and backward (None: `mfu`)
-    sm_count: int = Field(0, ge=0)
-    gemm_tile: tuple[PositiveInt, PositiveInt] = (1, 1)
-    gemm_k_half: float = Field(0.0, ge=0)
-    kernel_launch_us: float = Field(0.0, ge=0)
-    attention_efficiency: float | None = Field(None, gt=0, le=1)
+    sm_count: int = Field(FLAT["sm_count"], ge=0)
+    gemm_tile: tuple[PositiveInt, PositiveInt] = FLAT["gemm_tile"]
+    gemm_k_half: float = Field(FLAT["gemm_k_half"], ge=0)
+    kernel_launch_us: float = Field(FLAT["kernel_launch_us"], ge=0)
+    attention_efficiency: float | None = Field(FLAT["attention_efficiency"], gt=0, le=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moe_model.calibrate.gemm_probe import catalogue, fit_shape_figures, recipe_gemms
-from moe_model.devices import GPU_CLASSES
+from moe_model.devices import FLAT, GPU_CLASSES
 from moe_model.estimate import kernels
 from moe_model.estimate.kernels import counted_kernels, gemm_backward_seconds, gemm_seconds
 from moe_model.estimate.perf import performance, shape_of
@@ -67,10 +67,7 @@ def test_the_counted_kernels_do_not_depend_on_the_widths(recipe):
     """The count runs on a copy shrunk to a few elements per width; the model at its own width launches the same
     kernels (the shrink keeps the structure: experts, top-k, routing, norms, MLA, dense layers)."""
     cfg = load_recipe(str(ROOT / f"recipes/{recipe}.yaml")).moe_config()
-    own = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "transformers_version", "model_type",
-                                                                "torch_dtype", "dtype")}
-    own.update(num_hidden_layers=1, dense_layers=[0] if cfg.dense_layers else [], use_cache=False,
-               output_router_logits=False)
+    own = kernels.config_fields(cfg)  # its own widths
     assert kernels._count(json.dumps(own, sort_keys=True)) == counted_kernels(cfg)
     moe_forward, moe_backward = counted_kernels(cfg).moe
     assert 40 < moe_forward < moe_backward < 200  # norms, RoPE, routing, permutation: tens of kernels each way
@@ -106,7 +103,7 @@ def test_by_shape_fine_grained_experts_lose_more_of_the_rate_than_mixtrals():
     def experts_s(model, by_shape):
         hardware = {"gpu": "h100_sxm", "mfu": 0.7, "gpu_memory_gb": 1e6}
         if not by_shape:
-            hardware.update(sm_count=0, gemm_k_half=0, kernel_launch_us=0)
+            hardware.update(FLAT)
         r = recipe_from_dict({"name": "x", "model": model, "hardware": hardware,
                               "parallel": {"tp": 1, "pp": 1, "ep": 8, "dp": 8, "moe_backend": "autoep"},
                               "train": {"global_batch_size": 8, "seq_len": 4096, "precision": "bf16"}})

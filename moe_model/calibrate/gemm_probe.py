@@ -118,34 +118,42 @@ def measure_kernel_s(device: str = "cpu", count: int = 200) -> float:
     return synced_median_seconds(device)(many, 5, warmup=2) / count
 
 
-def fit_shape_figures(recipe: Recipe, table: list[Gemm], measured: list[float], threads: int, hbm_bytes_s: float,
-                      kernel_s: float, b: int = 4) -> dict:
-    """The tile, K depth and rate minimising the squared log error of `kernels.gemm_seconds` over `table`, with
-    `sm_count` = `threads`, the measured bandwidth and kernel cost."""
-    base = dataclasses.replace(shape_of(recipe), b=b, hbm_bytes_s=hbm_bytes_s, sm_count=threads, launch_s=kernel_s)
-    t = np.asarray(measured)
+RATES = np.logspace(8, 16, 800)  # FLOP/s: the candidate rates of a fit
+
+
+def best_rate(s, table: list[Gemm], measured: list[float]) -> tuple[float, float, np.ndarray]:
+    """(squared log error, rate, the table's times) of `kernels.gemm_seconds` under `s`'s figures at the candidate
+    rate (`RATES`) that times `table` closest to `measured`."""
     M, N, K = (np.array([getattr(g, f) for g in table], dtype=float) for f in "MNK")
     groups = np.array([g.groups for g in table], dtype=float)
     grouped = np.array([g.grouped for g in table])
-    rates = np.logspace(8, 16, 800)[:, None]  # FLOP/s, one row per candidate
+    predicted = gemm_seconds(dataclasses.replace(s, compute_flops=RATES[:, None]), M, N, K, groups, grouped)
+    errors = np.sum(np.log(predicted / np.asarray(measured)) ** 2, axis=1)  # [rates]
+    i = int(np.argmin(errors))
+    return float(errors[i]), float(RATES[i]), predicted[i]
+
+
+def fit_shape_figures(recipe: Recipe, table: list[Gemm], measured: list[float], threads: int, hbm_bytes_s: float,
+                      kernel_s: float, b: int = 4) -> dict:
+    """The tile, K depth and rate minimising the squared log error of `kernels.gemm_seconds` over `table`, with
+    `sm_count` = `threads`, the measured bandwidth and kernel cost; and beside it the one-efficiency roofline
+    (`devices.FLAT` figures: no tiles, no K depth, no kernel cost) at its own best rate, the model before the shape
+    terms."""
+    base = dataclasses.replace(shape_of(recipe), b=b, hbm_bytes_s=hbm_bytes_s, sm_count=threads, launch_s=kernel_s)
     best = None
     for tm, tn, kh in itertools.product(TILES, TILES, K_HALVES):
-        s = dataclasses.replace(base, gemm_tile=(tm, tn), gemm_k_half=kh, compute_flops=rates)
-        predicted = gemm_seconds(s, M, N, K, groups, grouped)  # [rates, table]
-        errors = np.sum(np.log(predicted / t) ** 2, axis=1)
-        i = int(np.argmin(errors))
-        if best is None or errors[i] < best[0]:
-            best = (float(errors[i]), tm, tn, kh, float(rates[i, 0]), predicted[i])
-    error, tm, tn, kh, rate, predicted = best
-    return {"sm_count": threads, "gemm_tile": [tm, tn], "gemm_k_half": kh, "gemm_rate_flops": rate,
+        error, rate, predicted = best_rate(dataclasses.replace(base, gemm_tile=(tm, tn), gemm_k_half=kh), table,
+                                           measured)
+        if best is None or error < best[0]:
+            best = (error, (tm, tn), kh, rate, predicted)
+    error, tile, kh, rate, predicted = best
+    flat_error, flat_rate, flat = best_rate(dataclasses.replace(base, sm_count=0, gemm_k_half=0.0, launch_s=0.0),
+                                            table, measured)
+    return {"sm_count": threads, "gemm_tile": list(tile), "gemm_k_half": kh, "gemm_rate_flops": rate,
             "kernel_launch_us": kernel_s * 1e6, "rms_log_error": float(np.sqrt(error / len(table))),
-            "predicted_s": [float(v) for v in predicted]}
-
-
-def flat_seconds(g: Gemm, rate: float, hbm_bytes_s: float, b: int = 4) -> float:
-    """The one-efficiency roofline's time for `g` at `rate` (what the model said before the shape terms)."""
-    flops = 2.0 * g.M * g.N * g.K * g.groups
-    return max(flops / rate, b * g.groups * (g.M * g.K + g.K * g.N + g.M * g.N) / hbm_bytes_s)
+            "one_efficiency_rms_log_error": float(np.sqrt(flat_error / len(table))),
+            "one_efficiency_rate_flops": flat_rate, "predicted_s": [float(v) for v in predicted],
+            "one_efficiency_s": [float(v) for v in flat]}
 
 
 def measure_gemm_table(recipe: Recipe, threads: int, hbm_bytes_s: float, device: str = "cpu", dtype=None) -> dict:
@@ -160,17 +168,11 @@ def measure_gemm_table(recipe: Recipe, threads: int, hbm_bytes_s: float, device:
     measured = [time_gemm(g, device=device, dtype=dtype) for g in table]
     kernel_s = measure_kernel_s(device)
     fit = fit_shape_figures(recipe, table, measured, threads, hbm_bytes_s, kernel_s, b)
-    # the one-efficiency roofline at its own best rate over the same table (the model before the shape terms)
-    rates = np.logspace(8, 16, 800)
-    flat = np.array([[flat_seconds(g, rate, hbm_bytes_s, b) for g in table] for rate in rates])
-    flat_errors = np.sum(np.log(flat / np.asarray(measured)) ** 2, axis=1)
-    i = int(np.argmin(flat_errors))
-    fit.update(one_efficiency_rms_log_error=float(np.sqrt(flat_errors[i] / len(table))),
-               one_efficiency_rate_flops=float(rates[i]), device=device, dtype=str(dtype).removeprefix("torch."))
+    fit.update(device=device, dtype=str(dtype).removeprefix("torch."))
     rows = [{"gemm": g.label, "M": g.M, "N": g.N, "K": g.K, "groups": g.groups, "grouped": g.grouped,
              "measured_s": m, "measured_gflops": 2.0 * g.M * g.N * g.K * g.groups / m / 1e9,
              "one_efficiency_s": o, "by_shape_s": p}
-            for g, m, o, p in zip(table, measured, flat[i], fit.pop("predicted_s"))]
+            for g, m, o, p in zip(table, measured, fit.pop("one_efficiency_s"), fit.pop("predicted_s"))]
     return {**fit, "rows": rows}
 
 

@@ -88,20 +88,26 @@ def counted_kernels(cfg) -> KernelCounts:
 def _shrunk(cfg) -> dict:
     """The config's structure (experts, top-k, routing, norms, biases, MLA, dense layers) at widths of a few
     elements: the kernels it launches are the same, the work is nothing."""
-    d = cfg.to_dict()
+    d = config_fields(cfg)
     heads = 2
     kv = 1 if cfg.num_key_value_heads < cfg.num_attention_heads else 2
     d.update(vocab_size=32, hidden_size=16, num_attention_heads=heads, num_key_value_heads=kv, head_dim=8,
-             intermediate_size=16, moe_intermediate_size=8 if cfg.moe_intermediate_size else None,
-             num_hidden_layers=1,
-             dense_layers=[0] if cfg.dense_layers else [], output_router_logits=False, use_cache=False)
+             intermediate_size=16, moe_intermediate_size=8 if cfg.moe_intermediate_size else None)
     if cfg.shared_width:
         d.update(shared_expert_intermediate_size=8 if cfg.shared_expert_intermediate_size else None)
     if cfg.mla:
         d.update(q_lora_rank=8 if cfg.q_lora_rank else None, kv_lora_rank=8, qk_nope_head_dim=8,
                  qk_rope_head_dim=4, v_head_dim=8, head_dim=4)
-    for key in ("architectures", "transformers_version", "model_type", "torch_dtype", "dtype"):
-        d.pop(key, None)
+    return d
+
+
+def config_fields(cfg) -> dict:
+    """A config's one-layer structure as `MoEConfig(**fields)` takes it (transformers' bookkeeping keys left out;
+    one layer, dense first where the model has dense layers, no cache or router logits): what `_count` runs."""
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k not in ("architectures", "transformers_version", "model_type", "torch_dtype", "dtype")}
+    d.update(num_hidden_layers=1, dense_layers=[0] if cfg.dense_layers else [], use_cache=False,
+             output_router_logits=False)
     return d
 
 

@@ -143,12 +143,8 @@ def build(plan_path: str, model_path: str) -> str:
     own = result.own
     if own and "gpus" in own:
         w(_strategy_row(own, f"{model_path}'s starting point: "))
-    w(_strategy_row(full_candidate(seed_plan, {"tp": est.tp, "pp": est.pp, "ep": est.ep, "dp": est.dp,
-                                               "zero_stage": est.zero_stage,
-                                               "micro_batch_size": seed_plan.parallel.micro_batch_size,
-                                               "activation_checkpointing":
-                                                   seed_plan.parallel.activation_checkpointing}),
-                    "the seed's plan: "))
+    seeds_own = seed_layout_candidate(seed_plan, est)
+    w(_strategy_row(seeds_own, "the seed's plan: "))
     w("")
     chosen = estimate(_with_parallel(seed, best["parallel"]))
     cp = chosen.performance
@@ -177,7 +173,8 @@ def build(plan_path: str, model_path: str) -> str:
          "it; a vocabulary-parallel head would be the next speed-up." if largest.endswith("lm_head_and_embedding")
          else "."))
     w("")
-    shape_figures_moved(seed, seed_plan, model_path, plan_path, est, w)
+    shape_figures_moved(seed, model_path, plan_path, est, w, {"plan": seeds_own, "latency": best, "gpus": same,
+                                                              "cost": cheap})
     w("### Latency versus GPUs (Pareto front)")
     w("")
     w(STRATEGY_HEADER)
@@ -223,9 +220,17 @@ def build(plan_path: str, model_path: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def shape_figures_moved(seed, seed_plan, model_path: str, plan_path: str, est, w) -> None:
+def seed_layout_candidate(recipe, est) -> dict:
+    """`planner.full_candidate` of the seed plan's own layout (`est`: its estimate) under `recipe`'s figures."""
+    return full_candidate(recipe, {"tp": est.tp, "pp": est.pp, "ep": est.ep, "dp": est.dp,
+                                   "zero_stage": est.zero_stage, "micro_batch_size": recipe.parallel.micro_batch_size,
+                                   "activation_checkpointing": recipe.parallel.activation_checkpointing})
+
+
+def shape_figures_moved(seed, model_path: str, plan_path: str, est, w, by_shape: dict) -> None:
     """The review's step times with every GEMM at one efficiency and no kernel cost (`devices.flat_overrides`: the
-    model before GEMMs were priced by shape) beside the figures above."""
+    model before GEMMs were priced by shape) beside the figures above (`by_shape`: the candidates already planned,
+    keyed plan, latency, gpus, cost)."""
     flat_seed, flat_plan = load_recipe(model_path, flat_overrides()), load_recipe(plan_path, flat_overrides())
     hw = seed.hardware
     w("### How the GEMM-shape figures moved these figures")
@@ -240,15 +245,10 @@ def shape_figures_moved(seed, seed_plan, model_path: str, plan_path: str, est, w
     w("| figure | one efficiency: strategy, GPUs, step s | by shape: strategy, GPUs, step s | by shape / one "
       "efficiency |")
     w("|---|---|---|---:|")
-    layout = {"tp": est.tp, "pp": est.pp, "ep": est.ep, "dp": est.dp, "zero_stage": est.zero_stage,
-              "micro_batch_size": seed_plan.parallel.micro_batch_size,
-              "activation_checkpointing": seed_plan.parallel.activation_checkpointing}
-    rows = [("the seed's plan (if it fitted)", full_candidate(flat_plan, layout), full_candidate(seed_plan, layout)),
-            ("recommended (latency, no GPU limit)", plan(flat_seed).candidates[0], plan(seed).candidates[0]),
-            (f"best on <= {est.gpus} GPUs", plan(flat_seed, max_gpus=est.gpus).candidates[0],
-             plan(seed, max_gpus=est.gpus).candidates[0]),
-            ("fewest GPU-seconds per step", plan(flat_seed, objective="cost").candidates[0],
-             plan(seed, objective="cost").candidates[0])]
+    rows = [("the seed's plan (if it fitted)", seed_layout_candidate(flat_plan, est), by_shape["plan"]),
+            ("recommended (latency, no GPU limit)", plan(flat_seed).candidates[0], by_shape["latency"]),
+            (f"best on <= {est.gpus} GPUs", plan(flat_seed, max_gpus=est.gpus).candidates[0], by_shape["gpus"]),
+            ("fewest GPU-seconds per step", plan(flat_seed, objective="cost").candidates[0], by_shape["cost"])]
     for label, before, after in rows:
         w(f"| {label} | {describe(before['parallel'])}, {before['gpus']}, {before['step_time_s']:.3f} | "
           f"{describe(after['parallel'])}, {after['gpus']}, {after['step_time_s']:.3f} | "
